@@ -1,0 +1,170 @@
+"""One typed configuration, loaded from ``params.yaml``.
+
+Every field has the paper's default; the comment says what it means and what to try.
+``load_params(path, overrides)`` reads YAML, applies ``section.field=value`` overrides
+and rejects unknown keys (a typo is an error, not a silent default).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, get_type_hints
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "demo"            # mvtec | nih | demo
+    root: str = "data/demo"          # dataset root (MVTec: the folder holding the category folders)
+    category: str = "brick"          # MVTec/demo category; NIH: all | male | female
+    image_size: int = 224            # training resolution (square)
+    max_train: Optional[int] = None  # cap on training images (micro runs); None = all
+    max_test: Optional[int] = None   # cap on test images per defect type (micro runs); None = all
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 300                # paper: 300
+    batch_size: int = 16             # paper: 16
+    mask: str = "apmask"             # apmask | random | block | none   (Table 4)
+    mask_ratio: float = 0.3          # r: fraction of patch tokens dropped, paper 0.3; try 0.15, 0.5
+    n_local: int = 8                 # local crops per image
+    global_size: int = 224
+    local_size: int = 96
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    out_dim: int = 256               # projection head output (l2 bottleneck)
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    n_prototypes: int = 20           # K
+    temperature: float = 0.1         # tau in softmax(z.C / tau)
+    sinkhorn_eps: float = 0.05
+    sinkhorn_iters: int = 3
+    lr: float = 5e-4                 # peak LR after warm-up
+    start_lr: float = 1e-5           # warm-up start
+    min_lr: float = 1e-6             # cosine floor
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04       # DINO: cosine 0.04 -> 0.4
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0
+    momentum_teacher: float = 0.996  # EMA momentum, cosine to 1
+    freeze_prototypes_iters: int = 0
+    num_workers: int = 2
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 100                # paper: 100
+    batch_size: int = 16
+    init: str = "pretrain"           # "pretrain" = this run's pre-trained backbone, or a backbone source string
+    anomaly: str = "attention"       # attention | cutpaste | scar | nsa | fpi   (Table 3 bottom)
+    poisson: str = "auto"            # auto (on for nih) | on | off
+    seg_maps: str = "heads"          # which last-layer attention maps feed the segmentation (see finetune docs)
+    det_weight: float = 0.95
+    seg_weight: float = 0.05
+    anomaly_fraction: float = 0.5    # fraction of each batch made synthetic
+    lr: float = 5e-4
+    start_lr: float = 1e-5
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    clip_grad: float = 3.0
+    num_workers: int = 2
+
+
+@dataclass
+class EvaluateConfig:
+    scales: tuple[int, ...] = (224, 320, 384, 416, 448, 512)
+    batch_size: int = 8
+    score: str = "det_mean"          # image score for AUROC: det_mean (mean detection prob. over scales) | map_max
+    pro_fpr_limit: float = 0.3
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    backbone: str = "dinov2-s14-offline"  # dino | file:PATH | dinov2-s14-offline | random[:ARCH]
+    out_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin = getattr(tp, "__origin__", None)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
+
+
+def _build(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name] or {}, f"{where}.{f.name}")
+        else:
+            kwargs[f.name] = _coerce(tp, data[f.name])
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "params")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """``["pretrain.epochs=2", "data.category=bottle"]`` -> nested dict updates (YAML-parsed values)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_params(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load ``params.yaml`` (or defaults when ``path`` is None) plus overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"params file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        data.pop("profiles", None)
+    data = apply_overrides(data, overrides)
+    return from_dict(data)
+
+
+def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """Copy of ``cfg`` with fields of sections replaced, e.g. ``replace(cfg, pretrain={"epochs": 1})``."""
+    d = cfg.to_dict()
+    for name, upd in sections.items():
+        if isinstance(d.get(name), dict):
+            d[name].update(upd)
+        else:
+            d[name] = upd
+    return from_dict(d)
+
+
+__all__ = ["Config", "DataConfig", "PretrainConfig", "FinetuneConfig", "EvaluateConfig",
+           "load_params", "from_dict", "apply_overrides", "replace", "dataclasses"]

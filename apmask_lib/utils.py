@@ -1,0 +1,172 @@
+"""Small shared helpers: devices, seeds, schedules, atomic files, checkpoints, logs."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda if available else cpu. ``cuda`` without a GPU is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} requested but no CUDA device is visible; use device='cpu' or 'auto'")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG state of python, numpy and torch (CPU + CUDA), storable with weights_only=True."""
+    state = {
+        "python": json.dumps(random.getstate()),
+        "numpy": json.dumps([x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = json.loads(state["numpy"])
+    np.random.set_state((npst[0], np.asarray(npst[1], dtype=np.uint32), *npst[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def cosine_scheduler(base: float, final: float, epochs: int, iters_per_epoch: int,
+                     warmup_epochs: int = 0, start_warmup: float = 0.0) -> np.ndarray:
+    """Per-iteration values: linear warm-up ``start_warmup -> base`` then cosine ``base -> final``
+    (as facebookresearch/dino ``utils.cosine_scheduler``). Length ``epochs * iters_per_epoch``."""
+    total = epochs * iters_per_epoch
+    warm = min(warmup_epochs * iters_per_epoch, total)
+    warmup = np.linspace(start_warmup, base, warm) if warm > 0 else np.array([])
+    iters = np.arange(total - warm)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
+    return np.concatenate([warmup, cosine])
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def save_checkpoint(path: str | Path, **objs: Any) -> None:
+    """Atomically save named objects: modules/optimisers via ``state_dict()``, the rest as is
+    (tensors, numbers, strings, plain dicts/lists). Loadable with ``weights_only=True``."""
+    payload = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in objs.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``); names the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"cannot read checkpoint {path} (corrupt or not a torch file?): {e}") from e
+
+
+def restore(ckpt: Mapping[str, Any], **objs: Any) -> None:
+    """Load ``state_dict``s of the named objects from a checkpoint dict (strict)."""
+    for name, obj in objs.items():
+        if name not in ckpt:
+            raise KeyError(f"checkpoint has no {name!r} (has {sorted(ckpt)})")
+        obj.load_state_dict(ckpt[name])
+
+
+class CSVLog:
+    """Append rows to a CSV file (header on first write). Resume-safe: on resume call
+    ``truncate_after(step)`` to drop rows written after the last checkpoint."""
+
+    def __init__(self, path: str | Path, columns: Iterable[str]):
+        self.path = Path(path)
+        self.columns = list(columns)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+    def truncate_after(self, step: int, key: str = "step") -> None:
+        if not self.path.exists():
+            return
+        with self.path.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r[key]) < step]
+        text = ",".join(self.columns) + "\n" + "".join(",".join(r.get(c, "") for c in self.columns) + "\n" for r in rows)
+        atomic_write_text(self.path, text)
+
+
+def append_jsonl(path: str | Path, obj: Mapping[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(obj, default=_json_default) + "\n")
+
+
+def check_finite(value: torch.Tensor, what: str, step: int) -> None:
+    """Stop a run whose loss went NaN/inf, saying where (the last checkpoint stays intact)."""
+    if not math.isfinite(float(value)):
+        raise FloatingPointError(f"{what} is {float(value)} at step {step}; the last checkpoint is untouched. "
+                                 "Lower the learning rate or check the inputs.")
