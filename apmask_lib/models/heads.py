@@ -1,0 +1,47 @@
+"""Heads on top of the backbone's [CLS] feature (DINO/SwAV style)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ProjectionMLP(nn.Module):
+    """MLP ``in -> hidden -> hidden -> bottleneck`` (GELU), output l2-normalised when
+    ``l2=True`` (the l2 bottleneck of DINO's head). Used by pre-training (Eq. 1) and, minus
+    the prototype layer, as the detection head of fine-tuning."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, nlayers: int = 3, l2: bool = True):
+        super().__init__()
+        layers: list[nn.Module] = []
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        for i in range(nlayers):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < nlayers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.l2 = l2
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.mlp(x)
+        return F.normalize(z, dim=-1) if self.l2 else z
+
+
+class Prototypes(nn.Module):
+    """K learnable prototypes C (K, D); scores z·Cᵀ. Call :meth:`normalize_` after every
+    optimiser step to keep them on the unit sphere (SwAV)."""
+
+    def __init__(self, dim: int, k: int):
+        super().__init__()
+        self.weight = nn.Parameter(F.normalize(torch.randn(k, dim), dim=1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.weight.t()
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        self.weight.copy_(F.normalize(self.weight, dim=1))
