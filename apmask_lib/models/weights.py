@@ -112,6 +112,12 @@ def load_dino_hub() -> VisionTransformer:
 
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    if not offline and not _reachable(endpoint):
+        # huggingface_hub would retry for ~1 minute before giving up: fail fast instead
+        # (weights already in the local hub cache are still used with HF_HUB_OFFLINE=1).
+        raise BackboneUnavailable(f"cannot reach {endpoint} to download DINO ViT-S/16 weights. " + ALTERNATIVES)
     try:
         ref = timm.create_model("vit_small_patch16_224.dino", pretrained=True, num_classes=0)
     except Exception as e:  # noqa: BLE001 - any hub/network failure
@@ -120,6 +126,19 @@ def load_dino_hub() -> VisionTransformer:
             + ALTERNATIVES
         ) from e
     return from_state_dict(ref.state_dict(), ARCHS["vit_s16"])
+
+
+def _reachable(url: str, timeout: float = 3.0) -> bool:
+    """True if a TCP connection to the URL's host opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def build_backbone(source: str = "dinov2-s14-offline", seed: int = 0) -> VisionTransformer:
