@@ -1,0 +1,156 @@
+"""Command line: ``apmask <command>``. Every command reads ``params.yaml`` (``--params``) and
+accepts ``-S section.key=value`` overrides, e.g. ``apmask pretrain -S pretrain.epochs=2``.
+
+Commands: data, attention-figure, pretrain, finetune, evaluate, predict, tables, demo.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from .config import Config, load_params
+
+
+def _cfg(args) -> Config:
+    params = args.params if args.params and Path(args.params).exists() else None
+    if args.params and params is None and args.params != "params.yaml":
+        raise SystemExit(f"params file not found: {args.params}")
+    return load_params(params, args.set)
+
+
+def cmd_data(args) -> None:
+    from .data import build_dataset
+
+    cfg = _cfg(args)
+    ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    print(f"{ds.name}: {len(ds.train)} train, {len(ds.test)} test "
+          f"({sum(s.label for s in ds.test)} anomalous)")
+
+
+def _attention_images(cfg: Config, n: int = 4):
+    """Real bottle images when ../shared/data is beside the project, else the configured dataset."""
+    from .data import build_dataset, read_image
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"
+    if (shared / "bottle").is_dir():
+        ds = build_dataset("mvtec", shared, "bottle")
+        first = {}
+        for s in ds.test:
+            first.setdefault(s.defect, s)  # one image per defect type
+        picks = [s for d, s in sorted(first.items()) if d != "good"][:n - 1] + ds.train[:1]
+        return [read_image(s.path) for s in picks], [f"bottle/{s.defect}" for s in picks]
+    ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    picks = ([s for s in ds.test if s.label == 1] + ds.train)[:n]
+    return [read_image(s.path) for s in picks], [f"{ds.name}/{s.defect}" for s in picks]
+
+
+def cmd_attention_figure(args) -> None:
+    from .models import build_backbone
+    from .viz.backbone import fig_backbone_attention
+
+    cfg = _cfg(args)
+    images, titles = _attention_images(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbones = {cfg.backbone: build_backbone(cfg.backbone), "random": build_backbone("random", seed=cfg.seed)}
+    out = fig_backbone_attention(images, backbones, args.out, titles=titles)
+    print(f"wrote {out}")
+
+
+def cmd_pretrain(args) -> None:
+    from .pretrain import run_pretrain
+
+    print(run_pretrain(_cfg(args)))
+
+
+def cmd_finetune(args) -> None:
+    from .finetune import run_finetune
+
+    print(run_finetune(_cfg(args)))
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import run_evaluate
+
+    m = run_evaluate(_cfg(args), model_path=args.model)
+    keys = ("image_auroc", "pixel_auroc", "au_pro", "f1_max")
+    print(" ".join(f"{k}={m[k]:.4f}" for k in keys if isinstance(m.get(k), (int, float))))
+
+
+def cmd_predict(args) -> None:
+    from .predict import predict
+
+    cfg = _cfg(args)
+    scales = tuple(args.scales) if args.scales else cfg.evaluate.scales
+    rows = predict(args.model, args.inputs, args.out, scales=scales, device=args.device or cfg.device)
+    bad = [r for r in rows if r.get("error")]
+    print(f"{len(rows) - len(bad)} images scored, {len(bad)} failed; see {Path(args.out) / 'predictions.csv'}")
+    if bad:
+        sys.exit(1)
+
+
+def cmd_tables(args) -> None:
+    from .tables import write_tables
+
+    write_tables(args.runs, args.out)
+    print(f"tables written to {args.out}")
+
+
+def cmd_demo(args) -> None:
+    """The README's main job: the DVC pipeline on the built-in demo data."""
+    root = Path(__file__).resolve().parents[1]
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    if not (root / ".dvc").is_dir():
+        subprocess.run([str(bin_dir / "dvc"), "init", "--no-scm" if not (root / ".git").exists() else "-q"],
+                       cwd=root, check=True, env=env)
+    subprocess.run([str(bin_dir / "dvc"), "repro"], cwd=root, check=True, env=env)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="apmask", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, fn, help_):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml if present)")
+        sp.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override, e.g. -S pretrain.epochs=2 (repeatable)")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("data", cmd_data, "index (and for the demo, generate) the configured dataset")
+    sp = add("attention-figure", cmd_attention_figure, "figure of the backbone's mean [CLS] attention")
+    sp.add_argument("--out", default="results/figures/backbone_attention.png")
+    add("pretrain", cmd_pretrain, "APMask pre-training")
+    add("finetune", cmd_finetune, "fine-tuning on synthetic anomalies")
+    sp = add("evaluate", cmd_evaluate, "multi-scale evaluation on the test split")
+    sp.add_argument("--model", default=None, help="detector checkpoint (default: OUT_DIR/finetune/model.pt)")
+    sp = add("predict", cmd_predict, "score your own images")
+    sp.add_argument("--model", required=True, help="detector checkpoint (model.pt)")
+    sp.add_argument("--out", required=True, help="output folder (heatmaps + predictions.csv)")
+    sp.add_argument("--scales", type=int, nargs="*", default=None)
+    sp.add_argument("--device", default=None)
+    sp.add_argument("inputs", nargs="+", help="image files and/or folders")
+    sp = add("tables", cmd_tables, "Tables 1-4 from finished runs")
+    sp.add_argument("--runs", default="runs")
+    sp.add_argument("--out", default="results/tables")
+    add("demo", cmd_demo, "run the whole pipeline on the built-in demo data (dvc repro)")
+    args = p.parse_args(argv)
+    try:
+        args.fn(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        if os.environ.get("APMASK_DEBUG"):
+            raise
+        print(f"apmask {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
