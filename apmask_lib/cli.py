@@ -101,6 +101,17 @@ def cmd_tables(args) -> None:
     print(f"tables written to {args.out}")
 
 
+def cmd_notebook(args) -> None:
+    import yaml
+
+    from .notebook import execute
+
+    params = {}
+    for k, v in args.param:
+        params[k] = yaml.safe_load(v)
+    print(execute(args.name, params, out_dir=args.out, html=not args.no_html))
+
+
 def cmd_demo(args) -> None:
     """The README's main job: the DVC pipeline on the built-in demo data."""
     root = Path(__file__).resolve().parents[1]
@@ -141,6 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     sp = add("tables", cmd_tables, "Tables 1-4 from finished runs")
     sp.add_argument("--runs", default="runs")
     sp.add_argument("--out", default="results/tables")
+    sp = sub.add_parser("notebook", help="run a numbered notebook with papermill (+ HTML report)")
+    sp.add_argument("name", help="e.g. 01_pretrain or notebooks/01_pretrain.ipynb")
+    sp.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="papermill parameter (YAML value), repeatable")
+    sp.add_argument("--out", default="results/notebooks")
+    sp.add_argument("--no-html", action="store_true")
+    sp.set_defaults(fn=cmd_notebook, params=None, set=[])
     add("demo", cmd_demo, "run the whole pipeline on the built-in demo data (dvc repro)")
     args = p.parse_args(argv)
     try:

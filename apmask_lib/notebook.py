@@ -79,3 +79,53 @@ def loss_curve(csv_path: str | Path, columns: Iterable[str] = ("loss",), out_png
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out_png, dpi=100)
     return fig
+
+
+def project_root(start: str | Path | None = None) -> Path:
+    """The folder holding ``pyproject.toml`` above ``start`` (default: the current folder).
+    Notebooks ``chdir`` here first, so they run the same from JupyterLab (cwd notebooks/)
+    and from papermill/DVC (cwd = project root)."""
+    p = Path(start or Path.cwd()).resolve()
+    for cand in (p, *p.parents):
+        if (cand / "pyproject.toml").is_file() and (cand / "apmask_lib").is_dir():
+            return cand
+    raise FileNotFoundError(f"no apmask project (pyproject.toml + apmask_lib/) above {p}")
+
+
+def executed_name(notebook: str, params: dict[str, Any]) -> str:
+    """Executed copies are named after their parameters: ``01_pretrain__category=brick__seed=0``."""
+    stem = Path(notebook).stem
+    parts = [f"{k}={str(v).replace('/', '-')}" for k, v in sorted(params.items())
+             if k not in ("params_file", "overrides", "out_dir")]
+    return "__".join([stem, *parts])
+
+
+def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = "results/notebooks",
+            html: bool = True) -> Path:
+    """Run a numbered notebook with papermill (parameters injected after its ``parameters``
+    cell), save the executed copy under ``out_dir`` named after its parameters, and an
+    nbconvert HTML report beside it. Returns the executed notebook's path."""
+    import papermill as pm
+
+    root = project_root()
+    nb = Path(notebook)
+    if not nb.suffix:
+        nb = root / "notebooks" / f"{nb.name}.ipynb"
+    if not nb.is_file():
+        raise FileNotFoundError(f"notebook not found: {nb}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{executed_name(nb.name, params)}.ipynb"
+    tmp = out.with_suffix(".tmp.ipynb")
+    pm.execute_notebook(str(nb), str(tmp), parameters=params, cwd=str(root), progress_bar=False,
+                        kernel_name="python3")
+    tmp.replace(out)
+    if html:
+        import nbformat
+        from nbconvert import HTMLExporter
+
+        from .utils import atomic_write_text
+
+        body, _ = HTMLExporter().from_notebook_node(nbformat.read(out, as_version=4))
+        atomic_write_text(out.with_suffix(".html"), body)
+    return out
