@@ -52,6 +52,8 @@ class PretrainConfig:
     momentum_teacher: float = 0.996  # EMA momentum, cosine to 1
     freeze_prototypes_iters: int = 0
     num_workers: int = 2
+    teacher_view: str = "second"     # teacher's unmasked global view: "second" = another global crop (DINO/SwAV), "same" = the student's global crop unmasked
+    log_every: int = 20              # steps between loss read-backs (host syncs) / CSV rows flushed; NaN is caught at these points
 
 
 @dataclass
@@ -72,6 +74,13 @@ class FinetuneConfig:
     weight_decay: float = 0.04
     clip_grad: float = 3.0
     num_workers: int = 2
+    blend: str = "auto"              # Poisson mode: auto (mixed for nih and MVTec textures, else normal) | normal | mixed
+    attention_temperature: float = 1.0  # T in softmax(standardised attention / T) for where to cut/paste; larger = more uniform
+    hflip: float = 0.5               # probability of flipping a normal image before anomalies are made (0 for X-rays/orientation-sensitive data)
+    normal_jitter: float = 0.05      # colour-jitter strength applied to normal images before anomalies are made
+    dice: str = "batch"              # Dice reduction: batch (jointly over the batch; defined with empty masks) | mean (per image)
+    seg_transform: str = "log"       # attention maps fed to the segmentation: log(N*a) | linear (N*a)
+    log_every: int = 20              # steps between loss read-backs (host syncs); NaN is caught at these points and at epoch ends
 
 
 @dataclass
@@ -80,6 +89,9 @@ class EvaluateConfig:
     batch_size: int = 8
     score: str = "det_mean"          # image score for AUROC: det_mean (mean detection prob. over scales) | map_max
     pro_fpr_limit: float = 0.3
+    pixel_bins: Optional[int] = 1048576  # pixel metrics: histogram bins over [0, 1] (2^20, memory-bounded); None = exact (small sets)
+    figure_images: int = 8           # images in the localisation figure (defect types first, then good)
+    save_maps: bool = False          # also write every averaged map to evaluate/maps/<defect>/<stem>.npy (float16)
 
 
 @dataclass
@@ -150,7 +162,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise FileNotFoundError(f"params file not found: {p}")
         data = yaml.safe_load(p.read_text()) or {}
-        data.pop("profiles", None)
+        data.pop("pipeline", None)  # DVC-only settings (categories, seeds, variants)
     data = apply_overrides(data, overrides)
     return from_dict(data)
 

@@ -1,4 +1,12 @@
-"""Reading images and masks with errors that name the file."""
+"""Reading images and masks with errors that name the file.
+
+Every image comes back as RGB uint8 (H, W, 3) at its original resolution whatever is on disk:
+grayscale (MVTec grid/screw/zipper, NIH X-rays) becomes 3-channel, RGBA and gray+alpha drop the
+alpha channel (a known quirk of some NIH ChestX-ray14 PNGs), 16-bit images are scaled to 8-bit
+(value / 257, i.e. 65535 -> 255). Files are read as bytes and decoded in memory, so a missing
+file, an unreadable file and an undecodable (corrupt, truncated, not-an-image) file give three
+different messages, each naming the path.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,19 +19,31 @@ class ImageReadError(ValueError):
     """An image or mask could not be read; the message names the file."""
 
 
+def _decode(path: Path, flags: int, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise ImageReadError(f"{what} not found: {path}")
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as e:
+        raise ImageReadError(f"cannot read {what} file {path}: {e}") from e
+    img = cv2.imdecode(data, flags) if data.size else None
+    if img is None or img.size == 0:
+        raise ImageReadError(f"cannot decode {what} (corrupt, truncated or not an image): {path}; "
+                             "re-download or delete this file")
+    return img
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image as RGB uint8 (H, W, 3). Grayscale becomes 3-channel, RGBA drops alpha,
     16-bit is scaled to 8-bit."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"image not found: {path}")
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
-        raise ImageReadError(f"cannot decode image (corrupt or not an image): {path}")
+    img = _decode(path, cv2.IMREAD_UNCHANGED, "image")
     if img.dtype == np.uint16:
         img = (img.astype(np.float32) / 257.0).round().astype(np.uint8)
     elif img.dtype != np.uint8:
-        raise ImageReadError(f"unsupported pixel type {img.dtype} in {path}")
+        raise ImageReadError(f"unsupported pixel type {img.dtype} in {path} (expected 8- or 16-bit)")
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
     if img.ndim == 2:
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     elif img.shape[2] == 4:
@@ -36,20 +56,25 @@ def read_image(path: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a binary mask as bool (H, W); ``shape`` (H, W) must match when given."""
+    """Read a binary mask as bool (H, W); ``shape`` (H, W) of its image must match when given.
+
+    Foreground is value > 127 (MVTec masks are 0/255); a mask stored as 0/1 is also understood."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"mask not found: {path}")
-    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if m is None:
-        raise ImageReadError(f"cannot decode mask: {path}")
-    if shape is not None and tuple(m.shape[:2]) != tuple(shape):
-        raise ImageReadError(f"mask {path} has size {m.shape[1]}x{m.shape[0]} but its image is {shape[1]}x{shape[0]}")
-    return m > 127
+    m = _decode(path, cv2.IMREAD_GRAYSCALE, "mask")
+    if shape is not None and tuple(m.shape[:2]) != tuple(shape[:2]):
+        raise ImageReadError(f"mask {path} has size {m.shape[1]}x{m.shape[0]} (WxH) but its image is "
+                             f"{shape[1]}x{shape[0]}; masks must be at the image's original resolution")
+    return m > 127 if m.max() > 1 else m > 0
 
 
 def resize_image(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resize (H, W, 3) uint8 to ``size`` (square int or (H, W)) with area/cubic interpolation."""
+    """Resize (H, W, 3) uint8 to ``size`` (square int or (H, W)): area when shrinking, cubic when enlarging."""
     h, w = (size, size) if isinstance(size, int) else size
     interp = cv2.INTER_AREA if h < img.shape[0] else cv2.INTER_CUBIC
     return cv2.resize(img, (w, h), interpolation=interp)
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a bool (H, W) mask to ``size`` (square int or (H, W)) with nearest-neighbour sampling."""
+    h, w = (size, size) if isinstance(size, int) else size
+    return cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)

@@ -13,7 +13,12 @@ from .images import read_image, read_mask
 @dataclass(frozen=True)
 class Sample:
     """One image. ``label`` 0 = normal, 1 = anomalous; ``defect`` 'good' or the defect type.
-    Pixel ground truth is a mask file (MVTec) or boxes (x, y, w, h) in original pixels (NIH)."""
+
+    Pixel ground truth is a mask file (MVTec, demo) or boxes (x, y, w, h) in original pixels (NIH).
+    A normal image with neither has an all-false mask. ``has_pixel_gt`` is False only for anomalous
+    images whose extent is unknown (NIH abnormal images without a box): pixel-level metrics must skip
+    them (:meth:`AnomalyDataset.mask` refuses them), image-level metrics use them as usual.
+    ``meta`` holds loader-specific (key, value) strings (NIH: patient id, gender, findings)."""
 
     path: Path
     label: int
@@ -21,6 +26,11 @@ class Sample:
     mask_path: Optional[Path] = None
     boxes: tuple[tuple[float, float, float, float], ...] = ()
     meta: tuple[tuple[str, str], ...] = field(default=())
+    has_pixel_gt: bool = True
+
+    def get(self, key: str, default: Optional[str] = None) -> Optional[str]:
+        """Value of ``key`` in :attr:`meta` (or ``default``)."""
+        return dict(self.meta).get(key, default)
 
 
 @dataclass
@@ -36,11 +46,28 @@ class AnomalyDataset:
 
     @staticmethod
     def mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
-        """bool (H, W) ground truth at the image's original resolution ``shape``."""
+        """bool (H, W) ground truth at the image's original resolution ``shape``.
+
+        Raises ValueError for a sample with ``has_pixel_gt`` False (an all-false mask would be a wrong
+        label there); filter with ``[s for s in ds.test if s.has_pixel_gt]`` for pixel metrics."""
+        if not sample.has_pixel_gt:
+            raise ValueError(f"{sample.path} is anomalous but has no pixel ground truth (no mask or box); "
+                             "restrict pixel-level metrics to samples with has_pixel_gt=True")
         if sample.mask_path is not None:
             return read_mask(sample.mask_path, shape)
-        m = np.zeros(shape, dtype=bool)
+        m = np.zeros(shape[:2], dtype=bool)
         for x, y, w, h in sample.boxes:
             x0, y0 = max(int(round(x)), 0), max(int(round(y)), 0)
-            m[y0:int(round(y + h)), x0:int(round(x + w))] = True
+            m[y0:max(int(round(y + h)), 0), x0:max(int(round(x + w)), 0)] = True
         return m
+
+    @property
+    def test_pixel_gt(self) -> list[Sample]:
+        """Test samples that have pixel ground truth (all of them for MVTec and demo)."""
+        return [s for s in self.test if s.has_pixel_gt]
+
+    def summary(self) -> str:
+        """One line: counts of train, test normal/anomalous, and test images with pixel ground truth."""
+        n_abn = sum(s.label for s in self.test)
+        return (f"{self.name}: train {len(self.train)}, test {len(self.test)} "
+                f"({len(self.test) - n_abn} normal, {n_abn} anomalous; {len(self.test_pixel_gt)} with pixel GT)")
