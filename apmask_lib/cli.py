@@ -88,8 +88,10 @@ def cmd_predict(args) -> None:
     cfg = _cfg(args)
     scales = tuple(args.scales) if args.scales else cfg.evaluate.scales
     rows = predict(args.model, args.inputs, args.out, scales=scales, device=args.device or cfg.device)
-    bad = [r for r in rows if r.get("error")]
-    print(f"{len(rows) - len(bad)} images scored, {len(bad)} failed; see {Path(args.out) / 'predictions.csv'}")
+    ok = sum(r.get("status") == "ok" for r in rows)
+    bad = [r for r in rows if r.get("status") == "error"]
+    skipped = sum(r.get("status") == "skipped" for r in rows)
+    print(f"{ok} images scored, {len(bad)} failed, {skipped} skipped; see {Path(args.out) / 'predictions.csv'}")
     if bad:
         sys.exit(1)
 

@@ -1,0 +1,326 @@
+"""Evaluation of a fine-tuned detector on the test split: metrics, scores, figures, features.
+
+``run_evaluate(cfg)`` loads ``OUT_DIR/finetune/model.pt``, runs multi-scale inference
+(:mod:`apmask_lib.multiscale`) over ``dataset.test`` (``cfg.data.max_test`` images per defect type
+for micro runs) and writes to ``OUT_DIR/evaluate/`` (all atomically):
+
+  metrics.json          image AUROC (``cfg.evaluate.score``; both det_mean and map_max are reported),
+                        pixel AUROC, AU-PRO (FPR <= cfg.evaluate.pro_fpr_limit), image and pixel F1-max
+                        with thresholds, per-defect-type image AUROC, counts, scales, timings, seed,
+                        backbone, machine.
+  scores.csv            one row per test image: path, defect, label, score, score_det_mean,
+                        score_map_max, vote, pixel_gt, prob_<size> for each scale.
+  features.npz          [CLS] features at the first scale + labels, defect types, paths (Fig. 5 input).
+  config.json           the configuration used (tables read run metadata from it).
+  fig4a_localization.png, roc.png, fig5_tsne.png
+  maps/<defect>/<stem>.npy   averaged maps (float16) when cfg.evaluate.save_maps.
+
+Pixel ground truth: MVTec masks; NIH boxes. Normal images have all-zero ground truth. Anomalous
+images without pixel ground truth (``Sample.has_pixel_gt`` False: NIH abnormal images without a box)
+are EXCLUDED from the pixel metrics (AUROC, AU-PRO, pixel F1) and kept for the image metrics; their
+number is reported as ``n_excluded_from_pixel_metrics``.
+
+Pixel metrics stream through a histogram (``cfg.evaluate.pixel_bins``, default 2^20 bins over the
+probability range [0, 1], see :mod:`apmask_lib.metrics`), so memory does not grow with the test set.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import Config
+from .data import AnomalyDataset, Sample, build_dataset
+from .metrics import PixelMetrics, f1_max, image_auroc, roc_curve
+from .multiscale import model_patch_size, predict_multiscale, scale_sizes
+from .utils import atomic_write_bytes, atomic_write_text, resolve_device, seed_everything, write_json
+
+log = logging.getLogger(__name__)
+
+IMAGE_SCORES = ("det_mean", "map_max")
+
+
+# --------------------------------------------------------------------------------------------
+# small pure helpers
+# --------------------------------------------------------------------------------------------
+def cap_per_defect(samples: Sequence[Sample], max_per_defect: Optional[int]) -> list[Sample]:
+    """The first ``max_per_defect`` samples of each defect type, in dataset order (None: all)."""
+    if max_per_defect is None:
+        return list(samples)
+    seen: dict[str, int] = {}
+    out = []
+    for s in samples:
+        if seen.get(s.defect, 0) < max_per_defect:
+            seen[s.defect] = seen.get(s.defect, 0) + 1
+            out.append(s)
+    return out
+
+
+def has_pixel_gt(sample: Sample) -> bool:
+    """False for an anomalous image whose extent is unknown (no mask file, no boxes)."""
+    if not getattr(sample, "has_pixel_gt", True):
+        return False
+    return sample.label == 0 or sample.mask_path is not None or bool(sample.boxes)
+
+
+def pixel_ground_truth(dataset: AnomalyDataset, sample: Sample, shape: tuple[int, int]) -> Optional[np.ndarray]:
+    """bool (H, W) ground truth, all-zero for normal images, None when the sample has none."""
+    if not has_pixel_gt(sample):
+        return None
+    if sample.label == 0 and sample.mask_path is None and not sample.boxes:
+        return np.zeros(shape, dtype=bool)
+    return dataset.mask(sample, shape)
+
+
+def pick_figure_samples(samples: Sequence[Sample], n: int) -> list[int]:
+    """Indices of up to ``n`` samples for the localisation figure: round-robin over the anomalous
+    defect types (those with pixel ground truth first), then normal images; deterministic."""
+    by_defect: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        by_defect.setdefault(s.defect if s.label else "__normal__", []).append(i)
+    normal = by_defect.pop("__normal__", [])
+    for d in by_defect:
+        by_defect[d].sort(key=lambda i: not has_pixel_gt(samples[i]))
+    n_normal = min(len(normal), max(1, n // 4)) if n > 1 or not by_defect else 0
+    picks: list[int] = []
+    queues = [list(v) for _, v in sorted(by_defect.items())]
+    while len(picks) < n - n_normal and any(queues):
+        for q in queues:
+            if q and len(picks) < n - n_normal:
+                picks.append(q.pop(0))
+    picks += normal[: n - len(picks)]
+    return sorted(picks)
+
+
+def safe_auroc(scores: Sequence[float], labels: Sequence[int], what: str) -> float:
+    """AUROC, or NaN (with a warning) when only one class is present."""
+    labels = np.asarray(labels)
+    if labels.min(initial=1) == labels.max(initial=0) or len(labels) == 0:
+        warnings.warn(f"{what}: needs normal and anomalous images; reported as NaN", stacklevel=2)
+        return float("nan")
+    return image_auroc(scores, labels)
+
+
+def per_defect_auroc(scores: Sequence[float], labels: Sequence[int], defects: Sequence[str]) -> dict[str, float]:
+    """Image AUROC of each anomalous defect type against all normal images."""
+    scores, labels, defects = np.asarray(scores), np.asarray(labels), np.asarray(defects)
+    normal = labels == 0
+    out = {}
+    for d in sorted(set(defects[labels == 1])):
+        sel = normal | ((defects == d) & (labels == 1))
+        out[str(d)] = safe_auroc(scores[sel], labels[sel], f"image AUROC of {d}")
+    return out
+
+
+def finite_or_none(obj: Any) -> Any:
+    """Replace NaN/inf floats by None (strict JSON), recursively."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
+        return None
+    return obj
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# the evaluation
+# --------------------------------------------------------------------------------------------
+def run_evaluate(cfg: Config, model_path: str | Path | None = None,
+                 dataset: Optional[AnomalyDataset] = None, model: Optional[torch.nn.Module] = None) -> dict[str, Any]:
+    """Evaluate the detector at ``model_path`` (default ``cfg.out_dir/finetune/model.pt``) on the test
+    split of ``dataset`` (default: built from ``cfg.data``); returns the metrics dict (also written).
+    ``model``: an in-memory detector to use instead of loading one (notebooks, tests)."""
+    ecfg = cfg.evaluate
+    if ecfg.score not in IMAGE_SCORES:
+        raise ValueError(f"evaluate.score must be one of {IMAGE_SCORES}, got {ecfg.score!r}")
+    t_start = time.perf_counter()
+    out_dir = Path(cfg.out_dir) / "evaluate"
+    model_path = Path(model_path) if model_path is not None else Path(cfg.out_dir) / "finetune" / "model.pt"
+    if model is None and not model_path.is_file():
+        raise FileNotFoundError(f"detector checkpoint not found: {model_path}. Run `apmask finetune` for this "
+                                "out_dir first, or pass the checkpoint with --model/model_path.")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    ds = dataset if dataset is not None else build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    samples = cap_per_defect(ds.test, cfg.data.max_test)
+    if not samples:
+        raise ValueError(f"{ds.name}: the test split is empty")
+
+    t0 = time.perf_counter()
+    if model is None:
+        from .models.detector import load_detector
+
+        model = load_detector(model_path, map_location="cpu")
+    else:
+        model_path = Path("<in-memory model>")
+    model = model.to(device).eval()
+    t_load = time.perf_counter() - t0
+    sizes = scale_sizes(ecfg.scales, model_patch_size(model))
+    if tuple(sizes) != tuple(ecfg.scales):
+        log.info("test-time scales %s snapped to the patch grid: %s", tuple(ecfg.scales), sizes)
+
+    pix = PixelMetrics(bins=ecfg.pixel_bins, value_range=(0.0, 1.0))
+    fig_idx = set(pick_figure_samples(samples, ecfg.figure_images))
+    fig_items: list[tuple[np.ndarray, np.ndarray, Optional[np.ndarray], str]] = []
+    rows: list[dict[str, Any]] = []
+    feats: list[np.ndarray] = []
+    n_excluded = 0
+    t_inf = 0.0
+    bs = max(1, int(ecfg.batch_size))
+    for start in tqdm(range(0, len(samples), bs), desc=f"evaluate {ds.name}", unit="batch",
+                      disable=None, leave=False):
+        batch = samples[start:start + bs]
+        images = [ds.image(s) for s in batch]
+        t0 = time.perf_counter()
+        res = predict_multiscale(model, images, sizes, device)
+        t_inf += time.perf_counter() - t0
+        feats.append(res.cls)
+        vote, dmean, mmax = res.vote, res.det_mean, res.map_max
+        for k, (s, im, amap) in enumerate(zip(batch, images, res.maps)):
+            gt = pixel_ground_truth(ds, s, im.shape[:2])
+            if gt is None:
+                n_excluded += 1
+            else:
+                pix.update(amap, gt)
+            row = {"path": str(s.path), "defect": s.defect, "label": int(s.label),
+                   "score_det_mean": float(dmean[k]), "score_map_max": float(mmax[k]),
+                   "vote": int(vote[k]), "pixel_gt": int(gt is not None)}
+            row["score"] = row[f"score_{ecfg.score}"]
+            row.update({f"prob_{sz}": float(res.probs[k, j]) for j, sz in enumerate(sizes)})
+            rows.append(row)
+            if start + k in fig_idx:
+                fig_items.append((im, amap.astype(np.float32), gt, f"{s.defect}/{Path(s.path).stem}"))
+            if ecfg.save_maps:
+                save_npy(out_dir / "maps" / s.defect / f"{Path(s.path).stem}.npy", amap.astype(np.float16))
+        del images, res
+
+    t0 = time.perf_counter()
+    labels = np.array([r["label"] for r in rows])
+    defects = [r["defect"] for r in rows]
+    score = np.array([r["score"] for r in rows])
+    metrics: dict[str, Any] = {
+        "image_score": ecfg.score,
+        "image_auroc": safe_auroc(score, labels, "image AUROC"),
+        "image_auroc_det_mean": safe_auroc([r["score_det_mean"] for r in rows], labels, "image AUROC (det_mean)"),
+        "image_auroc_map_max": safe_auroc([r["score_map_max"] for r in rows], labels, "image AUROC (map_max)"),
+        "per_defect_image_auroc": per_defect_auroc(score, labels, defects),
+        "vote_accuracy": float(np.mean(np.array([r["vote"] for r in rows]) == labels)),
+    }
+    if labels.any():
+        metrics["f1_max"], metrics["f1_threshold"] = f1_max(score, labels)
+    else:
+        metrics["f1_max"] = metrics["f1_threshold"] = float("nan")
+    pixel_summary = pix.summary(ecfg.pro_fpr_limit) if pix.n_maps else {}
+    metrics.update(pixel_summary)
+    metrics.setdefault("pixel_auroc", float("nan"))
+    metrics.setdefault("au_pro", float("nan"))
+    t_metrics = time.perf_counter() - t0
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    feats_arr = np.concatenate(feats).astype(np.float32)
+    save_npz(out_dir / "features.npz", cls=feats_arr, labels=labels, defects=np.array(defects),
+             paths=np.array([r["path"] for r in rows]), size=np.array(sizes[0]))
+    columns = ["path", "defect", "label", "score", "score_det_mean", "score_map_max", "vote", "pixel_gt"] + \
+              [f"prob_{sz}" for sz in sizes]
+    write_csv(out_dir / "scores.csv", rows, columns)
+    write_json(out_dir / "config.json", cfg.to_dict())
+
+    t0 = time.perf_counter()
+    figures = write_figures(out_dir, fig_items, rows, labels, pix, feats_arr, defects, cfg.seed)
+    t_fig = time.perf_counter() - t0
+
+    metrics.update({
+        "n_images": len(rows), "n_normal": int((labels == 0).sum()), "n_anomalous": int(labels.sum()),
+        "n_pixel_gt_images": pix.n_maps, "n_excluded_from_pixel_metrics": n_excluded,
+        "au_pro_fpr_limit": ecfg.pro_fpr_limit, "scales": list(ecfg.scales), "sizes": list(sizes),
+        "dataset": cfg.data.dataset, "category": cfg.data.category, "dataset_name": ds.name,
+        "max_test": cfg.data.max_test, "seed": cfg.seed, "backbone": cfg.backbone,
+        "finetune_init": cfg.finetune.init, "model_path": str(model_path), "machine": machine_info(device),
+        "figures": figures,
+        "timings": {"total_s": time.perf_counter() - t_start, "model_load_s": t_load, "inference_s": t_inf,
+                    "inference_per_image_s": t_inf / len(rows), "metrics_s": t_metrics, "figures_s": t_fig},
+    })
+    metrics = finite_or_none(metrics)
+    write_json(out_dir / "metrics.json", metrics)
+    log.info("evaluate %s: image AUROC %s, pixel AUROC %s, AU-PRO %s", ds.name, metrics["image_auroc"],
+             metrics["pixel_auroc"], metrics["au_pro"])
+    return metrics
+
+
+def write_figures(out_dir: Path, fig_items, rows, labels, pix: PixelMetrics, feats: np.ndarray,
+                  defects: Sequence[str], seed: int) -> dict[str, Optional[str]]:
+    """Fig. 4a (localisation), ROC curves and Fig. 5 (t-SNE); a figure that cannot be drawn (e.g. a
+    single class) is recorded as None with a warning, never faked."""
+    from .viz.localization import fig_localization
+    from .viz.roc import RocCurve, fig_roc
+    from .viz.tsne import fig_tsne
+
+    figures: dict[str, Optional[str]] = {"localization": None, "roc": None, "tsne": None}
+    if fig_items:
+        ims, maps, gts, titles = zip(*fig_items)
+        figures["localization"] = str(fig_localization(ims, maps, gts, out_dir / "fig4a_localization.png", titles))
+    curves = []
+    score = [r["score"] for r in rows]
+    if 0 < labels.sum() < len(labels):
+        fpr, tpr, _ = roc_curve(score, labels)
+        curves.append(RocCurve("image level", fpr, tpr, image_auroc(score, labels)))
+    try:
+        fpr, tpr, _ = pix.roc_curve() if pix.n_maps else (None, None, None)
+        if fpr is not None:
+            curves.append(RocCurve("pixel level", fpr, tpr, pix.pixel_auroc()))
+    except ValueError as e:
+        warnings.warn(f"no pixel ROC: {e}", stacklevel=2)
+    if curves:
+        figures["roc"] = str(fig_roc(curves, out_dir / "roc.png"))
+    else:
+        warnings.warn("no ROC figure: a single class in the test set", stacklevel=2)
+    if len(feats) >= 4:
+        figures["tsne"] = str(fig_tsne(feats, labels, defects, out_dir / "fig5_tsne.png", seed=seed))
+    else:
+        warnings.warn(f"no t-SNE figure: {len(feats)} test images (< 4)", stacklevel=2)
+    return figures
+
+
+__all__ = ["run_evaluate", "cap_per_defect", "has_pixel_gt", "pixel_ground_truth", "pick_figure_samples",
+           "per_defect_auroc", "safe_auroc", "finite_or_none", "write_figures"]

@@ -1,0 +1,113 @@
+"""Tables 1-4 from a runs tree: our numbers beside the paper's, "—" for anything missing."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from apmask_lib import reference as ref
+from apmask_lib.config import Config, replace
+from apmask_lib.tables import DASH, discover_runs, fmt_stat, Stat, summarise, write_tables
+
+
+def make_run(root: Path, name: str, metrics: dict, with_config: bool = True, **sections) -> Path:
+    run = root / name
+    (run / "evaluate").mkdir(parents=True)
+    (run / "evaluate" / "metrics.json").write_text(json.dumps(metrics))
+    if with_config:
+        cfg = replace(Config(), **sections)
+        (run / "evaluate" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return run
+
+
+@pytest.fixture()
+def runs(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    mv = {"dataset": "mvtec", "category": "bottle"}
+    make_run(root, "bottle/seed0", {"image_auroc": 0.98, "pixel_auroc": 0.96, "au_pro": 0.9}, seed=0, data=mv)
+    make_run(root, "bottle/seed1", {"image_auroc": 0.99, "pixel_auroc": 0.97, "au_pro": None}, seed=1, data=mv)
+    make_run(root, "bottle_cutpaste/seed0", {"image_auroc": 0.90, "pixel_auroc": 0.80}, data=mv,
+             finetune={"anomaly": "cutpaste"})
+    make_run(root, "bottle_random05/seed0", {"image_auroc": 0.95, "pixel_auroc": 0.93}, data=mv,
+             pretrain={"mask": "random", "mask_ratio": 0.5})
+    make_run(root, "nih_male/seed0", {"image_auroc": 0.7, "pixel_auroc": 0.8}, data={"dataset": "nih", "category": "male"})
+    # no config.json: metadata from metrics.json (run_evaluate writes dataset/category/seed there)
+    make_run(root, "cable/seed3", {"image_auroc": 0.9, "pixel_auroc": 0.91, "dataset": "mvtec", "category": "cable",
+                                   "seed": 3}, with_config=False)
+    broken = root / "broken" / "evaluate"
+    broken.mkdir(parents=True)
+    (broken / "metrics.json").write_text("{not json")
+    return root
+
+
+def read_csv(path: Path) -> dict[str, list[str]]:
+    with path.open() as f:
+        rows = list(csv.reader(f))
+    return {r[0]: r for r in rows[1:]}
+
+
+def test_discovery(runs):
+    with pytest.warns(UserWarning, match="broken"):
+        recs = discover_runs(runs)
+    assert len(recs) == 6
+    cable = [r for r in recs if r.category == "cable"][0]
+    assert cable.seed == 3 and cable.mask == "apmask" and cable.anomaly == "attention"
+    rnd = [r for r in recs if r.mask == "random"][0]
+    assert rnd.mask_ratio == 0.5 and rnd.scales == (224, 320, 384, 416, 448, 512)
+    with pytest.raises(FileNotFoundError, match="runs directory"):
+        discover_runs(runs / "nope")
+
+
+def test_tables_ours_beside_paper_and_dashes(runs, tmp_path):
+    out = tmp_path / "tables"
+    with pytest.warns(UserWarning):
+        written = write_tables(runs, out)
+    assert set(written) == {"table1", "table2", "table3", "table4", "runs"}
+    for paths in written.values():
+        for p in paths.values():
+            assert p.is_file() and p.stat().st_size > 0
+    t1 = read_csv(written["table1"]["csv"])
+    bottle = t1["bottle"]
+    se = 100 * 0.005  # std(ddof=1) of (98, 99)% / sqrt(2)
+    assert bottle[1] == "2"
+    assert bottle[2] == f"98.5 ± {se:.1f}" and bottle[3] == "99.1" and bottle[4] == "-0.6"
+    assert bottle[5] == "96.5 ± 0.5" and bottle[6] == "97.8" and bottle[7] == "-1.3"
+    assert bottle[8] == f"90.0 ± {DASH}"          # AU-PRO: one seed has it, one has None
+    assert t1["cable"][2] == f"90.0 ± {DASH}" and t1["cable"][3] == DASH and t1["cable"][4] == DASH
+    assert all(v == DASH for v in t1["capsule"][1:])  # never run: all dashes
+    mean = [r for k, r in t1.items() if k.startswith("mean")][0]
+    assert mean[0] == "mean (2/15 categories)" and mean[3] == DASH  # paper's cable value not transcribed
+    t2 = read_csv(written["table2"]["csv"])
+    assert t2["male"][2] == f"80.0 ± {DASH}" and t2["male"][3] == DASH and t2["female"][2] == DASH
+    t3 = read_csv(written["table3"]["csv"])
+    assert t3["anomaly: cutpaste"][4] == f"90.0 ± {DASH}" and t3["anomaly: cutpaste"][6] == DASH
+    assert t3["anomaly: scar"][4] == DASH
+    t4 = read_csv(written["table4"]["csv"])
+    assert t4["random, r = 0.5"][4] == f"95.0 ± {DASH}" and t4["block, r = 0.3"][4] == DASH
+    tex = written["table1"]["tex"].read_text()
+    assert r"\pm" in tex and r"metal\_nut" in tex and "±" not in tex
+    md = (out / "tables.md").read_text()
+    assert "| bottle | 2 |" in md and "not transcribed" in md
+
+
+def test_summarise_across_categories():
+    from apmask_lib.tables import RunRecord
+
+    def rec(cat, seed, v):
+        return RunRecord(Path("."), Path("."), "mvtec", cat, seed, metrics={"image_auroc": v})
+
+    s = summarise([rec("a", 0, 0.8), rec("a", 1, 0.9), rec("b", 0, 0.6), rec("b", 1, 0.6)], "image_auroc")
+    assert s.mean == pytest.approx((0.85 + 0.6) / 2) and s.n == 4 and s.categories == ("a", "b")
+    assert s.se == pytest.approx(math.sqrt(0.05**2 + 0.0) / 2)
+    assert summarise([rec("a", 0, 0.8), rec("b", 0, 0.6)], "image_auroc").se is None
+    assert fmt_stat(Stat(None, None, 0)) == DASH
+
+
+def test_reference_holds_only_verified_paper_numbers():
+    assert ref.PAPER_TABLE1_MVTEC["bottle"] == (99.1, 97.8)
+    assert set(ref.PAPER_TABLE1_MVTEC) == set(ref.MVTEC_CATEGORIES)
+    missing = ref.missing_reference_values()
+    assert "table1['cable'][0]" in missing and not any("'bottle'" in m for m in missing)
