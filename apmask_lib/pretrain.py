@@ -1,0 +1,448 @@
+"""APMask pre-training (paper Sec. 3.1, Eq. 1-4): SwAV with an EMA teacher, multi-crop, and
+attention-guided token dropping in the student.
+
+One step, for a batch of B images (all sizes from :class:`~apmask_lib.config.PretrainConfig`):
+
+1. **Views** (:mod:`apmask_lib.multicrop`): an unmasked global view for the teacher, one global
+   and ``n_local`` local views for the student (``teacher_view`` says whether the teacher's view
+   is a second global crop, the default as in DINO/SwAV, or the student's own global crop).
+2. **Teacher** (EMA of the student: backbone + projection + prototypes, no gradient): its
+   prototype scores on the teacher view become codes by Sinkhorn-Knopp over the batch
+   (:func:`~apmask_lib.sinkhorn.sinkhorn`, all ranks together). For ``mask="apmask"`` the
+   teacher also runs on every *student* view and its last-layer [CLS]->patch attention (mean over
+   heads, Eq. 2) ranks the patches; this is computed under ``no_grad`` on the same view the
+   student will see (global views in one pass of 2B images, the locals in one pass of
+   ``n_local * B``).
+3. **Masking** (:func:`~apmask_lib.masking.keep_indices`): the ``ceil(r * N)`` least-attended
+   patch tokens of each student view are removed from its sequence (``keep_idx``), so the
+   student really processes fewer tokens; ``random``/``block``/``none`` are the ablations.
+4. **Student**: one forward for the B global views, one for the ``n_local * B`` local views
+   (same size, batched), shared projection + prototypes. **View pairing**: every student view
+   of image b (global and locals) predicts the codes of image b's teacher view; the loss is
+   the cross-entropy of Eq. 1 averaged over the 1 + n_local views and the batch
+   (:func:`~apmask_lib.sinkhorn.swapped_prediction_loss`).
+5. AdamW step (LR warm-up then cosine, weight decay cosine 0.04 -> 0.4 as DINO, none on biases,
+   norms, position embedding, [CLS] token and prototypes; gradient clipping), prototypes
+   re-normalised, teacher EMA with momentum cosine 0.996 -> 1.
+
+Engineering: bf16 autocast and fused AdamW on CUDA; no host sync inside a step (losses stay on
+the device and are read every ``log_every`` steps); checkpoint every epoch (atomic) and exact
+resume; the augmentation generator is re-seeded at every step from (seed, rank, step), so the
+schedule position *is* the random state; DDP under ``torchrun`` (``pretrain.batch_size`` is the
+global batch, split across ranks; only rank 0 writes files). Outputs in
+``<out_dir>/pretrain``: checkpoint.pt, backbone.pt (EMA-teacher backbone state dict, loadable with
+``build_backbone("file:...")``), log.csv (per step), log.jsonl (per epoch), config.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import Config
+from .masking import KINDS, keep_indices, num_dropped
+from .models import VisionTransformer, build_backbone
+from .models.heads import ProjectionMLP, Prototypes
+from .multicrop import ImageBank, MultiCrop, cache_short_side, load_image_bank
+from .sinkhorn import sinkhorn, swapped_prediction_loss
+from .utils import (CSVLog, append_jsonl, atomic_write_text, check_finite, cosine_scheduler, load_checkpoint,
+                    resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
+
+CSV_COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "step_time", "images_per_s")
+# config keys that do not change the trained weights (may differ on resume)
+_RESUME_IGNORED = {("pretrain", "num_workers"), ("pretrain", "log_every"), ("device",), ("out_dir",),
+                   ("finetune",), ("evaluate",), ("data", "max_test")}
+
+
+# ----------------------------------------------------------------------------- model
+class SwAVHead(nn.Module):
+    """Projection MLP (l2 output) followed by the K prototypes: feature (.., C) -> scores z·Cᵀ (.., K)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, n_prototypes: int, nlayers: int = 3):
+        super().__init__()
+        self.projection = ProjectionMLP(in_dim, hidden_dim, out_dim, nlayers=nlayers, l2=True)
+        self.prototypes = Prototypes(out_dim, n_prototypes)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.prototypes(self.projection(feats))
+
+
+class SwAVNet(nn.Module):
+    """Backbone + :class:`SwAVHead` (the student; the teacher is a copy). ``forward`` takes a
+    list of ``(images, keep_idx or None)`` view groups (one per crop size, DINO's
+    ``MultiCropWrapper``) and returns their prototype scores, one (B_i, K) tensor per group.
+    The head runs once on the concatenated [CLS] features. Key names are ``backbone.*`` and
+    ``head.*``, so ``build_backbone("file:checkpoint.pt")`` finds the teacher's backbone."""
+
+    def __init__(self, backbone: VisionTransformer, head: SwAVHead):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, views: Sequence[tuple[torch.Tensor, Optional[torch.Tensor]]]) -> list[torch.Tensor]:
+        feats = [self.backbone(x, keep_idx=k, attn=None).cls for x, k in views]
+        scores = self.head(torch.cat(feats))
+        return list(scores.split([f.shape[0] for f in feats]))
+
+
+def build_student(cfg: Config) -> SwAVNet:
+    """Backbone from ``cfg.backbone`` (seeded by ``cfg.seed`` where random) + a fresh head:
+    ``ProjectionMLP(C, pretrain.hidden_dim, pretrain.out_dim, l2=True)`` and
+    ``Prototypes(pretrain.out_dim, pretrain.n_prototypes)``. (``pretrain.bottleneck_dim`` is not
+    used here: fine-tuning reads it for its detection MLP.)"""
+    p = cfg.pretrain
+    backbone = build_backbone(cfg.backbone, seed=cfg.seed)
+    return SwAVNet(backbone, SwAVHead(backbone.embed_dim, p.hidden_dim, p.out_dim, p.n_prototypes))
+
+
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """[regularised, not regularised]: no weight decay on biases, norms (1-D tensors), the
+    position embedding, the [CLS] token, and the prototypes (re-normalised every step, so decay
+    would only fight the normalisation)."""
+    decay, no_decay = [], []
+    for name, prm in model.named_parameters():
+        if not prm.requires_grad:
+            continue
+        skip = prm.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name \
+            or "prototypes" in name
+        (no_decay if skip else decay).append(prm)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- m * teacher + (1 - m) * student, all parameters (backbone and head)."""
+    t = [p for p in teacher.parameters()]
+    s = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+# ----------------------------------------------------------------------------- one step
+def _keep(scores: Optional[torch.Tensor], n_views: int, grid: tuple[int, int], kind: str, ratio: float,
+          generator: torch.Generator, device: torch.device) -> Optional[torch.Tensor]:
+    n = grid[0] * grid[1]
+    if kind == "none" or num_dropped(n, ratio) == 0:
+        return None
+    if scores is None:  # random / block only need the shape
+        scores = torch.zeros(n_views, n, device=device)
+    return keep_indices(scores, ratio, kind, generator, grid)
+
+
+def student_views(teacher: SwAVNet, views, mask: str, ratio: float, generator: torch.Generator):
+    """Teacher pass (no grad) and token selection. Returns (teacher scores (B, K),
+    [(student global, keep_idx), (locals, keep_idx)]) -- the keep_idx come from the teacher's
+    last-layer [CLS] attention on the student views for ``mask="apmask"``."""
+    bb = teacher.backbone
+    B = views.teacher.shape[0]
+    need_attn = mask == "apmask"
+    same = views.student_global is views.teacher
+    with torch.no_grad():
+        if same or not need_attn:
+            out = bb(views.teacher, attn="cls" if (need_attn and same) else None)
+            t_scores = teacher.head(out.cls)
+            g_attn = out.cls_attention() if (need_attn and same) else None
+        else:
+            out = bb(torch.cat([views.teacher, views.student_global]), attn="cls")
+            t_scores = teacher.head(out.cls[:B])
+            g_attn = out.cls_attention()[B:]
+        l_attn = None
+        if need_attn and views.local.shape[0]:
+            l_attn = bb(views.local, attn="cls").cls_attention()
+    dev = views.teacher.device
+    g_grid = bb.grid_size(*views.student_global.shape[-2:])
+    groups = [(views.student_global, _keep(g_attn, B, g_grid, mask, ratio, generator, dev))]
+    if views.local.shape[0]:
+        l_grid = bb.grid_size(*views.local.shape[-2:])
+        groups.append((views.local, _keep(l_attn, views.local.shape[0], l_grid, mask, ratio, generator, dev)))
+    return t_scores, groups
+
+
+def pretrain_loss(student: nn.Module, teacher: SwAVNet, views, cfg_p, generator: torch.Generator) -> torch.Tensor:
+    """Eq. 1 for one batch of views (teacher pass, APMask, student pass, Sinkhorn, CE)."""
+    t_scores, groups = student_views(teacher, views, cfg_p.mask, cfg_p.mask_ratio, generator)
+    s_scores = student(groups)
+    q = sinkhorn(t_scores, eps=cfg_p.sinkhorn_eps, iters=cfg_p.sinkhorn_iters)
+    codes = q / q.sum(dim=1, keepdim=True)  # = Q * B_global: per-sample code distributions
+    return swapped_prediction_loss(codes, s_scores, cfg_p.temperature)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _dist_setup(cfg: Config) -> tuple[int, int, torch.device, bool]:
+    """(rank, world_size, device, we_initialised). Initialises a process group only when
+    launched by torchrun with WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, resolve_device(cfg.device), False
+    created = False
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        created = True
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available() and cfg.device != "cpu":
+        local = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device, created
+
+
+def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """Augmentation/masking randomness of one step on one rank: a pure function of
+    (seed, rank, step), which makes resume exact without storing generator state."""
+    s = int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(s)
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The image permutation of an epoch, identical on all ranks."""
+    s = int(np.random.SeedSequence([seed, 7919, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(s))
+
+
+def _fingerprint(cfg: Config) -> dict[str, Any]:
+    d = json.loads(json.dumps(cfg.to_dict(), default=str))
+    for path in _RESUME_IGNORED:
+        node = d
+        for k in path[:-1]:
+            node = node.get(k, {})
+        node.pop(path[-1], None)
+    return d
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [x for k in sorted(set(a) | set(b)) for x in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _truncate_jsonl(path: Path, keep_epochs_below: int) -> None:
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) < keep_epochs_below]
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def schedules(p, iters_per_epoch: int) -> dict[str, np.ndarray]:
+    """Per-iteration lr, weight decay and teacher momentum (DINO's schedules)."""
+    return {
+        "lr": cosine_scheduler(p.lr, p.min_lr, p.epochs, iters_per_epoch, p.warmup_epochs, p.start_lr),
+        "wd": cosine_scheduler(p.weight_decay, p.weight_decay_end, p.epochs, iters_per_epoch),
+        "momentum": cosine_scheduler(p.momentum_teacher, 1.0, p.epochs, iters_per_epoch),
+    }
+
+
+def _train_images(cfg: Config, dataset) -> tuple[Any, list]:
+    if dataset is None:
+        from .data import build_dataset
+
+        dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    train = list(dataset.train)
+    if cfg.data.max_train is not None:
+        train = train[: cfg.data.max_train]
+    if not train:
+        raise ValueError(f"no training images in {getattr(dataset, 'name', 'the dataset')} (data.max_train="
+                         f"{cfg.data.max_train})")
+    return dataset, train
+
+
+# ----------------------------------------------------------------------------- the run
+def run_pretrain(cfg: Config, dataset=None, max_steps: Optional[int] = None, resume: bool = True,
+                 progress: bool = True) -> Path:
+    """Pre-train with APMask; returns ``Path(cfg.out_dir) / "pretrain"`` (files: module docstring).
+
+    dataset:   an :class:`~apmask_lib.data.AnomalyDataset` (its ``train`` split is used, capped at
+               ``cfg.data.max_train``); None builds it from ``cfg.data``.
+    max_steps: stop once the *global* step reaches this (smoke runs, tests). The schedules stay
+               those of the full ``pretrain.epochs`` run, so a capped run is an exact prefix of
+               it, and calling again with a larger ``max_steps`` (or None) continues it.
+    resume:    continue from ``checkpoint.pt`` when present (a finished run returns at once);
+               False starts afresh and overwrites the logs.
+    """
+    p = cfg.pretrain
+    if p.mask not in KINDS:
+        raise ValueError(f"pretrain.mask must be one of {KINDS}, got {p.mask!r}")
+    out = Path(cfg.out_dir) / "pretrain"
+    ckpt_path, backbone_path = out / "checkpoint.pt", out / "backbone.pt"
+    rank, world, device, created_pg = _dist_setup(cfg)
+    try:
+        return _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_path, rank, world, device)
+    finally:
+        if created_pg:
+            dist.destroy_process_group()
+
+
+def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_path, rank, world, device) -> Path:
+    p = cfg.pretrain
+    main = rank == 0
+    fingerprint = _fingerprint(cfg)
+
+    ckpt = None
+    if resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        diff = _diff(json.loads(ckpt["config"]), fingerprint)
+        if diff:
+            raise ValueError(f"{ckpt_path} was written with a different configuration ({', '.join(diff)}); "
+                             "use another out_dir, delete that folder, or pass resume=False to start afresh")
+        if ckpt["done"] and backbone_path.is_file():
+            return out
+        if max_steps is not None and ckpt["step"] >= max_steps and backbone_path.is_file():
+            return out
+        if ckpt["world_size"] != world:
+            warnings.warn(f"{ckpt_path} was written with world size {ckpt['world_size']}, resuming with {world}: "
+                          "the augmentation streams differ from an uninterrupted run", stacklevel=2)
+
+    # ---- data
+    dataset, train = _train_images(cfg, dataset)
+    bank: ImageBank = load_image_bank(dataset, train, cache_short_side(p.global_size), p.num_workers,
+                                      progress=progress and main).to(device)
+    n = len(bank)
+    gb = min(p.batch_size, n)
+    gb -= gb % world
+    if gb == 0:
+        raise ValueError(f"{n} training image(s) cannot be split across {world} processes")
+    per_rank = gb // world
+    iters = n // gb  # drop_last when n >= batch_size; one smaller batch otherwise
+    total = p.epochs * iters
+    stop = total if max_steps is None else min(total, max_steps)
+    sched = schedules(p, iters)
+    crops = MultiCrop.from_config(p)
+
+    # ---- models (seeded: same init on every rank)
+    seed_everything(cfg.seed)
+    student = build_student(cfg).to(device)
+    teacher = copy.deepcopy(student).eval()
+    for prm in teacher.parameters():
+        prm.requires_grad_(False)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(param_groups(student), lr=p.lr, fused=fused) if fused else \
+        torch.optim.AdamW(param_groups(student), lr=p.lr)
+    start, epoch_losses = 0, []
+    if ckpt is not None:
+        student.load_state_dict(ckpt["student"])
+        teacher.load_state_dict(ckpt["teacher"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        start, epoch_losses = int(ckpt["step"]), list(ckpt["epoch_losses"])
+        if ckpt["iters_per_epoch"] != iters:
+            raise ValueError(f"{ckpt_path}: {ckpt['iters_per_epoch']} iterations per epoch, now {iters} "
+                             "(training set or batch size changed); use another out_dir")
+    model = student
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+    # ---- files
+    csv = CSVLog(out / "log.csv", CSV_COLUMNS)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            for f in (out / "log.csv", out / "log.jsonl"):
+                f.unlink(missing_ok=True)
+        else:
+            csv.truncate_after(start)
+            _truncate_jsonl(out / "log.jsonl", start // iters)
+        write_json(out / "config.json", {**cfg.to_dict(), "_run": {
+            "n_train": n, "global_batch": gb, "world_size": world, "iters_per_epoch": iters, "total_steps": total,
+            "device": str(device), "cached_short_side": cache_short_side(p.global_size),
+            "teacher_view": p.teacher_view, "backbone_source": cfg.backbone}})
+
+    def save(step: int, done: bool) -> None:
+        if not main:
+            return
+        save_checkpoint(ckpt_path, student=student, teacher=teacher, optimizer=optimizer, step=step,
+                        iters_per_epoch=iters, done=done, config=json.dumps(fingerprint), rng=rng_state(),
+                        epoch_losses=list(epoch_losses), world_size=world)
+        torch.save(teacher.backbone.state_dict(), str(backbone_path) + ".tmp")
+        os.replace(str(backbone_path) + ".tmp", backbone_path)
+
+    pending: list[dict[str, Any]] = []
+    bar = tqdm(total=stop, initial=start, desc="pretrain", disable=not (progress and main), dynamic_ncols=True)
+
+    def flush() -> None:
+        if not pending:
+            return
+        vals = torch.stack([r["loss"] for r in pending]).float()
+        if world > 1:
+            dist.all_reduce(vals)
+            vals = vals / world
+        for r, v in zip(pending, vals.cpu().tolist()):
+            check_finite(torch.tensor(v), "pre-training loss", r["step"])
+            r["loss"] = v
+            epoch_losses.append(v)
+            if main:
+                csv.write(r)
+        bar.set_postfix(loss=f"{pending[-1]['loss']:.4f}")
+        pending.clear()
+
+    perm, perm_epoch = None, -1
+    epoch_t0, epoch_steps = time.perf_counter(), 0
+    t_last = time.perf_counter()
+    for step in range(start, stop):
+        epoch, it = divmod(step, iters)
+        if epoch != perm_epoch:
+            perm, perm_epoch = _epoch_order(cfg.seed, epoch, n), epoch
+        idx = perm[it * gb:(it + 1) * gb][rank * per_rank:(rank + 1) * per_rank]
+        lr, wd, mom = float(sched["lr"][step]), float(sched["wd"][step]), float(sched["momentum"][step])
+        for i, group in enumerate(optimizer.param_groups):
+            group["lr"] = lr
+            if i == 0:
+                group["weight_decay"] = wd
+        gen = _step_generator(cfg.seed, rank, step)
+        views = crops(bank.images[idx.to(device, non_blocking=True)], bank.sizes[idx], gen)
+        with autocast:
+            loss = pretrain_loss(model, teacher, views, p, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if p.clip_grad and p.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), p.clip_grad)
+        if step < p.freeze_prototypes_iters:
+            student.head.prototypes.weight.grad = None
+        optimizer.step()
+        student.head.prototypes.normalize_()
+        ema_update(teacher, student, mom)
+
+        now = time.perf_counter()
+        dt, t_last = now - t_last, now
+        pending.append({"step": step, "epoch": epoch, "loss": loss.detach(), "lr": lr, "wd": wd, "momentum": mom,
+                        "step_time": dt, "images_per_s": gb / max(dt, 1e-9)})
+        bar.update(1)
+        epoch_steps += 1
+        end_of_epoch = it == iters - 1
+        if len(pending) >= max(1, p.log_every) or end_of_epoch or step == stop - 1:
+            flush()
+        if end_of_epoch:
+            if main:
+                secs = time.perf_counter() - epoch_t0
+                append_jsonl(out / "log.jsonl", {"epoch": epoch, "step": step + 1, "loss": float(np.mean(epoch_losses)),
+                                                 "lr": lr, "wd": wd, "momentum": mom, "time_s": secs,
+                                                 "images_per_s": epoch_steps * gb / max(secs, 1e-9)})
+            epoch_losses.clear()
+            epoch_t0, epoch_steps = time.perf_counter(), 0
+            save(step + 1, done=step + 1 == total)
+        elif step == stop - 1:
+            save(step + 1, done=False)
+    bar.close()
+    if start >= stop and main and not backbone_path.is_file():
+        save(start, done=start >= total)
+    if world > 1:
+        dist.barrier()
+    return out
+
+
+__all__ = ["SwAVHead", "SwAVNet", "build_student", "param_groups", "ema_update", "student_views",
+           "pretrain_loss", "schedules", "run_pretrain", "CSV_COLUMNS"]
