@@ -30,6 +30,22 @@ def cmd_data(args) -> None:
     ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
     print(f"{ds.name}: {len(ds.train)} train, {len(ds.test)} test "
           f"({sum(s.label for s in ds.test)} anomalous)")
+    if args.index:
+        from .utils import write_json
+
+        def listing(samples):
+            return [[str(s.path), s.label, s.defect, s.path.stat().st_size] for s in samples]
+
+        write_json(args.index, {"name": ds.name, "dataset": cfg.data.dataset, "root": cfg.data.root,
+                                "category": cfg.data.category, "n_train": len(ds.train), "n_test": len(ds.test),
+                                "train": listing(ds.train), "test": listing(ds.test)})
+
+
+def cmd_collect(args) -> None:
+    from .report import collect_run
+
+    for k, v in collect_run(args.run, args.name, args.results).items():
+        print(f"{k}: {v}")
 
 
 def _attention_images(cfg: Config, n: int = 4):
@@ -111,7 +127,7 @@ def cmd_notebook(args) -> None:
     params = {}
     for k, v in args.param:
         params[k] = yaml.safe_load(v)
-    print(execute(args.name, params, out_dir=args.out, html=not args.no_html))
+    print(execute(args.name, params, out_dir=args.out, html=not args.no_html, name=args.save_as))
 
 
 def cmd_demo(args) -> None:
@@ -138,7 +154,13 @@ def main(argv: list[str] | None = None) -> None:
         sp.set_defaults(fn=fn)
         return sp
 
-    add("data", cmd_data, "index (and for the demo, generate) the configured dataset")
+    sp = add("data", cmd_data, "index (and for the demo, generate) the configured dataset")
+    sp.add_argument("--index", default=None, help="also write a JSON listing of the files (a DVC dependency)")
+    sp = sub.add_parser("collect", help="copy a run's metrics/plots to results/ for DVC")
+    sp.add_argument("--run", required=True)
+    sp.add_argument("--name", required=True)
+    sp.add_argument("--results", default="results")
+    sp.set_defaults(fn=cmd_collect)
     sp = add("attention-figure", cmd_attention_figure, "figure of the backbone's mean [CLS] attention")
     sp.add_argument("--out", default="results/figures/backbone_attention.png")
     add("pretrain", cmd_pretrain, "APMask pre-training")
@@ -160,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="papermill parameter (YAML value), repeatable")
     sp.add_argument("--out", default="results/notebooks")
     sp.add_argument("--no-html", action="store_true")
+    sp.add_argument("--save-as", default=None, help="file name (no suffix) of the executed copy")
     sp.set_defaults(fn=cmd_notebook, params=None, set=[])
     add("demo", cmd_demo, "run the whole pipeline on the built-in demo data (dvc repro)")
     args = p.parse_args(argv)

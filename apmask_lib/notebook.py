@@ -101,10 +101,10 @@ def executed_name(notebook: str, params: dict[str, Any]) -> str:
 
 
 def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = "results/notebooks",
-            html: bool = True) -> Path:
+            html: bool = True, name: str | None = None) -> Path:
     """Run a numbered notebook with papermill (parameters injected after its ``parameters``
     cell), save the executed copy under ``out_dir`` named after its parameters, and an
-    nbconvert HTML report beside it. Returns the executed notebook's path."""
+    nbconvert HTML report beside it (``name`` overrides the file name). Returns the executed notebook's path."""
     import papermill as pm
 
     root = project_root()
@@ -115,7 +115,7 @@ def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = 
         raise FileNotFoundError(f"notebook not found: {nb}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{executed_name(nb.name, params)}.ipynb"
+    out = out_dir / f"{name or executed_name(nb.name, params)}.ipynb"
     tmp = out.with_suffix(".tmp.ipynb")
     pm.execute_notebook(str(nb), str(tmp), parameters=params, cwd=str(root), progress_bar=False,
                         kernel_name="python3")
@@ -129,3 +129,48 @@ def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = 
         body, _ = HTMLExporter().from_notebook_node(nbformat.read(out, as_version=4))
         atomic_write_text(out.with_suffix(".html"), body)
     return out
+
+
+def tsne_from_run(run: str | Path, perplexity: float | None = None, seed: int = 0,
+                  out_png: str | Path | None = None) -> Path:
+    """Fig. 5 from a finished evaluation: t-SNE of ``evaluate/features.npz`` ([CLS] features
+    before the heads), normal vs each defect type."""
+    import numpy as np
+
+    from .viz.tsne import fig_tsne
+
+    feats = Path(run) / "evaluate" / "features.npz"
+    if not feats.is_file():
+        raise FileNotFoundError(f"{feats} not found: run the evaluation (03_evaluate / apmask evaluate) first")
+    z = np.load(feats, allow_pickle=False)
+    n = len(z["labels"])
+    perp = min(perplexity or 30.0, max((n - 1) / 3.0, 1.0))
+    return fig_tsne(z["cls"], z["labels"], z["defects"], out_png or Path(run) / "evaluate" / "fig5_tsne.png",
+                    seed=seed, perplexity=perp)
+
+
+def paper_figures(cfg: Config, figures_dir: str | Path, n_images: int = 4) -> list[Path]:
+    """Fig. 1 (input | attention | APMask | attention-guided anomaly) and Fig. 4b (grid of
+    synthetic anomalies of every kind) on ``n_images`` training images of the configured data."""
+    import warnings
+
+    from .anomalies import KINDS
+    from .data import build_dataset, read_image
+    from .models import build_backbone
+    from .viz.synthetic import fig_attention_panel, fig_synthetic_grid
+
+    ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    step = max(len(ds.train) // max(n_images, 1), 1)
+    images = [read_image(s.path) for s in ds.train[::step][:n_images]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        backbone = build_backbone(cfg.backbone, seed=cfg.seed).eval()
+    poisson = cfg.finetune.poisson == "on" or (cfg.finetune.poisson == "auto" and cfg.data.dataset == "nih")
+    tag = cfg.data.category
+    out = Path(figures_dir)
+    return [
+        fig_attention_panel(images, backbone, out / f"fig1_attention_{tag}.png", mask_ratio=cfg.pretrain.mask_ratio,
+                            seed=cfg.seed, poisson=poisson),
+        fig_synthetic_grid(images, list(KINDS), out / f"fig4b_synthetic_{tag}.png", backbone=backbone,
+                           seed=cfg.seed, poisson=poisson),
+    ]
