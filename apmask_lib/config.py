@@ -92,6 +92,15 @@ class EvaluateConfig:
     pixel_bins: Optional[int] = 1048576  # pixel metrics: histogram bins over [0, 1] (2^20, memory-bounded); None = exact (small sets)
     figure_images: int = 8           # images in the localisation figure (defect types first, then good)
     save_maps: bool = False          # also write every averaged map to evaluate/maps/<defect>/<stem>.npy (float16)
+    # --- EXTENSION (not in the paper; apmask_lib/knn.py): kNN patch scoring on intermediate features ---
+    knn_layer: Optional[int] = None  # block (0-based) whose patch tokens feed a kNN memory bank; None = paper method only (default); AnomalyDINO-style: 7 (8th of 12)
+    knn_backbone: str = "init"       # kNN features: init = cfg.backbone before any training (training-free) | finetuned = the detector's backbone
+    knn_size: int = 448              # input size of the kNN branch (snapped to the patch size); AnomalyDINO: 448
+    knn_k: int = 1                   # neighbours averaged per patch (AnomalyDINO: 1)
+    knn_coreset: float = 1.0         # fraction of training patches kept in the bank (greedy coreset); 1.0 = all (AnomalyDINO full-shot)
+    knn_sigma: float = 4.0           # Gaussian smoothing of kNN maps, pixels at the image's original size (PatchCore/AnomalyDINO: 4)
+    fusion: str = "fused"            # with knn_layer set, the reported method: knn (kNN alone) | fused (z-normalised kNN + detector); paper metrics stay under methods.paper
+    knn_holdout: float = 0.1         # fraction of training images held out of a bank to estimate the normal statistics used by fusion
 
 
 @dataclass
@@ -141,11 +150,15 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    """``["pretrain.epochs=2", "data.category=bottle"]`` -> nested dict updates (YAML-parsed values)."""
+    """``["pretrain.epochs=2", "data.category: bottle"]`` -> nested dict updates (YAML-parsed values)."""
     for item in overrides or []:
-        if "=" not in item:
+        if "=" in item:
+            key, raw = item.split("=", 1)
+        elif ": " in item:  # "section.key: value" (the form the notebooks' comments use)
+            key, raw = item.split(": ", 1)
+        else:
             raise ValueError(f"override {item!r} must look like section.key=value")
-        key, raw = item.split("=", 1)
+        key = key.strip()
         node = data
         parts = key.split(".")
         for p in parts[:-1]:
