@@ -1,0 +1,120 @@
+"""Notebooks and the DVC pipeline: clean sources, parameters, and a micro run of every stage
+on real bottle images with the same commands the stages run (``apmask notebook`` / ``collect``)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+import pytest
+import yaml
+
+from apmask_lib.config import load_params
+from apmask_lib.notebook import COMMON, execute, executed_name, notebook_config, project_root
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def test_notebooks_exist():
+    names = [p.stem for p in NOTEBOOKS]
+    for n in ("01_pretrain", "02_finetune", "03_evaluate", "04_tsne", "05_tables", "06_figures"):
+        assert n in names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_source_notebooks_have_no_outputs_and_a_parameters_cell(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs: clear them"
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("01_pretrain", {"dataset", "data_root", "category", "backbone", "epochs", "batch_size", "seed", "device",
+                     "out_dir", "mask", "mask_ratio"}),
+    ("02_finetune", {"dataset", "data_root", "category", "backbone", "epochs", "batch_size", "seed", "device",
+                     "out_dir", "init", "anomaly", "poisson"}),
+    ("03_evaluate", {"dataset", "data_root", "category", "backbone", "seed", "device", "out_dir", "model", "scales"}),
+])
+def test_papermill_sees_the_documented_parameters(name, expected):
+    params = pm.inspect_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"))
+    assert expected <= set(params)
+    assert all(p["help"] for p in params.values()), "every parameter carries a comment"
+
+
+def test_notebook_config_maps_parameters(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"pretrain": {"epochs": 7}, "pipeline": {"categories": ["a"]}}))
+    cfg = notebook_config("pretrain", str(p), ["data.max_train: 3"], category="bottle", epochs=None,
+                          batch_size=4, mask="random", scales=[224, 320])
+    assert cfg.pretrain.epochs == 7 and cfg.pretrain.batch_size == 4 and cfg.pretrain.mask == "random"
+    assert cfg.data.category == "bottle" and cfg.data.max_train == 3 and cfg.evaluate.scales == (224, 320)
+    assert set(COMMON) >= {"dataset", "data_root", "category", "backbone", "seed", "device", "out_dir"}
+    with pytest.raises(ValueError, match="unknown notebook parameter"):
+        notebook_config("pretrain", str(p), [], colour="red")
+
+
+def test_executed_names_follow_parameters():
+    assert executed_name("01_pretrain.ipynb", {"seed": 0, "category": "brick", "out_dir": "x"}) == \
+        "01_pretrain__category=brick__seed=0"
+
+
+def test_params_files_are_valid():
+    for name in ("params.yaml", "params-paper.yaml"):
+        cfg = load_params(ROOT / name)
+        assert cfg.pretrain.mask in ("apmask", "random", "block", "none")
+    paper = load_params(ROOT / "params-paper.yaml")
+    assert (paper.pretrain.epochs, paper.finetune.epochs, paper.pretrain.batch_size) == (300, 100, 16)
+    assert paper.evaluate.scales == (224, 320, 384, 416, 448, 512)
+
+
+def test_dvc_stages_run_the_notebooks():
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    cmds = json.dumps(dvc)
+    for n in ("01_pretrain", "02_finetune", "03_evaluate", "05_tables", "06_figures"):
+        assert f"apmask notebook {n}" in cmds
+    assert "metrics" in dvc["stages"]["evaluate"] and "plots" in dvc["stages"]["evaluate"]
+
+
+@pytest.mark.slow
+def test_every_notebook_runs_at_micro_scale_on_real_bottle(tmp_path, mvtec_root):
+    """The stages' own commands, micro-sized: tiny backbone, 4 training images, 64 px."""
+    from apmask_lib.report import collect_run
+
+    params = {
+        "seed": 0, "device": "cpu", "backbone": "random:vit_tiny16",
+        "data": {"dataset": "mvtec", "root": str(mvtec_root), "category": "bottle", "image_size": 64,
+                 "max_train": 4, "max_test": 1},
+        "pretrain": {"epochs": 1, "batch_size": 4, "global_size": 64, "local_size": 32, "n_local": 2,
+                     "hidden_dim": 64, "num_workers": 0, "warmup_epochs": 0},
+        "finetune": {"epochs": 1, "batch_size": 4, "num_workers": 0, "warmup_epochs": 0},
+        "evaluate": {"scales": [64], "batch_size": 4},
+    }
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    run = tmp_path / "runs" / "bottle" / "s0"
+    nbs = tmp_path / "notebooks"
+    common = {"params_file": str(pfile), "out_dir": str(run)}
+    for name in ("01_pretrain", "02_finetune", "03_evaluate"):
+        out = execute(name, {**common, "category": "bottle", "seed": 0}, out_dir=nbs)
+        assert out.is_file() and out.with_suffix(".html").is_file()
+    assert (run / "pretrain" / "backbone.pt").is_file()
+    assert (run / "finetune" / "model.pt").is_file()
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    assert 0.0 <= metrics["image_auroc"] <= 1.0
+    execute("04_tsne", {"out_dir": str(run), "perplexity": 2.0}, out_dir=nbs, html=False)
+    assert (run / "evaluate" / "fig5_tsne.png").is_file()
+    execute("05_tables", {"runs_dir": str(tmp_path / "runs"), "tables_dir": str(tmp_path / "tables")},
+            out_dir=nbs, html=False)
+    table1 = (tmp_path / "tables" / "table1.md").read_text()
+    assert "| bottle | 1 |" in table1
+    execute("06_figures", {**common, "category": "bottle", "figures_dir": str(tmp_path / "figs"), "n_images": 2},
+            out_dir=nbs, html=False)
+    assert (tmp_path / "figs" / "fig1_attention_bottle.png").is_file()
+    assert (tmp_path / "figs" / "fig4b_synthetic_bottle.png").is_file()
+    written = collect_run(run, "bottle_s0", tmp_path / "results")
+    assert set(written) == {"metrics", "pretrain_loss", "finetune_loss", "roc"}
+    assert project_root() == ROOT
