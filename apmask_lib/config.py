@@ -95,7 +95,7 @@ class EvaluateConfig:
     # --- EXTENSION (not in the paper; apmask_lib/knn.py): kNN patch scoring on intermediate features ---
     knn_layer: Optional[int] = None  # block (0-based) whose patch tokens feed a kNN memory bank; None = paper method only (default); AnomalyDINO-style: 7 (8th of 12)
     knn_backbone: str = "init"       # kNN features: init = cfg.backbone before any training (training-free) | finetuned = the detector's backbone
-    knn_size: int = 448              # input size of the kNN branch (snapped to the patch size); AnomalyDINO: 448
+    knn_sizes: tuple[int, ...] = (224, 448)  # input sizes of the kNN branch (snapped to the patch size), maps/scores averaged as the paper averages scales; AnomalyDINO alone: (448,)
     knn_k: int = 1                   # neighbours averaged per patch (AnomalyDINO: 1)
     knn_coreset: float = 1.0         # fraction of training patches kept in the bank (greedy coreset); 1.0 = all (AnomalyDINO full-shot)
     knn_sigma: float = 4.0           # Gaussian smoothing of kNN maps, pixels at the image's original size (PatchCore/AnomalyDINO: 4)

@@ -58,8 +58,8 @@ from .utils import (CSVLog, append_jsonl, atomic_write_text, check_finite, cosin
 
 CSV_COLUMNS = ("step", "epoch", "loss", "loss_det", "loss_seg", "lr", "step_time", "images_per_s")
 # config keys that do not change the trained weights (may differ on resume)
-_RESUME_IGNORED = {("finetune", "num_workers"), ("finetune", "log_every"), ("device",), ("out_dir",),
-                   ("evaluate",), ("data", "max_test")}
+_RESUME_IGNORED = {("finetune", "num_workers"), ("finetune", "log_every"), ("pretrain", "num_workers"),
+                   ("pretrain", "log_every"), ("device",), ("out_dir",), ("evaluate",), ("data", "max_test")}
 
 
 # ----------------------------------------------------------------------------- settings
@@ -229,6 +229,27 @@ def make_batches(cfg: Config, images: np.ndarray, attentions: Optional[np.ndarra
                             temperature=f.attention_temperature)
 
 
+# ----------------------------------------------------------------------------- one step
+def train_step(model: AnomalyDetector, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], f,
+               device: torch.device, autocast=None) -> dict[str, torch.Tensor]:
+    """One optimisation step on a batch of :class:`SyntheticBatches`; ``f`` = ``cfg.finetune``
+    (loss weights, Dice reduction, gradient clipping). Returns detached device scalars
+    (loss, loss_det, loss_seg, acc) so the caller decides when to sync."""
+    x = batch["images"].to(device, non_blocking=True).float().div_(255.0)
+    masks = batch["masks"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    with autocast if autocast is not None else contextlib.nullcontext():
+        o = model(x)
+    loss, l_det, l_seg = finetune_loss(o.logit, o.seg_logits, labels, masks, f.det_weight, f.seg_weight, f.dice)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if f.clip_grad and f.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
+    optimizer.step()
+    acc = ((o.logit.detach() > 0).float() == labels).float().mean()
+    return {"loss": loss.detach(), "loss_det": l_det.detach(), "loss_seg": l_seg.detach(), "acc": acc}
+
+
 # ----------------------------------------------------------------------------- resume helpers
 def _fingerprint(cfg: Config) -> dict[str, Any]:
     d = json.loads(json.dumps(cfg.to_dict(), default=str))
@@ -307,8 +328,9 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
 
         dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
     train = list(dataset.train)[: cfg.data.max_train] if cfg.data.max_train is not None else list(dataset.train)
-    if not train:
-        raise ValueError(f"no training images in {getattr(dataset, 'name', 'the dataset')} (data.max_train={cfg.data.max_train})")
+    if len(train) < 2:
+        raise ValueError(f"fine-tuning needs at least 2 training images (normal and synthetic samples per batch); "
+                         f"{getattr(dataset, 'name', 'the dataset')} has {len(train)} (data.max_train={cfg.data.max_train})")
     images = load_train_images(dataset, train, cfg.data.image_size, max(1, f.num_workers), progress)
 
     # ---- model (seeded) and the initial backbone's attention maps
@@ -391,24 +413,12 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
         lr = float(lrs[step])
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x = batch["images"].to(device, non_blocking=True).float().div_(255.0)
-        masks = batch["masks"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
-        with autocast:
-            o = model(x)
-        loss, l_det, l_seg = finetune_loss(o.logit, o.seg_logits, labels, masks, f.det_weight, f.seg_weight, f.dice)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if f.clip_grad and f.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
-        optimizer.step()
+        losses = train_step(model, optimizer, batch, f, device, autocast)
 
         now = time.perf_counter()
         dt, t_last = now - t_last, now
-        accuracy = ((o.logit.detach() > 0).float() == labels).float().mean()
-        pending.append({"step": step, "epoch": epoch, "loss": loss.detach(), "loss_det": l_det.detach(),
-                        "loss_seg": l_seg.detach(), "acc": accuracy, "lr": lr, "step_time": dt,
-                        "images_per_s": len(x) / max(dt, 1e-9)})
+        pending.append({"step": step, "epoch": epoch, **losses, "lr": lr, "step_time": dt,
+                        "images_per_s": len(batch["labels"]) / max(dt, 1e-9)})
         bar.update(1)
         end_of_epoch = it == iters - 1
         if len(pending) >= max(1, f.log_every) or end_of_epoch or step == stop - 1:
@@ -431,4 +441,5 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
 
 
 __all__ = ["CSV_COLUMNS", "resolve_poisson", "resolve_blend", "initial_backbone", "build_detector", "param_groups",
-           "load_train_images", "attention_maps", "SyntheticBatches", "batch_loader", "make_batches", "run_finetune"]
+           "load_train_images", "attention_maps", "SyntheticBatches", "batch_loader", "make_batches", "train_step",
+           "run_finetune"]
