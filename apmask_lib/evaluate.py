@@ -20,6 +20,31 @@ images without pixel ground truth (``Sample.has_pixel_gt`` False: NIH abnormal i
 are EXCLUDED from the pixel metrics (AUROC, AU-PRO, pixel F1) and kept for the image metrics; their
 number is reported as ``n_excluded_from_pixel_metrics``.
 
+EXTENSION (not in the paper; ``cfg.evaluate.knn_layer`` set, default None = off): a kNN patch
+scorer on intermediate patch features (:mod:`apmask_lib.knn`, AnomalyDINO-style) runs beside the
+detector, and, with ``cfg.evaluate.fusion="fused"``, a fusion of both:
+
+  knn     cosine distance of each patch (block ``knn_layer`` tokens, from ``knn_backbone``:
+          "init" = cfg.backbone before any training, or "finetuned") to the nearest patch of a
+          memory bank of ALL training images; map = bilinear + Gaussian (``knn_sigma``); image
+          score = mean of the top 1 % patch distances (AnomalyDINO). One bank per input size in
+          ``knn_sizes``; maps and image scores are averaged over sizes, as the paper averages its
+          test-time scales.
+  fused   z_knn + z_det: each branch standardised with the mean/std of its values on NORMAL
+          held-out training images (``knn_holdout`` of them, evenly spaced; their kNN distances are
+          taken against a bank of the OTHER training images, the detector is applied as usual),
+          the detector on the log-odds scale (logit of the averaged probability map / of the image
+          score ``cfg.evaluate.score``); pixel map = squash(z_knn_map + z_seg_map), image score =
+          squash(z_knn_score + z_det_score), squash(z) = 0.5 + 0.5 z / (1 + |z|) (monotone, into
+          [0, 1] for the histogram). No test label or test statistic is used.
+
+With the extension on, every top-level key of metrics.json still describes the PAPER method
+(tables read them unchanged); ``metrics["methods"]`` holds {"paper", "knn"[, "fused"]} -> image
+AUROC, pixel AUROC, AU-PRO, F1s, and ``metrics["extension"]`` the configuration, the fusion
+statistics and timings. scores.csv gains ``score_knn`` (and ``score_fused``) columns and the
+figure ``fig4a_localization_<method>.png`` is drawn for each extension method. With
+``knn_layer=None`` nothing of this runs and the outputs are exactly the paper method's.
+
 Pixel metrics stream through a histogram (``cfg.evaluate.pixel_bins``, default 2^20 bins over the
 probability range [0, 1], see :mod:`apmask_lib.metrics`), so memory does not grow with the test set.
 """
@@ -43,12 +68,14 @@ from tqdm import tqdm
 from .config import Config
 from .data import AnomalyDataset, Sample, build_dataset
 from .metrics import PixelMetrics, f1_max, image_auroc, roc_curve
-from .multiscale import model_patch_size, predict_multiscale, scale_sizes
+from .multiscale import MultiScaleOutput, model_patch_size, predict_multiscale, scale_sizes
 from .utils import atomic_write_bytes, atomic_write_text, resolve_device, seed_everything, write_json
 
 log = logging.getLogger(__name__)
 
 IMAGE_SCORES = ("det_mean", "map_max")
+FUSIONS = ("knn", "fused")          # extension outputs: kNN alone | kNN + fused
+KNN_BACKBONES = ("init", "finetuned")
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,6 +191,140 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# the extension: kNN branch and fusion (module docstring; not part of the paper)
+# --------------------------------------------------------------------------------------------
+def paper_image_score(res: MultiScaleOutput, score: str) -> np.ndarray:
+    """The paper's continuous image score of a batch (``cfg.evaluate.score``)."""
+    return res.det_mean if score == "det_mean" else res.map_max
+
+
+def method_metrics(scores: Sequence[float], labels: np.ndarray, defects: Sequence[str], pix: PixelMetrics,
+                   fpr_limit: float) -> dict[str, Any]:
+    """Image AUROC (+ per defect type, F1-max) and the pixel summary of one method's outputs."""
+    scores = np.asarray(scores, dtype=np.float64)
+    out: dict[str, Any] = {"image_auroc": safe_auroc(scores, labels, "image AUROC"),
+                           "per_defect_image_auroc": per_defect_auroc(scores, labels, defects)}
+    if labels.any():
+        out["f1_max"], out["f1_threshold"] = f1_max(scores, labels)
+    out.update(pix.summary(fpr_limit) if pix.n_maps else {})
+    out.setdefault("pixel_auroc", float("nan"))
+    out.setdefault("au_pro", float("nan"))
+    return out
+
+
+class KnnExtension:
+    """The kNN branch (one memory bank per input size in ``knn_sizes``, fitted on the training
+    images) and, for ``fusion="fused"``, the normal statistics of both branches on held-out training
+    images. :meth:`predict` turns one test batch (images + the detector's :class:`MultiScaleOutput`)
+    into {method: (image scores, maps)}."""
+
+    def __init__(self, cfg: Config, dataset: AnomalyDataset, model: torch.nn.Module, sizes: Sequence[int],
+                 device: torch.device):
+        from .knn import KnnScorer, MemoryBank, RunningStats, average_outputs, holdout_indices, logit
+
+        ecfg = cfg.evaluate
+        if ecfg.fusion not in FUSIONS:
+            raise ValueError(f"evaluate.fusion must be one of {FUSIONS}, got {ecfg.fusion!r}")
+        if ecfg.knn_backbone not in KNN_BACKBONES:
+            raise ValueError(f"evaluate.knn_backbone must be one of {KNN_BACKBONES}, got {ecfg.knn_backbone!r}")
+        if not ecfg.knn_sizes:
+            raise ValueError("evaluate.knn_sizes is empty; give at least one input size, e.g. [448]")
+        self.fusion, self.score = ecfg.fusion, ecfg.score
+        self.methods = ("knn",) if ecfg.fusion == "knn" else ("knn", "fused")
+        if ecfg.knn_backbone == "finetuned":
+            backbone = model.backbone
+        else:
+            from .models import build_backbone
+
+            backbone = build_backbone(cfg.backbone, seed=cfg.seed).to(device).eval()
+        scorers: dict[int, KnnScorer] = {}
+        for size in ecfg.knn_sizes:
+            sc = KnnScorer(backbone, ecfg.knn_layer, size, k=ecfg.knn_k, sigma=ecfg.knn_sigma,
+                           coreset=ecfg.knn_coreset, seed=cfg.seed, device=device)
+            scorers.setdefault(sc.size, sc)  # sizes that snap to the same grid are used once
+        self.scorers = list(scorers.values())
+        train = list(dataset.train)
+        if cfg.data.max_train is not None:
+            train = train[: cfg.data.max_train]
+        if not train:
+            raise ValueError(f"{dataset.name}: the kNN extension needs training images, found none")
+        bs = max(1, int(ecfg.batch_size))
+        held = [int(i) for i in holdout_indices(len(train), ecfg.knn_holdout)] if ecfg.fusion == "fused" else []
+        held_set = set(held)
+        timings = {"bank_features_s": 0.0, "fusion_stats_s": 0.0, "bank_fit_s": 0.0, "inference_s": 0.0}
+        held_outputs: list[list] = []  # per size: KnnOutput per held-out batch
+        for sc in self.scorers:  # one size at a time: only one size's training features in memory
+            t0 = time.perf_counter()
+            feats: list[torch.Tensor] = []
+            for start in tqdm(range(0, len(train), bs), desc=f"kNN bank features {sc.size}px", unit="batch",
+                              disable=None, leave=False):
+                feats += list(sc.features([dataset.image(s) for s in train[start:start + bs]]).cpu())
+            timings["bank_features_s"] += time.perf_counter() - t0
+            if held:
+                t0 = time.perf_counter()
+                bank = MemoryBank(ecfg.knn_coreset, seed=cfg.seed).fit(
+                    [f for i, f in enumerate(feats) if i not in held_set], device=device)
+                outs = []
+                for start in range(0, len(held), bs):
+                    idx = held[start:start + bs]
+                    dists = bank.score(torch.stack([feats[i] for i in idx]).to(device), sc.k)
+                    outs.append(sc.readout(dists, [dataset.image(train[i]).shape[:2] for i in idx]))
+                held_outputs.append(outs)
+                del bank
+                timings["fusion_stats_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            sc.fit(feats)
+            del feats
+            timings["bank_fit_s"] += time.perf_counter() - t0
+
+        self.stats: dict[str, dict[str, float]] = {}
+        if held:
+            t0 = time.perf_counter()
+            acc = {k: RunningStats() for k in ("knn_map", "seg_map", "knn_score", "det_score")}
+            for j, start in enumerate(tqdm(range(0, len(held), bs), desc="fusion statistics", unit="batch",
+                                           disable=None, leave=False)):
+                images = [dataset.image(train[i]) for i in held[start:start + bs]]
+                kout = average_outputs([outs[j] for outs in held_outputs])
+                res = predict_multiscale(model, images, sizes, device)
+                for km, sm in zip(kout.maps, res.maps):
+                    acc["knn_map"].update(km)
+                    acc["seg_map"].update(logit(sm))
+                acc["knn_score"].update(kout.scores)
+                acc["det_score"].update(logit(paper_image_score(res, self.score)))
+            self.stats = {k: v.as_dict() for k, v in acc.items()}
+            timings["fusion_stats_s"] += time.perf_counter() - t0
+        del held_outputs
+        self.info: dict[str, Any] = {
+            "knn_layer": ecfg.knn_layer, "knn_backbone": ecfg.knn_backbone,
+            "knn_backbone_source": cfg.backbone if ecfg.knn_backbone == "init" else "finetuned detector",
+            "knn_sizes": [sc.size for sc in self.scorers], "knn_grids": [list(sc.grid) for sc in self.scorers],
+            "knn_k": ecfg.knn_k, "knn_coreset": ecfg.knn_coreset, "knn_sigma": ecfg.knn_sigma,
+            "final_norm": self.scorers[0].final_norm, "top_fraction": self.scorers[0].top_fraction,
+            "fusion": ecfg.fusion, "methods": list(self.methods),
+            "bank_patches": [len(sc.bank) for sc in self.scorers], "bank_images": len(train),
+            "holdout_images": len(held), "holdout_fraction": ecfg.knn_holdout if held else None,
+            "fusion_stats": self.stats, "timings": timings,
+        }
+
+    def predict(self, images: Sequence[np.ndarray], res: MultiScaleOutput) -> dict[str, tuple[np.ndarray, list[np.ndarray]]]:
+        """{method: (image scores (B,), list of (H_i, W_i) float32 maps)} for one test batch."""
+        from .knn import average_outputs, logit, squash, standardise
+
+        t0 = time.perf_counter()
+        kout = average_outputs([sc.predict(images) for sc in self.scorers])
+        out = {"knn": (kout.scores, [m.astype(np.float32) for m in kout.maps])}
+        if self.fusion == "fused":
+            st = self.stats
+            z_img = standardise(kout.scores, st["knn_score"]) + standardise(logit(paper_image_score(res, self.score)),
+                                                                            st["det_score"])
+            maps = [squash(standardise(km, st["knn_map"]) + standardise(logit(sm), st["seg_map"])).astype(np.float32)
+                    for km, sm in zip(kout.maps, res.maps)]
+            out["fused"] = (squash(z_img), maps)
+        self.info["timings"]["inference_s"] += time.perf_counter() - t0
+        return out
+
+
+# --------------------------------------------------------------------------------------------
 # the evaluation
 # --------------------------------------------------------------------------------------------
 def run_evaluate(cfg: Config, model_path: str | Path | None = None,
@@ -201,6 +362,13 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
         log.info("test-time scales %s snapped to the patch grid: %s", tuple(ecfg.scales), sizes)
 
     pix = PixelMetrics(bins=ecfg.pixel_bins, value_range=(0.0, 1.0))
+    ext = None
+    if ecfg.knn_layer is not None:  # EXTENSION (module docstring)
+        ext = KnnExtension(cfg, ds, model, sizes, device)
+        # kNN maps are cosine distances in [0, 2]; fused maps are squashed into (0, 1)
+        ext_pix = {m: PixelMetrics(bins=ecfg.pixel_bins, value_range=(0.0, 2.0) if m == "knn" else (0.0, 1.0))
+                   for m in ext.methods}
+        ext_fig: dict[str, list] = {m: [] for m in ext.methods}
     fig_idx = set(pick_figure_samples(samples, ecfg.figure_images))
     fig_items: list[tuple[np.ndarray, np.ndarray, Optional[np.ndarray], str]] = []
     rows: list[dict[str, Any]] = []
@@ -216,6 +384,7 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
         res = predict_multiscale(model, images, sizes, device)
         t_inf += time.perf_counter() - t0
         feats.append(res.cls)
+        ext_out = ext.predict(images, res) if ext is not None else {}
         vote, dmean, mmax = res.vote, res.det_mean, res.map_max
         for k, (s, im, amap) in enumerate(zip(batch, images, res.maps)):
             gt = pixel_ground_truth(ds, s, im.shape[:2])
@@ -228,12 +397,18 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
                    "vote": int(vote[k]), "pixel_gt": int(gt is not None)}
             row["score"] = row[f"score_{ecfg.score}"]
             row.update({f"prob_{sz}": float(res.probs[k, j]) for j, sz in enumerate(sizes)})
+            for m, (m_scores, m_maps) in ext_out.items():
+                row[f"score_{m}"] = float(m_scores[k])
+                if gt is not None:
+                    ext_pix[m].update(m_maps[k], gt)
+                if start + k in fig_idx:
+                    ext_fig[m].append((im, m_maps[k], gt, f"{s.defect}/{Path(s.path).stem}"))
             rows.append(row)
             if start + k in fig_idx:
                 fig_items.append((im, amap.astype(np.float32), gt, f"{s.defect}/{Path(s.path).stem}"))
             if ecfg.save_maps:
                 save_npy(out_dir / "maps" / s.defect / f"{Path(s.path).stem}.npy", amap.astype(np.float16))
-        del images, res
+        del images, res, ext_out
 
     t0 = time.perf_counter()
     labels = np.array([r["label"] for r in rows])
@@ -262,12 +437,20 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     save_npz(out_dir / "features.npz", cls=feats_arr, labels=labels, defects=np.array(defects),
              paths=np.array([r["path"] for r in rows]), size=np.array(sizes[0]))
     columns = ["path", "defect", "label", "score", "score_det_mean", "score_map_max", "vote", "pixel_gt"] + \
-              [f"prob_{sz}" for sz in sizes]
+              [f"prob_{sz}" for sz in sizes] + ([f"score_{m}" for m in ext.methods] if ext is not None else [])
     write_csv(out_dir / "scores.csv", rows, columns)
     write_json(out_dir / "config.json", cfg.to_dict())
 
     t0 = time.perf_counter()
     figures = write_figures(out_dir, fig_items, rows, labels, pix, feats_arr, defects, cfg.seed)
+    if ext is not None:
+        from .viz.localization import fig_localization
+
+        for m in ext.methods:
+            if ext_fig[m]:
+                ims, maps, gts, titles = zip(*ext_fig[m])
+                figures[f"localization_{m}"] = str(fig_localization(
+                    ims, maps, gts, out_dir / f"fig4a_localization_{m}.png", titles))
     t_fig = time.perf_counter() - t0
 
     metrics.update({
@@ -281,6 +464,19 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
         "timings": {"total_s": time.perf_counter() - t_start, "model_load_s": t_load, "inference_s": t_inf,
                     "inference_per_image_s": t_inf / len(rows), "metrics_s": t_metrics, "figures_s": t_fig},
     })
+    if ext is not None:
+        keys = ("image_auroc", "per_defect_image_auroc", "f1_max", "f1_threshold", "pixel_auroc", "au_pro",
+                "pixel_f1_max", "pixel_f1_threshold", "pixel_metric_method", "pixel_auroc_bin_error_bound")
+        metrics["methods"] = {"paper": {k: metrics[k] for k in keys if k in metrics}}
+        for m in ext.methods:
+            metrics["methods"][m] = method_metrics([r[f"score_{m}"] for r in rows], labels, defects, ext_pix[m],
+                                                   ecfg.pro_fpr_limit)
+        metrics["extension"] = ext.info
+        metrics["timings"]["total_s"] = time.perf_counter() - t_start
+        for m in ext.methods:
+            log.info("evaluate %s [extension %s]: image AUROC %s, pixel AUROC %s, AU-PRO %s", ds.name, m,
+                     metrics["methods"][m]["image_auroc"], metrics["methods"][m]["pixel_auroc"],
+                     metrics["methods"][m]["au_pro"])
     metrics = finite_or_none(metrics)
     write_json(out_dir / "metrics.json", metrics)
     log.info("evaluate %s: image AUROC %s, pixel AUROC %s, AU-PRO %s", ds.name, metrics["image_auroc"],
@@ -322,5 +518,6 @@ def write_figures(out_dir: Path, fig_items, rows, labels, pix: PixelMetrics, fea
     return figures
 
 
-__all__ = ["run_evaluate", "cap_per_defect", "has_pixel_gt", "pixel_ground_truth", "pick_figure_samples",
+__all__ = ["run_evaluate", "KnnExtension", "method_metrics", "paper_image_score", "FUSIONS", "KNN_BACKBONES",
+           "cap_per_defect", "has_pixel_gt", "pixel_ground_truth", "pick_figure_samples",
            "per_defect_auroc", "safe_auroc", "finite_or_none", "write_figures"]
