@@ -53,7 +53,8 @@ from .config import Config
 from .losses import finetune_loss
 from .models import VisionTransformer, build_backbone
 from .models.detector import SEG_MAPS, AnomalyDetector, read_detector_checkpoint, save_detector
-from .utils import (CSVLog, append_jsonl, atomic_write_text, check_finite, cosine_scheduler, load_checkpoint,
+from .utils import (CSVLog, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
+                    dict_diff, load_checkpoint, param_groups, truncate_jsonl,
                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
 
 CSV_COLUMNS = ("step", "epoch", "loss", "loss_det", "loss_seg", "lr", "step_time", "images_per_s")
@@ -105,17 +106,6 @@ def build_detector(cfg: Config, backbone: VisionTransformer) -> AnomalyDetector:
     """The detector on ``backbone``; the detection MLP has the pre-training head's sizes."""
     return AnomalyDetector(backbone, hidden_dim=cfg.pretrain.hidden_dim, bottleneck_dim=cfg.pretrain.bottleneck_dim,
                            seg_maps=cfg.finetune.seg_maps, seg_transform=cfg.finetune.seg_transform)
-
-
-def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """[decayed, not decayed]: no weight decay on biases, norms (1-D), pos_embed, cls_token."""
-    decay, no_decay = [], []
-    for name, prm in model.named_parameters():
-        if not prm.requires_grad:
-            continue
-        skip = prm.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name
-        (no_decay if skip else decay).append(prm)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # ----------------------------------------------------------------------------- data
@@ -251,30 +241,6 @@ def train_step(model: AnomalyDetector, optimizer: torch.optim.Optimizer, batch: 
 
 
 # ----------------------------------------------------------------------------- resume helpers
-def _fingerprint(cfg: Config) -> dict[str, Any]:
-    d = json.loads(json.dumps(cfg.to_dict(), default=str))
-    for path in _RESUME_IGNORED:
-        node = d
-        for k in path[:-1]:
-            node = node.get(k, {})
-        node.pop(path[-1], None)
-    return d
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [x for k in sorted(set(a) | set(b)) for x in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def _truncate_jsonl(path: Path, keep_epochs_below: int) -> None:
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) < keep_epochs_below]
-    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-
-
 def _finished(model_path: Path, max_steps: Optional[int]) -> bool:
     if not model_path.is_file():
         return False
@@ -309,13 +275,13 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     poisson, blend = resolve_poisson(cfg), resolve_blend(cfg)
     out = Path(cfg.out_dir) / "finetune"
     ckpt_path, model_path = out / "checkpoint.pt", out / "model.pt"
-    fingerprint = _fingerprint(cfg)
+    fingerprint = config_fingerprint(cfg, _RESUME_IGNORED)
     device = resolve_device(cfg.device)
 
     ckpt = None
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
-        diff = _diff(json.loads(ckpt["config"]), fingerprint)
+        diff = dict_diff(json.loads(ckpt["config"]), fingerprint)
         if diff:
             raise ValueError(f"{ckpt_path} was written with a different configuration ({', '.join(diff)}); "
                              "use another out_dir, delete that folder, or pass resume=False to start afresh")
@@ -373,7 +339,7 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
             p.unlink(missing_ok=True)
     else:
         csv.truncate_after(start)
-        _truncate_jsonl(out / "log.jsonl", start // iters)
+        truncate_jsonl(out / "log.jsonl", start // iters)
     write_json(out / "config.json", {**cfg.to_dict(), "_run": {
         "n_train": len(images), "batch_size": batches.batch_size, "iters_per_epoch": iters, "total_steps": total,
         "device": str(device), "poisson": poisson, "blend": blend, "init": f.init,

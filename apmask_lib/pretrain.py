@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import time
 import warnings
@@ -57,7 +56,8 @@ from .models import VisionTransformer, build_backbone
 from .models.heads import ProjectionMLP, Prototypes
 from .multicrop import ImageBank, MultiCrop, cache_short_side, load_image_bank
 from .sinkhorn import sinkhorn, swapped_prediction_loss
-from .utils import (CSVLog, append_jsonl, atomic_write_text, check_finite, cosine_scheduler, load_checkpoint,
+from .utils import (CSVLog, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
+                    dict_diff, load_checkpoint, param_groups, truncate_jsonl,
                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
 
 CSV_COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "step_time", "images_per_s")
@@ -105,20 +105,6 @@ def build_student(cfg: Config) -> SwAVNet:
     p = cfg.pretrain
     backbone = build_backbone(cfg.backbone, seed=cfg.seed)
     return SwAVNet(backbone, SwAVHead(backbone.embed_dim, p.hidden_dim, p.out_dim, p.n_prototypes))
-
-
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """[regularised, not regularised]: no weight decay on biases, norms (1-D tensors), the
-    position embedding, the [CLS] token, and the prototypes (re-normalised every step, so decay
-    would only fight the normalisation)."""
-    decay, no_decay = [], []
-    for name, prm in model.named_parameters():
-        if not prm.requires_grad:
-            continue
-        skip = prm.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name \
-            or "prototypes" in name
-        (no_decay if skip else decay).append(prm)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
@@ -213,30 +199,6 @@ def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(s))
 
 
-def _fingerprint(cfg: Config) -> dict[str, Any]:
-    d = json.loads(json.dumps(cfg.to_dict(), default=str))
-    for path in _RESUME_IGNORED:
-        node = d
-        for k in path[:-1]:
-            node = node.get(k, {})
-        node.pop(path[-1], None)
-    return d
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [x for k in sorted(set(a) | set(b)) for x in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def _truncate_jsonl(path: Path, keep_epochs_below: int) -> None:
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) < keep_epochs_below]
-    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-
-
 def schedules(p, iters_per_epoch: int) -> dict[str, np.ndarray]:
     """Per-iteration lr, weight decay and teacher momentum (DINO's schedules)."""
     return {
@@ -289,12 +251,12 @@ def run_pretrain(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
 def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_path, rank, world, device) -> Path:
     p = cfg.pretrain
     main = rank == 0
-    fingerprint = _fingerprint(cfg)
+    fingerprint = config_fingerprint(cfg, _RESUME_IGNORED)
 
     ckpt = None
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
-        diff = _diff(json.loads(ckpt["config"]), fingerprint)
+        diff = dict_diff(json.loads(ckpt["config"]), fingerprint)
         if diff:
             raise ValueError(f"{ckpt_path} was written with a different configuration ({', '.join(diff)}); "
                              "use another out_dir, delete that folder, or pass resume=False to start afresh")
@@ -355,7 +317,7 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
                 f.unlink(missing_ok=True)
         else:
             csv.truncate_after(start)
-            _truncate_jsonl(out / "log.jsonl", start // iters)
+            truncate_jsonl(out / "log.jsonl", start // iters)
         write_json(out / "config.json", {**cfg.to_dict(), "_run": {
             "n_train": n, "global_batch": gb, "world_size": world, "iters_per_epoch": iters, "total_steps": total,
             "device": str(device), "cached_short_side": cache_short_side(p.global_size),

@@ -170,3 +170,46 @@ def check_finite(value: torch.Tensor, what: str, step: int) -> None:
     if not math.isfinite(float(value)):
         raise FloatingPointError(f"{what} is {float(value)} at step {step}; the last checkpoint is untouched. "
                                  "Lower the learning rate or check the inputs.")
+
+
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """AdamW groups [decayed, not decayed]: no weight decay on biases, norms (1-D tensors), the
+    position embedding, the [CLS] token and SwAV prototypes (re-normalised every step, so decay
+    would only fight the normalisation)."""
+    decay, no_decay = [], []
+    for name, prm in model.named_parameters():
+        if not prm.requires_grad:
+            continue
+        skip = prm.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name \
+            or "prototypes" in name
+        (no_decay if skip else decay).append(prm)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def config_fingerprint(cfg: Any, ignored: Iterable[tuple[str, ...]]) -> dict[str, Any]:
+    """The run config as a plain dict without the keys that do not change the weights
+    (``ignored``: key paths such as ``("pretrain", "num_workers")``); compared on resume."""
+    d = json.loads(json.dumps(cfg.to_dict(), default=str))
+    for path in ignored:
+        node = d
+        for k in path[:-1]:
+            node = node.get(k, {})
+        node.pop(path[-1], None)
+    return d
+
+
+def dict_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted key paths where two nested dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [x for k in sorted(set(a) | set(b)) for x in dict_diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def truncate_jsonl(path: str | Path, keep_epochs_below: int) -> None:
+    """Drop JSON lines of epochs >= ``keep_epochs_below`` (written after the checkpoint we resume)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) < keep_epochs_below]
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
