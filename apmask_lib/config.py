@@ -118,10 +118,22 @@ class Config:
         return asdict(self)
 
 
-def _coerce(tp: Any, value: Any) -> Any:
+def _coerce(tp: Any, value: Any, where: str = "") -> Any:
+    """Light type coercion: lists -> tuples, ints and numeric strings (YAML reads ``5e-5`` as a
+    string) -> floats; a non-numeric value for a number field is an error naming the key."""
     origin = getattr(tp, "__origin__", None)
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if tp is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{where}: expected an integer, got {value!r}") from None
     return value
 
 
@@ -141,7 +153,7 @@ def _build(cls, data: dict[str, Any], where: str):
         if is_dataclass(tp):
             kwargs[f.name] = _build(tp, data[f.name] or {}, f"{where}.{f.name}")
         else:
-            kwargs[f.name] = _coerce(tp, data[f.name])
+            kwargs[f.name] = _coerce(tp, data[f.name], f"{where}.{f.name}")
     return cls(**kwargs)
 
 
