@@ -67,7 +67,9 @@ class FinetuneConfig:
     det_weight: float = 0.95
     seg_weight: float = 0.05
     anomaly_fraction: float = 0.5    # fraction of each batch made synthetic
-    lr: float = 5e-4
+    lr: float = 5e-5                 # peak LR. The paper gives none for fine-tuning; its pre-training peak (5e-4)
+                                     # collapsed fine-tuning to chance here (loss_det stuck at ln 2 on the demo),
+                                     # 5e-5 did not (README, "Fine-tuning learning rate")
     start_lr: float = 1e-5
     min_lr: float = 1e-6
     warmup_epochs: int = 10
@@ -99,7 +101,7 @@ class EvaluateConfig:
     knn_k: int = 1                   # neighbours averaged per patch (AnomalyDINO: 1)
     knn_coreset: float = 1.0         # fraction of training patches kept in the bank (greedy coreset); 1.0 = all (AnomalyDINO full-shot)
     knn_sigma: float = 4.0           # Gaussian smoothing of kNN maps, pixels at the image's original size (PatchCore/AnomalyDINO: 4)
-    fusion: str = "fused"            # with knn_layer set, the reported method: knn (kNN alone) | fused (z-normalised kNN + detector); paper metrics stay under methods.paper
+    fusion: str = "fused"            # with knn_layer set, extension outputs: knn (kNN alone) | fused (also z-normalised kNN + detector); in metrics.json under methods.*, top-level keys stay the paper method's
     knn_holdout: float = 0.1         # fraction of training images held out of a bank to estimate the normal statistics used by fusion
 
 
