@@ -101,7 +101,7 @@ class EvaluateConfig:
     knn_k: int = 1                   # neighbours averaged per patch (AnomalyDINO: 1)
     knn_coreset: float = 1.0         # fraction of training patches kept in the bank (greedy coreset); 1.0 = all (AnomalyDINO full-shot)
     knn_sigma: float = 4.0           # Gaussian smoothing of kNN maps, pixels at the image's original size (PatchCore/AnomalyDINO: 4)
-    fusion: str = "fused"            # with knn_layer set, extension outputs: knn (kNN alone) | fused (also z-normalised kNN + detector); in metrics.json under methods.*, top-level keys stay the paper method's
+    fusion: str = "knn"              # with knn_layer set, extension outputs: knn (kNN alone) | fused (also z-normalised kNN + detector; helped only where the detector is good, results/quality*.md); in metrics.json under methods.*, top-level keys stay the paper method's
     knn_holdout: float = 0.1         # fraction of training images held out of a bank to estimate the normal statistics used by fusion
 
 

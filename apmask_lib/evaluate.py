@@ -37,6 +37,10 @@ detector, and, with ``cfg.evaluate.fusion="fused"``, a fusion of both:
           score ``cfg.evaluate.score``); pixel map = squash(z_knn_map + z_seg_map), image score =
           squash(z_knn_score + z_det_score), squash(z) = 0.5 + 0.5 z / (1 + |z|) (monotone, into
           [0, 1] for the histogram). No test label or test statistic is used.
+          Not the default (``fusion="knn"``): with the shortened CPU schedule's detector the fusion
+          was within +-0.2 points of kNN alone on bottle, brick and gravel, but far below it on grass
+          (pixel AUROC 82.9 vs 98.7) and NIH (71.8 vs 81.2): a weak detector adds noise
+          (results/quality.md, results/quality_demo_nih.md).
 
 With the extension on, every top-level key of metrics.json still describes the PAPER method
 (tables read them unchanged); ``metrics["methods"]`` holds {"paper", "knn"[, "fused"]} -> image

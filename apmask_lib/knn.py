@@ -1,0 +1,402 @@
+"""Patch-level k-nearest-neighbour anomaly scoring (an EXTENSION, not part of the paper).
+
+The paper localises anomalies from the fine-tuned ViT's last-layer [CLS] attention. With a
+backbone whose last block is tuned for saliency (the offline DINOv2 stand-in), those maps localise
+poorly, whereas intermediate patch tokens keep fine local detail. This module scores every patch of
+a test image by its cosine distance to the nearest patch of a memory bank of normal training
+patches, as in AnomalyDINO (Damm et al., WACV 2025) and PatchCore (Roth et al., CVPR 2022):
+
+    d(x_p) = min_{m in M} (1 - <x_p, m>)       x_p, m  l2-normalised patch features   (AnomalyDINO Eq. 1)
+    image score  s(x) = mean of the top 1 % of {d(x_p)}_p                             (AnomalyDINO Eq. 2)
+    pixel map    A(x) = G_sigma * up_{H,W}( d on the (h, w) patch grid )               (bilinear, sigma 4 px)
+
+``k > 1`` averages the k smallest distances (AnomalyDINO ``knn_neighbors``; its default and ours
+is k = 1).
+
+Features (:func:`patch_features`): the patch tokens after transformer block ``layer`` (0-based),
+[CLS] dropped, passed through the backbone's FINAL LayerNorm (``final_norm=True``, the default)
+and l2-normalised. This is what DINOv2's ``get_intermediate_layers(..., norm=True)`` returns, the
+call AnomalyDINO makes. The raw residual-stream tokens (``final_norm=False``) are also available.
+Measured with the offline ViT-S/14, block 7, k = 1 (pixel AUROC / AU-PRO %, final norm vs raw):
+MVTec bottle 448 px 98.8/96.2 vs 98.7/95.8, 224 px 98.8/93.5 vs 98.7/93.1; demo textures at 224 px
+brick 99.5/98.5 vs 99.6/98.7, grass 98.9/96.8 vs 98.6/95.7, gravel 99.6/98.4 both; NIH subset
+81.5/34.2 vs 80.1/26.2 -- hence the default. The last block (11) localises poorly: demo textures
+pixel AUROC 44-80 % and AU-PRO <= 46 % (block 7: >= 98.6 % / >= 95.7 %), bottle 79.5 / 39.8 (peer
+measurement); on NIH its pixel AUROC is higher (89.4 vs 81.5) but AU-PRO (25.4 vs 34.2) and image
+AUROC (46.8 vs 58.5) are lower. This is also why the paper's last-layer attention maps are weak
+with this backbone.
+
+Input sizes (``evaluate.knn_sizes``): AnomalyDINO uses one size (448 px). The evaluation averages
+the maps and image scores of several sizes, as the paper averages its test-time scales; default
+(224, 448). Measured (offline ViT-S/14, block 7; image AUROC / pixel AUROC / AU-PRO %, 448 alone vs
+224 + 448): bottle 100/98.79/96.22 vs 100/98.91/95.87; demo brick 100/99.71/99.10 vs
+100/99.65/98.90, grass 94.5/95.70/87.89 vs 100/98.73/96.18, gravel 100/99.49/98.08 vs
+100/99.60/98.47; NIH 56.9/78.61/40.58 vs 58.8/81.24/40.31. Two sizes are more robust (no collapse as
+on grass at 448 alone) at a small AU-PRO cost on bottle and brick.
+
+Memory: :meth:`MemoryBank.score` computes distances in (query chunk x bank chunk) blocks and keeps
+a running top-k, so memory is O(query_chunk * bank_chunk) whatever the bank size (209 bottle
+training images at 448 px = 214k patches x 384 dims = 330 MB for the bank itself).
+
+Coreset (:func:`greedy_coreset`, :func:`random_coreset`): optional subsampling of the bank to a
+``ratio`` of its patches. ``greedy`` is PatchCore's approximate greedy coreset (iterative
+farthest-point selection on a random projection to 128 dimensions); ``random`` a uniform sample.
+Both are seeded. Ratio 1.0 (default, AnomalyDINO's full-shot setting) keeps every patch.
+
+torch (numpy for image inputs and the fusion helpers); no files, no loops over data sets (the caller
+batches images). The fusion with the fine-tuned detector lives in :class:`apmask_lib.evaluate.KnnExtension`;
+its helpers (hold-out, running statistics, standardisation, logit, squash) are at the end of this module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CORESET_METHODS = ("greedy", "random")
+
+
+# --------------------------------------------------------------------------------------------
+# features
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def patch_features(backbone: torch.nn.Module, images01: torch.Tensor, layer: int,
+                   final_norm: bool = True) -> torch.Tensor:
+    """l2-normalised patch tokens after block ``layer`` (0-based; 7 = the 8th of 12 blocks).
+
+    backbone: a :class:`~apmask_lib.models.vit.VisionTransformer`; images01: (B, 3, H, W) in [0, 1]
+    (H, W multiples of the patch size); final_norm: apply the backbone's final LayerNorm first
+    (DINOv2 ``get_intermediate_layers(norm=True)``, as AnomalyDINO). Returns (B, N, C) float32,
+    N = (H / p) * (W / p) in row-major grid order, unit norm along C."""
+    depth = len(backbone.blocks)
+    if not -depth <= layer < depth:
+        raise ValueError(f"layer must lie in [{-depth}, {depth - 1}] for a {depth}-block backbone, got {layer}")
+    layer = layer % depth
+    # the forward pass of VisionTransformer stopped after block `layer` (the later blocks are not
+    # needed: a third less compute at block 7 of 12); tests/test_knn.py checks it equals
+    # backbone(images01, attn=None, return_layers=(layer,)).layers[layer]
+    x, _ = backbone.prepare_tokens(images01)
+    for blk in backbone.blocks[:layer + 1]:
+        x, _ = blk(x, attn=None)
+    tokens = x[:, 1:]  # drop [CLS]
+    if final_norm:
+        tokens = backbone.norm(tokens)
+    return F.normalize(tokens.float(), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# nearest neighbours
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, query_chunk: int = 4096,
+                  bank_chunk: int = 65536) -> torch.Tensor:
+    """Cosine distances 1 - <q, m> of each query to its ``k`` nearest bank rows, ascending.
+
+    queries (Q, C), bank (M, C), both l2-normalised. Returns (Q, k). Computed in blocks of
+    ``query_chunk x bank_chunk`` with a running top-k (exact: the result does not depend on the
+    chunk sizes beyond float rounding of the dot products)."""
+    if queries.dim() != 2 or bank.dim() != 2 or queries.shape[1] != bank.shape[1]:
+        raise ValueError(f"queries (Q, C) and bank (M, C) must share C, got {tuple(queries.shape)}, {tuple(bank.shape)}")
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k must lie in [1, bank size {bank.shape[0]}], got {k}")
+    bank = bank.to(queries.device, queries.dtype)
+    out = []
+    for qs in range(0, queries.shape[0], max(1, query_chunk)):
+        q = queries[qs:qs + query_chunk]
+        best = None  # (q, k) largest similarities so far
+        for bs in range(0, bank.shape[0], max(1, bank_chunk)):
+            sim = q @ bank[bs:bs + bank_chunk].T
+            kk = min(k, sim.shape[1])
+            top = sim.topk(kk, dim=1).values
+            best = top if best is None else torch.cat([best, top], dim=1).topk(min(k, best.shape[1] + kk), dim=1).values
+        out.append((1.0 - best).clamp_min_(0.0))
+    return torch.cat(out)
+
+
+def random_coreset(n: int, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` distinct indices of range(n), uniformly at random (seeded), sorted."""
+    if not 1 <= count <= n:
+        raise ValueError(f"coreset size must lie in [1, {n}], got {count}")
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=g)[:count].sort().values
+
+
+@torch.no_grad()
+def greedy_coreset(features: torch.Tensor, count: int, seed: int = 0, proj_dim: Optional[int] = 128,
+                   chunk: int = 65536) -> torch.Tensor:
+    """PatchCore's approximate greedy coreset: ``count`` indices of ``features`` (M, C) chosen by
+    iterative farthest-point selection (each new point maximises its Euclidean distance to the
+    points chosen so far), on a seeded Gaussian random projection to ``proj_dim`` dimensions
+    (None: no projection). Starts from a seeded random point. O(M * count) distance evaluations."""
+    m = features.shape[0]
+    if not 1 <= count <= m:
+        raise ValueError(f"coreset size must lie in [1, {m}], got {count}")
+    g = torch.Generator().manual_seed(int(seed))
+    x = features.float()
+    if proj_dim is not None and proj_dim < x.shape[1]:
+        proj = torch.randn(x.shape[1], proj_dim, generator=g).to(x.device) / math.sqrt(proj_dim)
+        x = x @ proj
+    start = int(torch.randint(m, (1,), generator=g))
+    chosen = torch.empty(count, dtype=torch.long)
+    chosen[0] = start
+    mind = torch.full((m,), float("inf"), device=x.device)
+    last = x[start]
+    for i in range(1, count):
+        for s in range(0, m, chunk):
+            d = (x[s:s + chunk] - last).pow(2).sum(dim=1)
+            torch.minimum(mind[s:s + chunk], d, out=mind[s:s + chunk])
+        nxt = int(mind.argmax())
+        chosen[i] = nxt
+        last = x[nxt]
+    return chosen.sort().values
+
+
+class MemoryBank:
+    """Bank of normal patch features and nearest-neighbour scoring (module docstring).
+
+    coreset: fraction of the fitted patches kept (1.0 = all); coreset_method: "greedy" | "random";
+    seed: for the coreset; query_chunk, bank_chunk: block sizes of the distance computation."""
+
+    def __init__(self, coreset: float = 1.0, coreset_method: str = "greedy", seed: int = 0,
+                 query_chunk: int = 4096, bank_chunk: int = 65536):
+        if not 0.0 < coreset <= 1.0:
+            raise ValueError(f"coreset ratio must lie in (0, 1], got {coreset}")
+        if coreset_method not in CORESET_METHODS:
+            raise ValueError(f"coreset_method must be one of {CORESET_METHODS}, got {coreset_method!r}")
+        self.coreset, self.coreset_method, self.seed = float(coreset), coreset_method, int(seed)
+        self.query_chunk, self.bank_chunk = int(query_chunk), int(bank_chunk)
+        self.features: Optional[torch.Tensor] = None
+        self.n_fitted = 0
+
+    def __len__(self) -> int:
+        return 0 if self.features is None else int(self.features.shape[0])
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor | Sequence[torch.Tensor],
+            device: torch.device | str | None = None) -> "MemoryBank":
+        """features: (M, C) (or a list of (M_i, C) / (B, N, C) blocks, concatenated) normal patch
+        features; they are l2-normalised here and subsampled to ``ceil(coreset * M)`` rows. The bank
+        lives on ``device`` (default: that of the features), where :meth:`score` should be called."""
+        if not torch.is_tensor(features):
+            features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+        features = features.reshape(-1, features.shape[-1])
+        if features.shape[0] == 0:
+            raise ValueError("cannot fit a memory bank on zero patches")
+        if device is not None:
+            features = features.to(device)
+        feats = F.normalize(features.float(), dim=-1)
+        self.n_fitted = feats.shape[0]
+        count = max(1, math.ceil(self.coreset * self.n_fitted))
+        if count < self.n_fitted:
+            idx = (greedy_coreset(feats, count, self.seed) if self.coreset_method == "greedy"
+                   else random_coreset(self.n_fitted, count, self.seed))
+            feats = feats[idx.to(feats.device)]
+        self.features = feats.contiguous()
+        return self
+
+    def score(self, features: torch.Tensor, k: int = 1) -> torch.Tensor:
+        """features (B, N, C) (or (N, C)) -> (B, N) (or (N,)) mean cosine distance to the ``k``
+        nearest bank patches (k = 1: the nearest)."""
+        if self.features is None:
+            raise RuntimeError("MemoryBank.score() before fit()")
+        shape = features.shape[:-1]
+        q = F.normalize(features.reshape(-1, features.shape[-1]).float(), dim=-1)
+        d = knn_distances(q, self.features, k, self.query_chunk, self.bank_chunk)
+        return d.mean(dim=1).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# image scores and maps
+# --------------------------------------------------------------------------------------------
+def top_fraction_mean(dists: torch.Tensor, fraction: float = 0.01) -> torch.Tensor:
+    """(B, N) -> (B,) mean of the largest ``max(1, floor(fraction * N))`` values (AnomalyDINO's
+    ``mean_top1p``: the empirical tail value at risk at level 1 - fraction)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    n = max(1, int(dists.shape[-1] * fraction))
+    return dists.topk(n, dim=-1).values.mean(dim=-1)
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Normalised 1-D Gaussian, radius ``int(truncate * sigma + 0.5)`` (scipy.ndimage's)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / float(sigma)) ** 2)
+    return (k / k.sum()).float()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (B, H, W) maps, borders reflected about the edge pixel
+    (scipy.ndimage.gaussian_filter ``mode="mirror"``; kernel truncated at 4 sigma). sigma <= 0:
+    unchanged."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma).to(maps.device)
+    r = (k.numel() - 1) // 2
+    x = maps.float()[:, None]
+    h, w = x.shape[-2:]
+    if r >= min(h, w):
+        raise ValueError(f"sigma {sigma} is too large for a {h}x{w} map (reflect padding needs radius < size)")
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def distance_map(dists: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
+    """Patch distances (B, h*w) -> (B, H, W) pixel map: bilinear upsampling of the (h, w) grid to
+    ``size`` (H, W), then Gaussian smoothing with ``sigma`` pixels at that size (AnomalyDINO's
+    ``dists2map`` / PatchCore: sigma 4)."""
+    b = dists.shape[0]
+    g = dists.reshape(b, 1, *grid).float()
+    up = F.interpolate(g, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(up, sigma)
+
+
+# --------------------------------------------------------------------------------------------
+# the kNN branch over RGB images
+# --------------------------------------------------------------------------------------------
+@dataclass
+class KnnOutput:
+    """One batch. dists: (B, N) patch distances on the (h, w) grid; scores: (B,) top-1 % means;
+    maps: list of (H_i, W_i) float32 pixel maps at each image's original size."""
+
+    dists: torch.Tensor
+    scores: np.ndarray
+    maps: list[np.ndarray]
+
+
+class KnnScorer:
+    """kNN anomaly scoring of RGB uint8 images with ``backbone``'s block-``layer`` patch tokens at a
+    square input ``size`` (snapped to the patch grid), a :class:`MemoryBank` and the AnomalyDINO
+    read-out (module docstring). The caller loops over batches: :meth:`features` for the training
+    images, :meth:`fit` on them, then :meth:`predict` per test batch."""
+
+    def __init__(self, backbone: torch.nn.Module, layer: int, size: int = 448, k: int = 1, sigma: float = 4.0,
+                 final_norm: bool = True, coreset: float = 1.0, coreset_method: str = "greedy", seed: int = 0,
+                 top_fraction: float = 0.01, device: torch.device | str = "cpu"):
+        from .multiscale import snap_size
+
+        self.backbone = backbone
+        self.layer, self.k, self.sigma, self.final_norm = int(layer), int(k), float(sigma), bool(final_norm)
+        self.top_fraction = float(top_fraction)
+        self.size = snap_size(int(size), int(backbone.patch_size))
+        self.grid = (self.size // backbone.patch_size,) * 2
+        self.device = torch.device(device)
+        self.bank = MemoryBank(coreset, coreset_method, seed)
+
+    def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """RGB uint8 (H_i, W_i, 3) images -> (B, 3, size, size) float in [0, 1] on the device."""
+        from .multiscale import to_batch
+
+        return to_batch(images, self.size, self.device)
+
+    @torch.no_grad()
+    def features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, N, C) l2-normalised patch features of a batch of RGB uint8 images."""
+        x = self.batch(images)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            f = patch_features(self.backbone, x, self.layer, self.final_norm)
+        return F.normalize(f.float(), dim=-1)
+
+    def fit(self, features: torch.Tensor | Sequence[torch.Tensor]) -> "KnnScorer":
+        """Fit the memory bank (on this scorer's device) on training patch features."""
+        self.bank.fit(features, device=self.device)
+        return self
+
+    def readout(self, dists: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> KnnOutput:
+        """Patch distances (B, N) -> image scores and pixel maps at ``shapes`` (H_i, W_i)."""
+        scores = top_fraction_mean(dists, self.top_fraction).double().cpu().numpy()
+        maps = [distance_map(dists[i:i + 1], self.grid, tuple(hw), self.sigma)[0].cpu().numpy()
+                for i, hw in enumerate(shapes)]
+        return KnnOutput(dists=dists, scores=scores, maps=maps)
+
+    def predict(self, images: Sequence[np.ndarray], bank: Optional[MemoryBank] = None) -> KnnOutput:
+        """Score a batch of RGB uint8 images against ``bank`` (default: the fitted one)."""
+        dists = (bank or self.bank).score(self.features(images), self.k)
+        return self.readout(dists, [im.shape[:2] for im in images])
+
+
+def average_outputs(outputs: Sequence[KnnOutput]) -> KnnOutput:
+    """Mean image scores and mean pixel maps of the same images scored at several input sizes
+    (the paper's multi-scale averaging, Sec. 3.3, applied to the kNN branch); ``dists`` is that of
+    the first output (grids differ between sizes)."""
+    if not outputs:
+        raise ValueError("no kNN outputs to average")
+    n = len(outputs)
+    scores = sum(o.scores for o in outputs) / n
+    maps = [sum(ms) / n for ms in zip(*(o.maps for o in outputs))]
+    return KnnOutput(dists=outputs[0].dists, scores=scores, maps=maps)
+
+
+# --------------------------------------------------------------------------------------------
+# fusion with the fine-tuned detector (evaluate.py)
+# --------------------------------------------------------------------------------------------
+def holdout_indices(n: int, fraction: float) -> np.ndarray:
+    """``max(2, round(fraction * n))`` indices of range(n) (two, so that a standard deviation of
+    image scores exists), evenly spaced (deterministic), leaving at least one image for the bank.
+    The held-out images calibrate the fusion (never test images)."""
+    if n < 2:
+        raise ValueError(f"fusion needs at least 2 training images (bank + held-out), got {n}")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"hold-out fraction must lie in (0, 1), got {fraction}")
+    m = min(n - 1, max(2, int(round(fraction * n))))
+    return np.unique(np.round(np.linspace(0, n - 1, m)).astype(np.int64))
+
+
+class RunningStats:
+    """Mean and standard deviation of a stream of values (float64 sums; arrays of any shape)."""
+
+    def __init__(self):
+        self.n, self.s, self.ss = 0, 0.0, 0.0
+
+    def update(self, values) -> None:
+        v = np.asarray(values, dtype=np.float64).ravel()
+        self.n += v.size
+        self.s += float(v.sum())
+        self.ss += float(np.square(v).sum())
+
+    @property
+    def mean(self) -> float:
+        return self.s / self.n if self.n else float("nan")
+
+    @property
+    def std(self) -> float:
+        if self.n < 2:
+            return float("nan")
+        var = (self.ss - self.s * self.s / self.n) / (self.n - 1)
+        return math.sqrt(max(var, 0.0))
+
+    def as_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "std": self.std, "n": self.n}
+
+
+def standardise(x, stats: RunningStats | dict, eps: float = 1e-12):
+    """(x - mean) / std with the statistics of NORMAL held-out training values."""
+    st = stats.as_dict() if isinstance(stats, RunningStats) else stats
+    if not (math.isfinite(st["mean"]) and math.isfinite(st["std"])):
+        raise ValueError(f"fusion statistics are undefined ({st}); the hold-out needs at least 2 values")
+    return (np.asarray(x, dtype=np.float64) - st["mean"]) / max(st["std"], eps)
+
+
+def logit(p, eps: float = 1e-6):
+    """log(p / (1 - p)) with p clipped to [eps, 1 - eps]: the detector's outputs on the scale its
+    BCE loss works on (probabilities saturate, log-odds add)."""
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
+def squash(z):
+    """A strictly increasing map of the real line onto (0, 1): 0.5 + 0.5 z / (1 + |z|). Keeps the
+    order of fused z-scores (so AUROC / AU-PRO are unchanged) while fitting the [0, 1] histogram of
+    the streaming pixel metrics; unlike the logistic it does not round large z to 1.0."""
+    z = np.asarray(z, dtype=np.float64)
+    return 0.5 + 0.5 * z / (1.0 + np.abs(z))
+
+
+__all__ = ["CORESET_METHODS", "patch_features", "knn_distances", "random_coreset", "greedy_coreset", "MemoryBank",
+           "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "distance_map", "KnnOutput", "KnnScorer", "average_outputs",
+           "holdout_indices", "RunningStats", "standardise", "logit", "squash"]

@@ -1,0 +1,221 @@
+"""kNN patch scoring (the AnomalyDINO-style EXTENSION): agreement with scikit-learn / scipy, chunking,
+coresets, one real-data run, and the evaluate integration leaving the paper method untouched."""
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
+
+from apmask_lib import knn
+from apmask_lib.config import replace
+from apmask_lib.data import build_dataset
+from apmask_lib.evaluate import run_evaluate
+from apmask_lib.models import build_backbone
+
+from test_evaluate import ConstantMap, micro_cfg
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+# --- nearest neighbours ----------------------------------------------------------------------
+@pytest.mark.parametrize("k", [1, 3])
+def test_distances_agree_with_sklearn(k):
+    g = torch.Generator().manual_seed(0)
+    bank, queries = unit(torch.randn(300, 24, generator=g)), unit(torch.randn(2, 40, 24, generator=g))
+    got = knn.MemoryBank(query_chunk=17, bank_chunk=64).fit(bank).score(queries, k=k)
+    nn_ = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(bank.double().numpy())
+    dist, _ = nn_.kneighbors(queries.reshape(-1, 24).double().numpy())
+    assert got.shape == (2, 40)
+    np.testing.assert_allclose(got.reshape(-1).numpy(), dist.mean(axis=1), atol=1e-5)
+
+
+def test_chunking_gives_identical_results():
+    g = torch.Generator().manual_seed(1)
+    bank, q = unit(torch.randn(500, 32, generator=g)), unit(torch.randn(61, 32, generator=g))
+    whole = knn.knn_distances(q, bank, k=4, query_chunk=10**6, bank_chunk=10**6)
+    for qc, bc in ((1, 500), (20, 7), (61, 499), (8, 128)):
+        part = knn.knn_distances(q, bank, k=4, query_chunk=qc, bank_chunk=bc)
+        torch.testing.assert_close(part, whole, atol=1e-6, rtol=0)
+    assert (whole[:, 1:] >= whole[:, :-1]).all()  # ascending
+
+
+def test_identical_patch_scores_zero_and_bank_rows_are_normalised():
+    g = torch.Generator().manual_seed(2)
+    raw = torch.randn(50, 16, generator=g) * 5.0
+    bank = knn.MemoryBank().fit(raw)
+    assert torch.allclose(bank.features.norm(dim=1), torch.ones(50), atol=1e-6)
+    d = bank.score(raw[[3, 17]][None])  # the very patches of the bank (unnormalised: scale-invariant)
+    assert d.shape == (1, 2) and d.abs().max() < 1e-6
+    one = knn.MemoryBank().fit(raw[:1])
+    assert one.score(-raw[:1]).item() == pytest.approx(2.0, abs=1e-6)  # opposite direction: distance 2
+
+
+def test_coreset_keeps_requested_count_and_greedy_covers_clusters():
+    g = torch.Generator().manual_seed(3)
+    centers = unit(torch.randn(5, 64, generator=g)) * 10
+    pts = torch.cat([c + 0.01 * torch.randn(200, 64, generator=g) for c in centers])
+    for method in knn.CORESET_METHODS:
+        bank = knn.MemoryBank(coreset=0.1, coreset_method=method).fit(pts)
+        assert len(bank) == 100 and bank.n_fitted == 1000
+    idx = knn.greedy_coreset(pts, 5, seed=0, proj_dim=None)
+    assert sorted((idx // 200).tolist()) == [0, 1, 2, 3, 4]  # farthest-point selection: one per cluster
+    assert torch.equal(knn.greedy_coreset(pts, 7, seed=4), knn.greedy_coreset(pts, 7, seed=4))
+    r = knn.random_coreset(1000, 30, seed=1)
+    assert len(set(r.tolist())) == 30 and torch.equal(r, knn.random_coreset(1000, 30, seed=1))
+    with pytest.raises(ValueError, match="coreset"):
+        knn.MemoryBank(coreset=0.0)
+
+
+# --- read-out --------------------------------------------------------------------------------
+def test_top_fraction_mean_and_maps():
+    x = torch.arange(1000, dtype=torch.float32)[None].repeat(2, 1)
+    assert knn.top_fraction_mean(x, 0.01).tolist() == [float(np.mean(np.arange(990, 1000)))] * 2
+    assert knn.top_fraction_mean(x[:, :50], 0.01).tolist() == [49.0, 49.0]  # at least one patch
+    rng = np.random.default_rng(0)
+    m = rng.random((2, 40, 33)).astype(np.float32)
+    got = knn.gaussian_blur(torch.from_numpy(m), 2.0).numpy()
+    for i in range(2):
+        np.testing.assert_allclose(got[i], gaussian_filter(m[i].astype(np.float64), 2.0, mode="mirror"), atol=1e-5)
+    const = knn.distance_map(torch.full((1, 16), 0.3), (4, 4), (50, 70), sigma=4)
+    assert const.shape == (1, 50, 70) and torch.allclose(const, torch.full_like(const, 0.3), atol=1e-6)
+
+
+def test_average_outputs_over_sizes():
+    a = knn.KnnOutput(torch.zeros(2, 4), np.array([1.0, 2.0]), [np.full((3, 5), 1.0), np.full((4, 4), 0.0)])
+    b = knn.KnnOutput(torch.zeros(2, 16), np.array([3.0, 4.0]), [np.full((3, 5), 2.0), np.full((4, 4), 1.0)])
+    avg = knn.average_outputs([a, b])
+    np.testing.assert_allclose(avg.scores, [2.0, 3.0])
+    assert [m.shape for m in avg.maps] == [(3, 5), (4, 4)] and avg.maps[0].mean() == 1.5 and avg.maps[1].mean() == 0.5
+
+
+def test_patch_features_equal_the_backbone_forward():
+    bb = build_backbone("random:vit_tiny16", seed=0).eval()
+    x = torch.rand(2, 3, 64, 48)
+    with torch.no_grad():
+        ref = bb(x, attn=None, return_layers=(1,)).layers[1][:, 1:]
+    raw = knn.patch_features(bb, x, 1, final_norm=False)
+    normed = knn.patch_features(bb, x, -3, final_norm=True)  # -3 == block 1 of 4
+    assert raw.shape == (2, 12, 96)
+    torch.testing.assert_close(raw, unit(ref), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(normed, unit(bb.norm(ref)), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="layer"):
+        knn.patch_features(bb, x, 4)
+
+
+def test_fusion_helpers():
+    z = np.linspace(-1e4, 1e4, 10001)
+    u = knn.squash(z)
+    assert (np.diff(u) > 0).all() and u.min() > 0 and u.max() < 1 and knn.squash(0.0) == 0.5
+    st = knn.RunningStats()
+    v = np.random.default_rng(1).normal(3, 2, size=(7, 9))
+    st.update(v[:3])
+    st.update(v[3:])
+    assert st.mean == pytest.approx(v.mean()) and st.std == pytest.approx(v.std(ddof=1))
+    np.testing.assert_allclose(knn.standardise(v, st), (v - v.mean()) / v.std(ddof=1))
+    np.testing.assert_allclose(knn.logit(np.array([0.5, 0.25])), [0.0, np.log(1 / 3)])
+    h = knn.holdout_indices(209, 0.1)
+    assert len(h) == 21 and h[0] == 0 and h[-1] == 208 and len(set(h.tolist())) == 21
+    assert len(knn.holdout_indices(4, 0.1)) == 2 and len(knn.holdout_indices(2, 0.1)) == 1
+    with pytest.raises(ValueError, match="at least 2"):
+        knn.holdout_indices(1, 0.1)
+
+
+# --- real data -------------------------------------------------------------------------------
+def test_real_bottle_knn_detects_defects(mvtec_root, offline_backbone):
+    """AnomalyDINO read-out on real MVTec bottle, offline ViT-S/14 block 7 at 224 px, a bank from 20
+    training images, 10 good + 10 defective test images (measured: AUROC 1.0)."""
+    ds = build_dataset("mvtec", mvtec_root, "bottle")
+    good = [s for s in ds.test if s.label == 0][:10]
+    bad = [s for s in ds.test if s.label == 1][::6][:10]
+    scorer = knn.KnnScorer(offline_backbone, layer=7, size=224)
+    train = ds.train[::10][:20]
+    feats = [scorer.features([ds.image(s) for s in train[i:i + 5]]) for i in range(0, len(train), 5)]
+    scorer.fit(feats)
+    assert len(scorer.bank) == 20 * 256 and scorer.grid == (16, 16)
+    scores, maps = [], []
+    for i in range(0, 20, 5):
+        out = scorer.predict([ds.image(s) for s in (good + bad)[i:i + 5]])
+        scores += out.scores.tolist()
+        maps += out.maps
+    labels = [0] * 10 + [1] * 10
+    assert roc_auc_score(labels, scores) > 0.9
+    assert maps[0].shape == ds.image(good[0]).shape[:2] and all(np.isfinite(m).all() for m in maps)
+    # the defective pixels of the defective images score higher than their good pixels
+    inside = [m[ds.mask(s, m.shape)].mean() - m[~ds.mask(s, m.shape)].mean() for s, m in zip(bad, maps[10:])]
+    assert np.mean(np.array(inside) > 0) >= 0.8
+
+
+# --- evaluate integration --------------------------------------------------------------------
+PAPER_KEYS = ("image_auroc", "image_auroc_det_mean", "image_auroc_map_max", "per_defect_image_auroc", "f1_max",
+              "pixel_auroc", "au_pro", "pixel_f1_max", "vote_accuracy", "n_images", "n_pixel_gt_images")
+
+
+def test_evaluate_extension_adds_knn_and_keeps_the_paper_method(tmp_path, mvtec_root):
+    ds = build_dataset("mvtec", mvtec_root, "bottle")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = micro_cfg(tmp_path / "off", mvtec_root, figure_images=4)
+        m_off = run_evaluate(base, dataset=ds, model=ConstantMap())
+        on = replace(micro_cfg(tmp_path / "on", mvtec_root, figure_images=4),
+                     evaluate={"knn_layer": 1, "knn_sizes": [64, 32], "fusion": "fused", "knn_holdout": 0.5})
+        m_on = run_evaluate(on, dataset=ds, model=ConstantMap())
+    assert "methods" not in m_off and "extension" not in m_off
+    for k in PAPER_KEYS:  # the paper method's results are the same with the extension on
+        assert m_on[k] == m_off[k], k
+        if k in m_on["methods"]["paper"]:
+            assert m_on["methods"]["paper"][k] == m_off[k], k
+    assert set(m_on["methods"]) == {"paper", "knn", "fused"}
+    for m in ("knn", "fused"):
+        for k in ("image_auroc", "pixel_auroc", "au_pro"):
+            assert 0.0 <= m_on["methods"][m][k] <= 1.0, (m, k)
+    ext = m_on["extension"]
+    assert ext["knn_layer"] == 1 and ext["knn_backbone"] == "init" and ext["knn_sizes"] == [64, 32]
+    assert ext["bank_images"] == 4 and ext["bank_patches"] == [4 * 16, 4 * 4] and ext["holdout_images"] == 2
+    assert set(ext["fusion_stats"]) == {"knn_map", "seg_map", "knn_score", "det_score"}
+    out = Path(on.out_dir) / "evaluate"
+    with (out / "scores.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    labels = [int(r["label"]) for r in rows]
+    assert m_on["methods"]["knn"]["image_auroc"] == pytest.approx(
+        roc_auc_score(labels, [float(r["score_knn"]) for r in rows]), abs=1e-6)
+    assert m_on["methods"]["fused"]["image_auroc"] == pytest.approx(
+        roc_auc_score(labels, [float(r["score_fused"]) for r in rows]), abs=1e-6)
+    assert (out / "fig4a_localization_knn.png").is_file() and (out / "fig4a_localization_fused.png").is_file()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["extension"]["fusion"] == "fused" and saved["methods"]["paper"]["au_pro"] == m_off["au_pro"]
+    off_cols = (Path(base.out_dir) / "evaluate" / "scores.csv").read_text().splitlines()[0]
+    assert "score_knn" not in off_cols
+
+
+def test_evaluate_extension_with_the_finetuned_backbone(tmp_path, mvtec_root):
+    """The real (briefly) fine-tuned detector, kNN on its own backbone, fusion 'knn' only."""
+    from test_evaluate import make_detector
+
+    cfg = replace(micro_cfg(tmp_path, mvtec_root), evaluate={"knn_layer": 2, "knn_backbone": "finetuned",
+                                                             "knn_sizes": [96, 64, 100], "fusion": "knn", "knn_coreset": 0.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_detector(cfg)
+        m = run_evaluate(cfg)
+    assert set(m["methods"]) == {"paper", "knn"} and m["extension"]["holdout_images"] == 0
+    # 100 px snaps to 96 (patch 16) and is used once; coreset 0.5 halves each bank
+    assert m["extension"]["knn_sizes"] == [96, 64] and m["extension"]["knn_grids"] == [[6, 6], [4, 4]]
+    assert m["extension"]["bank_patches"] == [4 * 36 // 2, 4 * 16 // 2]
+    assert 0.0 <= m["methods"]["knn"]["pixel_auroc"] <= 1.0
+
+
+def test_bad_extension_settings_are_clear_errors(tmp_path, mvtec_root):
+    for bad, match in (({"fusion": "max"}, "evaluate.fusion"), ({"knn_backbone": "x"}, "evaluate.knn_backbone")):
+        cfg = replace(micro_cfg(tmp_path, mvtec_root), evaluate={"knn_layer": 1, **bad})
+        with pytest.raises(ValueError, match=match):
+            run_evaluate(cfg, model=ConstantMap())
