@@ -111,3 +111,22 @@ def test_reference_holds_only_verified_paper_numbers():
     assert set(ref.PAPER_TABLE1_MVTEC) == set(ref.MVTEC_CATEGORIES)
     missing = ref.missing_reference_values()
     assert "table1['cable'][0]" in missing and not any("'bottle'" in m for m in missing)
+
+
+def test_datasets_outside_the_paper_get_their_own_table(tmp_path):
+    root = tmp_path / "runs"
+    demo = {"dataset": "demo"}
+    make_run(root, "brick/s0", {"image_auroc": 0.9, "pixel_auroc": 0.8, "au_pro": 0.7}, seed=0,
+             data={**demo, "category": "brick"})
+    make_run(root, "brick/s1", {"image_auroc": 0.8, "pixel_auroc": 0.8, "au_pro": 0.7}, seed=1,
+             data={**demo, "category": "brick"})
+    make_run(root, "grass/s0", {"image_auroc": 0.6, "pixel_auroc": 0.5, "au_pro": 0.4}, seed=0,
+             data={**demo, "category": "grass"})
+    written = write_tables(root, tmp_path / "tables")
+    assert "table1_demo" in written
+    md = (tmp_path / "tables" / "table1_demo.md").read_text()
+    assert "| brick | 2 | 85.0 ± 5.0 |" in md
+    assert "| grass | 1 | 60.0" in md
+    assert "mean (2 categories)" in md
+    # MVTec's Table 1 stays free of demo numbers
+    assert "| brick |" not in (tmp_path / "tables" / "table1.md").read_text()

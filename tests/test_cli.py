@@ -1,0 +1,38 @@
+"""The command line: data indexing, clear errors, tables."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from apmask_lib.cli import main
+
+
+def test_data_generates_demo_and_writes_an_index(tmp_path, capsys):
+    index = tmp_path / "index.json"
+    with pytest.raises(SystemExit, match="params file not found"):
+        main(["data", "--params", "none.yaml"])
+    main(["data", "-S", f"data.root={tmp_path / 'demo'}", "-S", "data.category=gravel",
+          "--index", str(index)])
+    assert "demo/gravel" in capsys.readouterr().out
+    idx = json.loads(index.read_text())
+    assert idx["n_train"] == len(idx["train"]) > 0 and idx["n_test"] == len(idx["test"]) > 0
+
+
+def test_errors_name_the_problem(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", "-S", f"out_dir={tmp_path / 'nothing'}", "-S", f"data.root={tmp_path / 'demo'}"])
+    assert e.value.code == 2
+    assert "model.pt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["pretrain", "-S", "pretrain.epochs=many"])
+    assert "pretrain.epochs" in capsys.readouterr().err
+
+
+def test_tables(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["tables", "--runs", str(tmp_path / "missing"), "--out", str(tmp_path / "tables")])
+    assert "missing" in capsys.readouterr().err
+    (tmp_path / "runs").mkdir()
+    main(["tables", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "tables")])
+    assert "—" in (tmp_path / "tables" / "table1.md").read_text()
