@@ -53,8 +53,8 @@ from .config import Config
 from .losses import finetune_loss
 from .models import VisionTransformer, build_backbone
 from .models.detector import SEG_MAPS, AnomalyDetector, read_detector_checkpoint, save_detector
-from .utils import (CSVLog, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
-                    dict_diff, load_checkpoint, param_groups, truncate_jsonl,
+from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
+                    param_groups, truncate_jsonl,
                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
 
 CSV_COLUMNS = ("step", "epoch", "loss", "loss_det", "loss_seg", "lr", "step_time", "images_per_s")
@@ -280,11 +280,7 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
 
     ckpt = None
     if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        diff = dict_diff(json.loads(ckpt["config"]), fingerprint)
-        if diff:
-            raise ValueError(f"{ckpt_path} was written with a different configuration ({', '.join(diff)}); "
-                             "use another out_dir, delete that folder, or pass resume=False to start afresh")
+        ckpt = load_resume_checkpoint(ckpt_path, fingerprint)
         if _finished(model_path, max_steps) and (ckpt["done"] or (max_steps is not None and ckpt["step"] >= max_steps)):
             return out
 

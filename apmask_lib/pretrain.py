@@ -56,8 +56,8 @@ from .models import VisionTransformer, build_backbone
 from .models.heads import ProjectionMLP, Prototypes
 from .multicrop import ImageBank, MultiCrop, cache_short_side, load_image_bank
 from .sinkhorn import sinkhorn, swapped_prediction_loss
-from .utils import (CSVLog, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
-                    dict_diff, load_checkpoint, param_groups, truncate_jsonl,
+from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
+                    param_groups, truncate_jsonl,
                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
 
 CSV_COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "step_time", "images_per_s")
@@ -255,11 +255,7 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
 
     ckpt = None
     if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        diff = dict_diff(json.loads(ckpt["config"]), fingerprint)
-        if diff:
-            raise ValueError(f"{ckpt_path} was written with a different configuration ({', '.join(diff)}); "
-                             "use another out_dir, delete that folder, or pass resume=False to start afresh")
+        ckpt = load_resume_checkpoint(ckpt_path, fingerprint)
         if ckpt["done"] and backbone_path.is_file():
             return out
         if max_steps is not None and ckpt["step"] >= max_steps and backbone_path.is_file():

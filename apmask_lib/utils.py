@@ -213,3 +213,27 @@ def truncate_jsonl(path: str | Path, keep_epochs_below: int) -> None:
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
     kept = [ln for ln in lines if json.loads(ln).get("epoch", 0) < keep_epochs_below]
     atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+
+
+def load_resume_checkpoint(path: str | Path, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """Read a training checkpoint to resume from, refusing one written with a configuration that
+    changes the weights (the differing keys are named)."""
+    ckpt = load_checkpoint(path)
+    diff = dict_diff(json.loads(ckpt["config"]), dict(fingerprint))
+    if diff:
+        raise ValueError(f"{path} was written with a different configuration ({', '.join(diff)}); "
+                         "use another out_dir, delete that folder, or pass resume=False to start afresh")
+    return ckpt
+
+
+def cpu_model() -> str:
+    """The CPU's model name (for benchmark reports)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

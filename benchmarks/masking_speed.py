@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
 import shlex
 import statistics
 import sys
@@ -33,20 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from apmask_lib.utils import cpu_model  # noqa: E402
 from apmask_lib import pretrain as P  # noqa: E402
 from apmask_lib.config import Config, replace  # noqa: E402
 from apmask_lib.multicrop import MultiCropViews  # noqa: E402
 from apmask_lib.utils import resolve_device  # noqa: E402
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def sync(device: torch.device) -> None:

@@ -44,6 +44,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from apmask_lib.utils import cpu_model  # noqa: E402
 from apmask_lib.config import Config, replace  # noqa: E402
 from apmask_lib.evaluate import run_evaluate  # noqa: E402
 from apmask_lib.finetune import run_finetune  # noqa: E402
@@ -63,15 +64,6 @@ PEERS = (("PatchCore (EfficientNet-Lite0)", (100.0, 98.2, 91.9)),
          ("AnomalyDINO (offline ViT-S/14, last block)", (99.8, 79.5, 39.8)))
 DATA_ROOTS = {"mvtec": "../shared/data/mvtec_ad", "nih": "../shared/data/nih_cxr14", "demo": "/tmp/apmask_demo"}
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def versions() -> str:
