@@ -8,14 +8,7 @@ import cv2
 import numpy as np
 import torch
 
-
-def attention_overlay(image: np.ndarray, attention: np.ndarray) -> np.ndarray:
-    """Blend a (h, w) attention map (any scale) over an RGB uint8 image; returns RGB uint8."""
-    a = attention.astype(np.float32)
-    a = (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
-    a = cv2.resize(a, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_CUBIC).clip(0, 1)
-    heat = cv2.applyColorMap((a * 255).astype(np.uint8), cv2.COLORMAP_JET)[..., ::-1]
-    return (0.5 * image + 0.5 * heat).astype(np.uint8)
+from .synthetic import heatmap
 
 
 @torch.no_grad()
@@ -38,7 +31,7 @@ def fig_backbone_attention(images: Sequence[np.ndarray], backbones: Mapping[str,
     for name, model in backbones.items():
         model.eval()
         sal = model.saliency(batch.to(next(model.parameters()).device)).float().cpu().numpy()
-        rows.append((name, [attention_overlay(im, s) for im, s in zip(resized, sal)]))
+        rows.append((name, [heatmap(im, s) for im, s in zip(resized, sal)]))
     fig, axes = plt.subplots(len(rows), len(images), figsize=(2.2 * len(images), 2.2 * len(rows)), squeeze=False)
     for r, (name, ims) in enumerate(rows):
         for c, im in enumerate(ims):
