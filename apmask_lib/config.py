@@ -54,6 +54,7 @@ class PretrainConfig:
     num_workers: int = 2
     teacher_view: str = "second"     # teacher's unmasked global view: "second" = another global crop (DINO/SwAV), "same" = the student's global crop unmasked
     log_every: int = 20              # steps between loss read-backs (host syncs) / CSV rows flushed; NaN is caught at these points
+    compile: str = "none"            # torch.compile each ViT block: none | default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs | aot_eager (apmask_lib/fastpath.py); same maths
 
 
 @dataclass
@@ -83,6 +84,7 @@ class FinetuneConfig:
     dice: str = "batch"              # Dice reduction: batch (jointly over the batch; defined with empty masks) | mean (per image)
     seg_transform: str = "log"       # attention maps fed to the segmentation: log(N*a) | linear (N*a)
     log_every: int = 20              # steps between loss read-backs (host syncs); NaN is caught at these points and at epoch ends
+    compile: str = "none"            # as pretrain.compile (apmask_lib/fastpath.py)
 
 
 @dataclass

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from .anomalies import KINDS, anomaly_batch
 from .config import Config
+from .fastpath import compile_blocks
 from .losses import finetune_loss
 from .models import VisionTransformer, build_backbone
 from .models.detector import SEG_MAPS, AnomalyDetector, read_detector_checkpoint, save_detector
@@ -59,7 +60,8 @@ from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, 
 
 CSV_COLUMNS = ("step", "epoch", "loss", "loss_det", "loss_seg", "lr", "step_time", "images_per_s")
 # config keys that do not change the trained weights (may differ on resume)
-_RESUME_IGNORED = {("finetune", "num_workers"), ("finetune", "log_every"), ("pretrain", "num_workers"),
+_RESUME_IGNORED = {("finetune", "num_workers"), ("finetune", "log_every"), ("finetune", "compile"),
+                   ("pretrain", "compile"), ("pretrain", "num_workers"),
                    ("pretrain", "log_every"), ("device",), ("out_dir",), ("evaluate",), ("data", "max_test")}
 
 
@@ -326,6 +328,7 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
         set_rng_state(ckpt["rng"])
         start, acc = int(ckpt["step"]), {k: list(v) for k, v in ckpt["epoch_acc"].items()}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    compile_blocks(model.backbone, f.compile)  # in place, after the checkpoint load (apmask_lib/fastpath.py)
 
     # ---- files
     out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ One step, for a batch of B images (all sizes from :class:`~apmask_lib.config.Pre
    norms, position embedding, [CLS] token and prototypes; gradient clipping), prototypes
    re-normalised, teacher EMA with momentum cosine 0.996 -> 1.
 
-Engineering: bf16 autocast and fused AdamW on CUDA; no host sync inside a step (losses stay on
+Engineering: bf16 autocast and fused AdamW on CUDA; ``pretrain.compile`` compiles each ViT block
+(:mod:`apmask_lib.fastpath`; CUDA graphs with ``reduce-overhead``); no host sync inside a step (losses stay on
 the device and are read every ``log_every`` steps); checkpoint every epoch (atomic) and exact
 resume; the augmentation generator is re-seeded at every step from (seed, rank, step), so the
 schedule position *is* the random state; DDP under ``torchrun`` (``pretrain.batch_size`` is the
@@ -51,6 +52,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import Config
+from .fastpath import compile_blocks
 from .masking import KINDS, keep_indices, num_dropped
 from .models import VisionTransformer, build_backbone
 from .models.heads import ProjectionMLP, Prototypes
@@ -62,7 +64,7 @@ from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, 
 
 CSV_COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "step_time", "images_per_s")
 # config keys that do not change the trained weights (may differ on resume)
-_RESUME_IGNORED = {("pretrain", "num_workers"), ("pretrain", "log_every"), ("device",), ("out_dir",),
+_RESUME_IGNORED = {("pretrain", "num_workers"), ("pretrain", "log_every"), ("pretrain", "compile"), ("device",), ("out_dir",),
                    ("finetune",), ("evaluate",), ("data", "max_test")}
 
 
@@ -299,6 +301,9 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
         if ckpt["iters_per_epoch"] != iters:
             raise ValueError(f"{ckpt_path}: {ckpt['iters_per_epoch']} iterations per epoch, now {iters} "
                              "(training set or batch size changed); use another out_dir")
+    # compile after the teacher copy and the checkpoint load: in place, state-dict keys unchanged
+    compile_blocks(student.backbone, p.compile)
+    compile_blocks(teacher.backbone, p.compile)
     model = student
     if world > 1:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
