@@ -137,6 +137,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default="runs/ablations")
     ap.add_argument("--results", default="results/ablations.md")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="compute nothing; re-render the table from the JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     same_setting = previous.get("setting") == [args.dataset, args.pretrain_epochs, args.finetune_epochs, args.backbone]
     rows: dict[str, list] = dict(previous.get("rows", {})) if same_setting else {}
     commands: dict[str, str] = dict(previous.get("commands", {})) if same_setting else {}
-    names = args.only or [v.name for v in VARIANTS]
+    names = [] if args.render_only else (args.only or [v.name for v in VARIANTS])
     argv_clean = [a for a in (sys.argv[1:] if argv is None else argv)]
     if "--only" in argv_clean:  # the command of one cell: the same arguments with --only <row>
         i = argv_clean.index("--only")

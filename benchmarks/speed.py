@@ -109,11 +109,30 @@ def peak_flops(device: torch.device) -> tuple[float | None, str]:
     return None, f"unknown peak for {name}"
 
 
-def make_config(args) -> Config:
+# a stand-in with bottle's counts and stored size (209 training, 20 good + 64 defective test images,
+# 512 px): timing does not depend on image content, and it needs no data on a lent GPU machine
+BOTTLE_SHAPED_DEMO = {"image_size": 512, "n_train": 209, "n_test_good": 20, "n_test_defect_per_type": 16}
+
+
+def make_dataset(args):
+    """(dataset name, root, category) for ``--data``; generates the stand-in when asked."""
+    if args.data == "demo-bottle-sized":
+        from apmask_lib.data.demo import generate_demo
+
+        root = Path(args.demo_root)
+        generate_demo(root, ["brick"], **BOTTLE_SHAPED_DEMO)
+        return "demo", str(root.resolve()), "brick"
+    if not (Path(args.data_root) / "bottle").is_dir():
+        raise SystemExit(f"MVTec AD bottle not found under {args.data_root}: pass --data-root (the folder that "
+                         "holds bottle/), or --data demo-bottle-sized")
+    return "mvtec", str(Path(args.data_root).resolve()), "bottle"
+
+
+def make_config(args, data: tuple[str, str, str]) -> Config:
     pre = PRESETS[args.size]
     return replace(Config(), seed=0, device=args.device, backbone=args.backbone or pre["backbone"],
                    out_dir=str(ROOT / "runs" / "speed" / args.size),
-                   data={"dataset": "mvtec", "root": str(Path(args.data_root).resolve()), "category": "bottle",
+                   data={"dataset": data[0], "root": data[1], "category": data[2],
                          "image_size": pre["image_size"]},
                    pretrain={"global_size": pre["global_size"], "local_size": pre["local_size"],
                              "hidden_dim": pre["hidden_dim"], "num_workers": args.workers, "compile": args.compile,
@@ -357,7 +376,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--size", choices=sorted(PRESETS), default=None, help="default: full on CUDA, tiny on CPU")
     ap.add_argument("--backbone", default=None, help="override the preset's backbone source")
+    ap.add_argument("--data", choices=("bottle", "demo-bottle-sized"), default="bottle",
+                    help="real MVTec bottle, or generated images with bottle's counts and size (no data needed)")
     ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data" / "mvtec_ad"))
+    ap.add_argument("--demo-root", default="/tmp/apmask_speed_demo", help="where --data demo-bottle-sized writes")
     ap.add_argument("--compile", choices=COMPILE_MODES, default="none")
     ap.add_argument("--batch-size", type=int, default=16, help="training batch (paper: 16)")
     ap.add_argument("--eval-batch", type=int, default=None, help="test images per forward (default 32 CUDA, 8 CPU; "
@@ -382,14 +404,11 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
     args.workers = args.workers if args.workers is not None else max(0, min(8, (os.cpu_count() or 1) - 1))
     args.e2e_epochs = args.e2e_epochs or [PAPER["pretrain_epochs"], PAPER["finetune_epochs"]]
-    if not (Path(args.data_root) / "bottle").is_dir():
-        raise SystemExit(f"MVTec AD bottle not found under {args.data_root}: pass --data-root (the folder that "
-                         "holds bottle/)")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    cfg = make_config(args)
-    dataset = build_dataset("mvtec", cfg.data.root, "bottle")
+    cfg = make_config(args, make_dataset(args))
+    dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
     import timm
 
     machine = (f"{torch.cuda.get_device_name(device)}, " if cuda else "") + \
@@ -418,11 +437,13 @@ def main(argv=None) -> int:
     res.update(command=".venv/bin/python benchmarks/speed.py " + " ".join(shlex.quote(a) for a in argv_list),
                machine=machine, versions=versions, when=dt.datetime.now().isoformat(timespec="seconds"),
                compile=args.compile, peak=peak_txt, backbone=cfg.backbone, wall_s=time.perf_counter() - t_all,
+               data=args.data,
                schedule=f"{PAPER['pretrain_epochs']} + {PAPER['finetune_epochs']} epochs, batch {args.batch_size}, "
-                        f"{res['pretrain']['n_train']} training / {res['evaluate']['n_test']} test images")
+                        f"{res['pretrain']['n_train']} training / {res['evaluate']['n_test']} test images"
+                        + (" of the bottle-sized demo stand-in" if args.data != "bottle" else " of bottle"))
     json_path = ROOT / args.results
     entries = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    key = f"{'cuda' if cuda else 'cpu'} / {args.size} / {cfg.backbone} / compile={args.compile}"
+    key = f"{'cuda' if cuda else 'cpu'} / {args.size} / {cfg.backbone} / compile={args.compile} / {args.data}"
     entries[key] = res
     atomic_write_text(json_path, json.dumps(entries, indent=1))
     md = render(entries)
