@@ -58,10 +58,9 @@ METRICS = ("image_auroc", "pixel_auroc", "au_pro")
 ROWS = (("paper", "paper method (shortened schedule)"),
         ("knn", "kNN (training-free, offline backbone block {layer}, {sizes} px)"),
         ("fused", "apmask + kNN fused (extension)"))
-# measured by peers on the same 512 px bottle images, as reported in the issue (not re-measured here)
-PEERS = (("PatchCore (EfficientNet-Lite0)", (100.0, 98.2, 91.9)),
-         ("AnomalyDINO (offline ViT-S/14, block 7 of 12)", (100.0, 98.9, 95.6)),
-         ("AnomalyDINO (offline ViT-S/14, last block)", (99.8, 79.5, 39.8)))
+# peer rows: measured in this run with --peers (benchmarks/peers.py, optional extra "peers"), else read
+# from the last `benchmarks/peers.py` run (results/peers.json); never typed in by hand
+PEERS_JSON = ROOT / "results" / "peers.json"
 DATA_ROOTS = {"mvtec": "../shared/data/mvtec_ad", "nih": "../shared/data/nih_cxr14", "demo": "/tmp/apmask_demo"}
 
 
@@ -127,7 +126,25 @@ def fmt(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * stat['mean']:.{digits}f}" + (f" ± {scale * se:.{digits}f}" if se is not None else "")
 
 
-def table(dataset: str, category: str, results: list[dict], args) -> str:
+def load_peers(args, dataset: str, category: str) -> dict | None:
+    """Peer rows for an MVTec category: run now (``--peers``) or the last results/peers.json."""
+    if dataset != "mvtec":
+        return None
+    if args.peers:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from peers import run_peers
+
+        root = args.data_root or str((ROOT / DATA_ROOTS["mvtec"]).resolve())
+        return {"same_run": True, "rows": run_peers(root, category, device=args.device)}  # metrics in %
+    if not PEERS_JSON.is_file():
+        return None
+    d = json.loads(PEERS_JSON.read_text())
+    rows = d.get("rows", [])  # metrics in %
+    when = d.get("generated", "details in results/peers.md")
+    return {"same_run": False, "rows": rows, "command": d.get("command", "benchmarks/peers.py"), "when": when}
+
+
+def table(dataset: str, category: str, results: list[dict], args, peers: dict | None = None) -> str:
     n = len(results)
     times = aggregate_seeds([r["times"] for r in results])
     lines = [f"### {dataset}/{category} ({n} seed{'s' if n != 1 else ''}: "
@@ -141,10 +158,14 @@ def table(dataset: str, category: str, results: list[dict], args) -> str:
         agg = aggregate_seeds([r["rows"][name] for r in results])
         lines.append(f"| {label.format(layer=args.knn_layer, sizes=' + '.join(map(str, results[0]['knn_sizes'])))} | " + " | ".join(fmt(agg.get(k)) for k in METRICS)
                      + f" | {tcol[name]} |")
+    if dataset == "mvtec" and peers:
+        src = "measured in this run" if peers["same_run"] else f"from `{peers['command']}` ({peers['when']})"
+        lines.append(f"| *peers, same images, metrics by apmask_lib.metrics ({src}):* | | | | |")
+        for r in peers["rows"]:
+            if r.get("category") == category:
+                lines.append(f"| {r['name']} | " + " | ".join(f"{r[k]:.1f}" for k in METRICS)
+                             + f" | fit {r['fit_s']:.0f} s + inference {r['infer_s']:.0f} s |")
     if dataset == "mvtec" and category == "bottle":
-        lines.append("| *reference, not re-measured:* | | | | |")
-        for name, vals in PEERS:
-            lines.append(f"| {name} (peer, same images) | " + " | ".join(f"{v:.1f}" for v in vals) + " | |")
         img, pix = PAPER_TABLE1_MVTEC["bottle"]
         lines.append(f"| paper (Table 1, full schedule, DINO ViT-S/16, 900 px originals) | {img:.1f} | {pix:.1f} | — | |")
     lines.append("")
@@ -174,6 +195,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse finished pre-training/fine-tuning in --runs "
                     "(their times are then ~0); default: train afresh")
     ap.add_argument("--progress", action="store_true", help="progress bars for the training stages")
+    ap.add_argument("--peers", action="store_true", help="also run the peers (anomalib PatchCore, AnomalyDINO; "
+                    "pip install -e '.[peers]') in this run; default: quote the last benchmarks/peers.py run")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -194,7 +217,7 @@ def main(argv=None) -> int:
     for item in args.datasets:
         dataset, _, category = item.partition(":")
         results = [one_seed(args, dataset, category or "all", s) for s in args.seeds]
-        sections.append(table(dataset, category or "all", results, args))
+        sections.append(table(dataset, category or "all", results, args, load_peers(args, dataset, category or "all")))
         json_path = ROOT / args.runs / f"{dataset}_{category or 'all'}" / "quality.json"
         atomic_write_text(json_path, json.dumps(results, indent=1, default=str))
     body = "\n\n".join(sections)
@@ -213,8 +236,9 @@ def main(argv=None) -> int:
         "input size, maps and scores averaged over the sizes (the paper's multi-scale averaging; 448 alone = "
         "AnomalyDINO); fused = z_kNN + z_detector with statistics from held-out normal TRAINING images "
         "(apmask_lib/evaluate.py docstring). Pixel metrics at the images' stored resolution (bottle: 512 px, "
-        "downscaled from 900 px). Peer rows are the numbers reported in the issue, measured by peers on the "
-        "same images; they are not re-measured here.", "",
+        "downscaled from 900 px). Peer rows (anomalib PatchCore / AnomalyDINO on the same images, their raw "
+        "scores and maps scored with our metric code) come from `benchmarks/peers.py`: run in this process with "
+        "`--peers`, else quoted from its last run (results/peers.json, command and date in the row header).", "",
         body, ""])
     out = ROOT / args.results
     atomic_write_text(out, doc)

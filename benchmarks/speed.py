@@ -412,7 +412,8 @@ def main(argv=None) -> int:
     import timm
 
     machine = (f"{torch.cuda.get_device_name(device)}, " if cuda else "") + \
-        f"{cpu_model()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+        f"{cpu_model()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, " \
+        f"load average at start {os.getloadavg()[0]:.1f}"
     versions = f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}"
     print(f"speed: {args.size} on {machine}; backbone {cfg.backbone}; compile {args.compile}", flush=True)
     t_all = time.perf_counter()
