@@ -294,3 +294,16 @@ def test_figures_are_written(tmp_path, bottle):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="attention"):
         fig_synthetic_grid(images, ["attention"], tmp_path / "x.png")
+
+
+def test_compiled_blocks_train_like_eager(tmp_path, bottle):
+    """finetune.compile (apmask_lib/fastpath.py) changes how the blocks run, not what they compute:
+    the same losses are logged and model.pt has the same keys and (to float tolerance) values."""
+    from apmask_lib.finetune import run_finetune
+
+    outs = {m: run_finetune(_cfg(tmp_path / m, compile=m), bottle, max_steps=2, progress=False)
+            for m in ("none", "aot_eager")}
+    logs = {m: pd.read_csv(o / "log.csv") for m, o in outs.items()}
+    assert np.allclose(logs["none"]["loss"], logs["aot_eager"]["loss"], atol=1e-5)
+    a, b = (load_detector(o / "model.pt").state_dict() for o in outs.values())
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
