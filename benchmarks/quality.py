@@ -91,18 +91,41 @@ def run_config(args, dataset: str, category: str, seed: int) -> Config:
                              **({"knn_sizes": tuple(args.knn_sizes)} if args.knn_sizes else {})})
 
 
+def trained_by_ablations(args, dataset: str, category: str, seed: int) -> tuple[Path, dict]:
+    """The paper-configuration detector that ``benchmarks/ablations.py`` trained (row "apmask") for this
+    seed and schedule, and its training times read from the runs' per-epoch logs."""
+    base = ROOT / args.trained_runs / f"{dataset}_{category}" / f"seed{seed}"
+    pdir, fdir = base / "pretrain_apmask" / "pretrain", base / "pt-apmask" / "finetune"
+    times = {}
+    for stage, d, epochs in (("pretrain", pdir, args.pretrain_epochs), ("finetune", fdir, args.finetune_epochs)):
+        if not (d / "config.json").is_file() or not (d / "log.jsonl").is_file():
+            raise SystemExit(f"{d} has no finished run: run `benchmarks/ablations.py --only apmask` with the same "
+                             "schedule first, or drop --trained-runs")
+        ran = json.loads((d / "config.json").read_text())[stage]["epochs"]
+        if ran != epochs:
+            raise SystemExit(f"{d} was trained for {ran} {stage} epochs, not --{stage}-epochs {epochs}")
+        times[f"{stage}_s"] = sum(json.loads(line)["time_s"] for line in (d / "log.jsonl").read_text().splitlines())
+    if not (fdir / "model.pt").is_file():
+        raise SystemExit(f"{fdir / 'model.pt'} not found")
+    return fdir / "model.pt", times
+
+
 def one_seed(args, dataset: str, category: str, seed: int) -> dict:
     """Pre-train, fine-tune, evaluate (with the extension) one seed; per-row metrics + timings."""
     cfg = run_config(args, dataset, category, seed)
     times = {}
+    model_path = None
+    if args.trained_runs:
+        model_path, times = trained_by_ablations(args, dataset, category, seed)
+    else:
+        t0 = time.perf_counter()
+        run_pretrain(cfg, resume=args.reuse, progress=args.progress)
+        times["pretrain_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run_finetune(cfg, resume=args.reuse, progress=args.progress)
+        times["finetune_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    run_pretrain(cfg, resume=args.reuse, progress=args.progress)
-    times["pretrain_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run_finetune(cfg, resume=args.reuse, progress=args.progress)
-    times["finetune_s"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    m = run_evaluate(cfg)
+    m = run_evaluate(cfg, model_path=model_path)
     times["evaluate_s"] = time.perf_counter() - t0
     ext = m["extension"]["timings"]
     times["paper_inference_s"] = m["timings"]["inference_s"]
@@ -195,6 +218,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", action="store_true", help="reuse finished pre-training/fine-tuning in --runs "
                     "(their times are then ~0); default: train afresh")
     ap.add_argument("--progress", action="store_true", help="progress bars for the training stages")
+    ap.add_argument("--trained-runs", default=None, metavar="RUNS",
+                    help="evaluate the paper-configuration detector trained by benchmarks/ablations.py under RUNS "
+                         "(e.g. runs/ablations; same schedule) instead of training again; times from its logs")
     ap.add_argument("--peers", action="store_true", help="also run the peers (anomalib PatchCore, AnomalyDINO; "
                     "pip install -e '.[peers]') in this run; default: quote the last benchmarks/peers.py run")
     args = ap.parse_args(argv)
@@ -229,6 +255,10 @@ def main(argv=None) -> int:
         f"Command: `{cmd}`", "",
         f"Machine: {machine}. Versions: {versions()}.", "",
         f"**{shortened}**", "",
+        *([f"Training: the paper-method detector of each seed is the one `benchmarks/ablations.py` trained for its "
+           f"\"apmask\" row (`--trained-runs {args.trained_runs}`: same data, seed, schedule and defaults); its "
+           "training times are read from that run's per-epoch logs; only the evaluation ran here.", ""]
+          if args.trained_runs else []),
         "Rows 1-3 come from one evaluation per seed (`evaluate.knn_layer` set, `evaluate.fusion=fused`, "
         "`evaluate.knn_backbone=init`): the paper row is its `methods.paper` entry (identical to an evaluation "
         "without the extension); kNN = AnomalyDINO read-out (k = 1, mean of the top 1 % patch distances, "
