@@ -439,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "results" / "peers.md"))
+    p.add_argument("--keep-previous", action="store_true",
+                   help="keep the rows of peers not run now from the existing JSON (each row records its command)")
     args = p.parse_args(argv)
     require_anomalib()
     t0 = time.perf_counter()
@@ -448,12 +450,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = [f"{pid} {s} px" if pid.startswith("anomalydino") else pid
             for pid in args.peers for s in (args.dino_sizes if pid.startswith("anomalydino") else (None,))]
     out = Path(args.out)
+    kept: list[dict[str, Any]] = []
+    if args.keep_previous and out.with_suffix(".json").is_file():
+        previous = json.loads(out.with_suffix(".json").read_text())
+        kept = [dict(r, command=r.get("command", previous.get("command", "?"))) for r in previous.get("rows", [])
+                if r.get("peer") not in args.peers]
 
     def write(rows: list[dict[str, Any]]) -> None:
         pending = jobs[len(rows):]
-        write_json(out.with_suffix(".json"), {"command": command, "machine": machine, "versions": versions(),
-                                              "complete": not pending, "pending": pending, "rows": rows})
-        atomic_write_text(out, report(rows, command, machine, time.perf_counter() - t0, pending))
+        rows = kept + [dict(r, command=command) for r in rows]
+        commands = list(dict.fromkeys(r["command"] for r in rows)) or [command]
+        write_json(out.with_suffix(".json"), {"command": "; ".join(commands), "machine": machine,
+                                              "versions": versions(), "complete": not pending, "pending": pending,
+                                              "rows": rows})
+        atomic_write_text(out, report(rows, " ; ".join(commands), machine, time.perf_counter() - t0, pending))
         print(f"wrote {out} and {out.with_suffix('.json')} ({len(rows)}/{len(jobs)} peers)", flush=True)
 
     rows = run_peers(args.data_root, args.category, args.peers, args.device, args.dino_sizes, args.seed,
