@@ -221,6 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trained-runs", default=None, metavar="RUNS",
                     help="evaluate the paper-configuration detector trained by benchmarks/ablations.py under RUNS "
                          "(e.g. runs/ablations; same schedule) instead of training again; times from its logs")
+    ap.add_argument("--render-only", action="store_true", help="re-render results/quality.md from the last run's "
+                    "quality.json (same --datasets/--runs and options) with the current peer rows")
     ap.add_argument("--peers", action="store_true", help="also run the peers (anomalib PatchCore, AnomalyDINO; "
                     "pip install -e '.[peers]') in this run; default: quote the last benchmarks/peers.py run")
     args = ap.parse_args(argv)
@@ -239,19 +241,32 @@ def main(argv=None) -> int:
                  "the paper's setting and is expected to be far below the paper's numbers.")
     print(shortened, flush=True)
     t_all = time.perf_counter()
+    generated = dt.datetime.now().isoformat(timespec="seconds")
+    rerendered = ""
     sections = []
     for item in args.datasets:
         dataset, _, category = item.partition(":")
-        results = [one_seed(args, dataset, category or "all", s) for s in args.seeds]
-        sections.append(table(dataset, category or "all", results, args, load_peers(args, dataset, category or "all")))
         json_path = ROOT / args.runs / f"{dataset}_{category or 'all'}" / "quality.json"
-        atomic_write_text(json_path, json.dumps(results, indent=1, default=str))
+        if args.render_only:  # re-render a finished run (e.g. after peers.json gained a row); nothing re-measured
+            if not json_path.is_file():
+                raise SystemExit(f"{json_path} not found: run without --render-only first")
+            saved = json.loads(json_path.read_text())
+            results = saved["results"]
+            cmd, machine, generated = saved["command"], saved["machine"], saved["generated"]
+            rerendered = (f" (total {saved['total_s']:.0f} s). Re-rendered {dt.datetime.now().isoformat(timespec='seconds')} with `--render-only`: "
+                          "peer rows re-read from results/peers.json, nothing else re-measured.")
+        else:
+            results = [one_seed(args, dataset, category or "all", s) for s in args.seeds]
+            atomic_write_text(json_path, json.dumps({"command": cmd, "machine": machine, "generated": generated,
+                                                     "total_s": time.perf_counter() - t_all, "results": results},
+                                                    indent=1, default=str))
+        sections.append(table(dataset, category or "all", results, args, load_peers(args, dataset, category or "all")))
     body = "\n\n".join(sections)
     print("\n" + body, flush=True)
     doc = "\n".join([
         "# Quality: paper method vs. kNN extension", "",
-        f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by `benchmarks/quality.py` "
-        f"(total {time.perf_counter() - t_all:.0f} s).", "",
+        f"Generated {generated} by `benchmarks/quality.py`"
+        + (rerendered if rerendered else f" (total {time.perf_counter() - t_all:.0f} s)."), "",
         f"Command: `{cmd}`", "",
         f"Machine: {machine}. Versions: {versions()}.", "",
         f"**{shortened}**", "",
