@@ -17,6 +17,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo import config as dynamo_config
 
 from apmask_lib import pretrain as P
 from apmask_lib.config import Config, replace
@@ -119,9 +120,7 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(mode):
     compile_blocks(student.backbone, mode)
     compile_blocks(teacher.backbone, mode)
     assert list(student.state_dict()) == keys  # checkpoints and EMA see the same names
-    import torch._dynamo
-
-    assert torch._dynamo.config.recompile_limit >= 64  # every view shape gets its own graph, none falls back
+    assert dynamo_config.recompile_limit >= 64  # every view shape gets its own graph, none falls back
     comp = P.pretrain_loss(student, teacher, views, cfg.pretrain, torch.Generator())
     comp.backward()
     g_comp = grads(student)
