@@ -166,6 +166,28 @@ def pretrain_loss(student: nn.Module, teacher: SwAVNet, views, cfg_p, generator:
     return swapped_prediction_loss(codes, s_scores, cfg_p.temperature)
 
 
+def train_step(model: nn.Module, teacher: SwAVNet, optimizer: torch.optim.Optimizer, views, p,
+               generator: torch.Generator, momentum: float, autocast=None,
+               freeze_prototypes: bool = False) -> torch.Tensor:
+    """One optimisation step (module docstring, steps 2-5): loss under ``autocast``, backward,
+    gradient clipping (``p.clip_grad``), AdamW, prototype re-normalisation, teacher EMA with
+    ``momentum``. ``model`` is the student or its DDP wrapper; ``freeze_prototypes`` drops the
+    prototypes' gradient (SwAV's first iterations). Returns the detached loss, still on the device."""
+    student = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    with autocast if autocast is not None else contextlib.nullcontext():
+        loss = pretrain_loss(model, teacher, views, p, generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if p.clip_grad and p.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), p.clip_grad)
+    if freeze_prototypes:
+        student.head.prototypes.weight.grad = None
+    optimizer.step()
+    student.head.prototypes.normalize_()
+    ema_update(teacher, student, momentum)
+    return loss.detach()
+
+
 # ----------------------------------------------------------------------------- helpers
 def _dist_setup(cfg: Config) -> tuple[int, int, torch.device, bool]:
     """(rank, world_size, device, we_initialised). Initialises a process group only when
@@ -367,21 +389,12 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
                 group["weight_decay"] = wd
         gen = _step_generator(cfg.seed, rank, step)
         views = crops(bank.images[idx.to(device, non_blocking=True)], bank.sizes[idx], gen)
-        with autocast:
-            loss = pretrain_loss(model, teacher, views, p, gen)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if p.clip_grad and p.clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), p.clip_grad)
-        if step < p.freeze_prototypes_iters:
-            student.head.prototypes.weight.grad = None
-        optimizer.step()
-        student.head.prototypes.normalize_()
-        ema_update(teacher, student, mom)
+        loss = train_step(model, teacher, optimizer, views, p, gen, mom, autocast,
+                          freeze_prototypes=step < p.freeze_prototypes_iters)
 
         now = time.perf_counter()
         dt, t_last = now - t_last, now
-        pending.append({"step": step, "epoch": epoch, "loss": loss.detach(), "lr": lr, "wd": wd, "momentum": mom,
+        pending.append({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "wd": wd, "momentum": mom,
                         "step_time": dt, "images_per_s": gb / max(dt, 1e-9)})
         bar.update(1)
         epoch_steps += 1
@@ -408,4 +421,4 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
 
 
 __all__ = ["SwAVHead", "SwAVNet", "build_student", "param_groups", "ema_update", "student_views",
-           "pretrain_loss", "schedules", "run_pretrain", "CSV_COLUMNS"]
+           "pretrain_loss", "train_step", "schedules", "run_pretrain", "CSV_COLUMNS"]

@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import DATA_ROOTS, METRICS, fmt, scaled_warmup, versions  # noqa: E402
+from quality import METRICS, fmt, schedule_config, versions  # noqa: E402
 
-from apmask_lib.config import Config, replace  # noqa: E402
+from apmask_lib.config import replace  # noqa: E402
 from apmask_lib.evaluate import run_evaluate  # noqa: E402
 from apmask_lib.finetune import run_finetune  # noqa: E402
 from apmask_lib.metrics import aggregate_seeds  # noqa: E402
@@ -82,39 +82,33 @@ VARIANTS = (
 BY_NAME = {v.name: v for v in VARIANTS}
 
 
-def base_config(args, dataset: str, category: str, seed: int, out_dir: Path) -> Config:
-    root = args.data_root if dataset == "mvtec" and args.data_root else DATA_ROOTS[dataset]
-    root = str((ROOT / root).resolve()) if not os.path.isabs(root) else root
-    return replace(Config(), seed=seed, device=args.device, backbone=args.backbone, out_dir=str(out_dir),
-                   data={"dataset": dataset, "root": root, "category": category},
-                   pretrain={"epochs": args.pretrain_epochs, "num_workers": args.workers,
-                             "warmup_epochs": scaled_warmup("pretrain", args.pretrain_epochs)},
-                   finetune={"epochs": args.finetune_epochs, "num_workers": args.workers,
-                             "warmup_epochs": scaled_warmup("finetune", args.finetune_epochs)})
+def run_dirs(runs: Path, v: Variant, dataset: str, category: str, seed: int) -> tuple[Optional[Path], Path]:
+    """Where ``v``'s pre-training (None without one) and fine-tuning write: one pre-training per
+    masking kind, one fine-tuning per (pre-training, fine-tuning) setting, shared between rows."""
+    base = runs / f"{dataset}_{category}" / f"seed{seed}"
+    return (base / f"pretrain_{v.mask}" / "pretrain" if v.mask else None), base / v.finetune_key() / "finetune"
 
 
 def run_variant(args, v: Variant, dataset: str, category: str, seed: int) -> dict:
     """Pre-train (shared per mask kind), fine-tune (shared per setting), evaluate; metrics + times."""
-    base = ROOT / args.runs / f"{dataset}_{category}" / f"seed{seed}"
+    pdir, fdir = run_dirs(ROOT / args.runs, v, dataset, category, seed)
     times = {"pretrain_s": 0.0, "finetune_s": 0.0, "evaluate_s": 0.0}
-    if v.mask is None:
+    if pdir is None:
         init = args.backbone
     else:
-        pcfg = base_config(args, dataset, category, seed, base / f"pretrain_{v.mask}")
-        pcfg = replace(pcfg, pretrain={"mask": v.mask})
+        pcfg = replace(schedule_config(args, dataset, category, seed, pdir.parent), pretrain={"mask": v.mask})
         t0 = time.perf_counter()
-        pdir = run_pretrain(pcfg, resume=True, progress=args.progress)
+        run_pretrain(pcfg, resume=True, progress=args.progress)
         times["pretrain_s"] = time.perf_counter() - t0
         init = f"file:{pdir / 'backbone.pt'}"
-    fdir = base / v.finetune_key()
-    fcfg = replace(base_config(args, dataset, category, seed, fdir), finetune={"init": init, **v.finetune})
+    fcfg = replace(schedule_config(args, dataset, category, seed, fdir.parent), finetune={"init": init, **v.finetune})
     t0 = time.perf_counter()
     run_finetune(fcfg, resume=True, progress=args.progress)
     times["finetune_s"] = time.perf_counter() - t0
-    ecfg = replace(fcfg, out_dir=str(base / f"eval_{v.name}"),
+    ecfg = replace(fcfg, out_dir=str(fdir.parent.parent / f"eval_{v.name}"),
                    evaluate={"scales": v.scales} if v.scales else {})
     t0 = time.perf_counter()
-    m = run_evaluate(ecfg, model_path=fdir / "finetune" / "model.pt")
+    m = run_evaluate(ecfg, model_path=fdir / "model.pt")
     times["evaluate_s"] = time.perf_counter() - t0
     row = {k: m[k] for k in METRICS}
     print(f"  {v.name} seed {seed}: " + " / ".join(f"{100 * x:.1f}" if x is not None else "nan" for x in row.values())

@@ -36,13 +36,8 @@ from apmask_lib.utils import cpu_model  # noqa: E402
 from apmask_lib import pretrain as P  # noqa: E402
 from apmask_lib.config import Config, replace  # noqa: E402
 from apmask_lib.multicrop import MultiCropViews  # noqa: E402
-from apmask_lib.utils import resolve_device  # noqa: E402
+from apmask_lib.utils import resolve_device, synchronize as sync  # noqa: E402
 
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, steps: int, warmup: int, device: torch.device) -> list[float]:

@@ -400,7 +400,7 @@ def report(rows: Sequence[Mapping[str, Any]], command: str, machine: str, total_
         "# Peers: anomalib PatchCore and AnomalyDINO, measured offline", "",
         f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by `benchmarks/peers.py` (total {total_s:.0f} s"
         + (" for the last command" if multi else "") + "). " + status, "",
-        (f"Commands (rows from several runs, `--keep-previous`; each row's command is in results/peers.json): `"
+        ("Commands (rows from several runs, `--keep-previous`; each row's command is in results/peers.json): `"
          + "`; `".join(command.split(" ; ")) + "`") if multi else f"Command: `{command}`", "",
         f"Machine: {machine}. Versions: python {v['python']}, anomalib {v['anomalib']}, torch {v['torch']}, "
         f"timm {v['timm']}.", "",

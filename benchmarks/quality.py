@@ -77,16 +77,22 @@ def scaled_warmup(stage: str, epochs: int) -> int:
     return int(round(epochs * paper_warm / paper_epochs))
 
 
-def run_config(args, dataset: str, category: str, seed: int) -> Config:
+def schedule_config(args, dataset: str, category: str, seed: int, out_dir: Path) -> Config:
+    """The run config every benchmark here shares: data, backbone, device, the (shortened) schedule with
+    its scaled warm-up, data-loader workers; everything else at the defaults. Used by ablations.py too."""
     root = args.data_root if dataset == "mvtec" and args.data_root else DATA_ROOTS[dataset]
     root = str((ROOT / root).resolve()) if not os.path.isabs(root) else root
-    out = ROOT / args.runs / f"{dataset}_{category}" / f"seed{seed}"
-    return replace(Config(), seed=seed, device=args.device, backbone=args.backbone, out_dir=str(out),
+    return replace(Config(), seed=seed, device=args.device, backbone=args.backbone, out_dir=str(out_dir),
                    data={"dataset": dataset, "root": root, "category": category},
                    pretrain={"epochs": args.pretrain_epochs, "num_workers": args.workers,
                              "warmup_epochs": scaled_warmup("pretrain", args.pretrain_epochs)},
                    finetune={"epochs": args.finetune_epochs, "num_workers": args.workers,
-                             "warmup_epochs": scaled_warmup("finetune", args.finetune_epochs)},
+                             "warmup_epochs": scaled_warmup("finetune", args.finetune_epochs)})
+
+
+def run_config(args, dataset: str, category: str, seed: int) -> Config:
+    out = ROOT / args.runs / f"{dataset}_{category}" / f"seed{seed}"
+    return replace(schedule_config(args, dataset, category, seed, out),
                    evaluate={"knn_layer": args.knn_layer, "knn_backbone": "init", "fusion": "fused",
                              **({"knn_sizes": tuple(args.knn_sizes)} if args.knn_sizes else {})})
 
@@ -94,8 +100,9 @@ def run_config(args, dataset: str, category: str, seed: int) -> Config:
 def trained_by_ablations(args, dataset: str, category: str, seed: int) -> tuple[Path, dict]:
     """The paper-configuration detector that ``benchmarks/ablations.py`` trained (row "apmask") for this
     seed and schedule, and its training times read from the runs' per-epoch logs."""
-    base = ROOT / args.trained_runs / f"{dataset}_{category}" / f"seed{seed}"
-    pdir, fdir = base / "pretrain_apmask" / "pretrain", base / "pt-apmask" / "finetune"
+    from ablations import BY_NAME, run_dirs  # ablations imports this module: import here, not at the top
+
+    pdir, fdir = run_dirs(ROOT / args.trained_runs, BY_NAME["apmask"], dataset, category, seed)
     times = {}
     for stage, d, epochs in (("pretrain", pdir, args.pretrain_epochs), ("finetune", fdir, args.finetune_epochs)):
         if not (d / "config.json").is_file() or not (d / "log.jsonl").is_file():

@@ -60,7 +60,7 @@ from apmask_lib.fastpath import COMPILE_MODES, compile_blocks  # noqa: E402
 from apmask_lib.multicrop import MultiCrop, cache_short_side, load_image_bank  # noqa: E402
 from apmask_lib.multiscale import predict_multiscale, scale_sizes  # noqa: E402
 from apmask_lib.sinkhorn import sinkhorn, swapped_prediction_loss  # noqa: E402
-from apmask_lib.utils import atomic_write_text, cpu_model, resolve_device  # noqa: E402
+from apmask_lib.utils import atomic_write_text, cpu_model, resolve_device, synchronize as sync  # noqa: E402
 
 # dense (no sparsity) bf16 tensor-core peak, FLOP/s, from the vendors' data sheets
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "L4": 121e12,
@@ -72,11 +72,6 @@ PRESETS = {
     "full": {"backbone": "dinov2-s14-offline", "global_size": 224, "local_size": 96, "image_size": 224,
              "scales": (224, 320, 384, 416, 448, 512), "hidden_dim": 2048},
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[int], object], n: int, warmup: int, device: torch.device) -> float:
@@ -169,15 +164,8 @@ def bench_pretrain(cfg: Config, dataset, device: torch.device, args) -> dict:
         opt = torch.optim.AdamW(PT.param_groups(student), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
 
         def full_step(i: int, student=student, teacher=teacher, opt=opt, pm=pm) -> None:
-            views, g = views_for(i)
-            with autocast:
-                loss = PT.pretrain_loss(student, teacher, views, pm, g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), p.clip_grad)
-            opt.step()
-            student.head.prototypes.normalize_()
-            PT.ema_update(teacher, student, 0.996)
+            views, g = views_for(i)  # the training loop's step, as run_pretrain runs it
+            PT.train_step(student, teacher, opt, views, pm, g, 0.996, autocast)
 
         # student-only: precomputed views / keep indices / codes, cycled
         pre = []
@@ -264,7 +252,7 @@ def bench_finetune(cfg: Config, dataset, device: torch.device, args) -> dict:
     build_s = time.perf_counter() - t0
     step_s = timed(lambda i: FT.train_step(model, opt, cached[i % 2], f, device, autocast), args.steps, args.warmup,
                    device)
-    B = batches.batch_size if hasattr(batches, "batch_size") else f.batch_size
+    B = batches.batch_size
     return {"step_ms": 1e3 * step_s, "data_ms_per_batch": 1e3 * data_s, "workers": f.num_workers,
             "flops_per_step": flops, "images_per_s": B / step_s, "first_step_s": build_s,
             "iters_per_epoch": batches.steps_per_epoch, "batch": B, "model": model}
