@@ -13,6 +13,12 @@ from typing import Any, Optional, get_type_hints
 
 import yaml
 
+RANK_SOURCES = ("view", "image")    # pretrain.rank_source values
+
+# keys added after runs were written, with the value that reproduces the older behaviour: left out of
+# resume fingerprints while they hold it, so checkpoints written before the key existed still resume
+FINGERPRINT_OMIT_AT = {("pretrain", "rank_source"): "view"}
+
 
 @dataclass
 class DataConfig:
@@ -53,8 +59,15 @@ class PretrainConfig:
     freeze_prototypes_iters: int = 0
     num_workers: int = 2
     teacher_view: str = "second"     # teacher's unmasked global view: "second" = another global crop (DINO/SwAV), "same" = the student's global crop unmasked
+    rank_source: str = "view"        # mask=apmask, where the teacher's [CLS] attention that ranks a view's patches is taken: "view" = on that student view
+                                     # (one teacher pass per view size); "image" = once on the whole image at global_size, resampled onto each view's
+                                     # crop box (fewer teacher tokens, README "Design choices"); quality at the full schedule not yet compared
     log_every: int = 20              # steps between loss read-backs (host syncs) / CSV rows flushed; NaN is caught at these points
     compile: str = "none"            # torch.compile each ViT block: none | default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs | aot_eager (apmask_lib/fastpath.py); same maths
+
+    def __post_init__(self):
+        if self.rank_source not in RANK_SOURCES:
+            raise ValueError(f"pretrain.rank_source must be one of {', '.join(RANK_SOURCES)}, got {self.rank_source!r}")
 
 
 @dataclass
@@ -102,7 +115,8 @@ class EvaluateConfig:
     knn_sizes: tuple[int, ...] = (224, 448)  # input sizes of the kNN branch (snapped to the patch size), maps/scores averaged as the paper averages scales; AnomalyDINO alone: (448,)
     knn_k: int = 1                   # neighbours averaged per patch (AnomalyDINO: 1)
     knn_coreset: float = 1.0         # fraction of training patches kept in the bank (greedy coreset); 1.0 = all (AnomalyDINO full-shot)
-    knn_sigma: float = 4.0           # Gaussian smoothing of kNN maps, pixels at the image's original size (PatchCore/AnomalyDINO: 4)
+    knn_sigma: float = 4.0           # Gaussian smoothing of kNN maps in pixels (PatchCore/AnomalyDINO: 4), at the resolution knn_sigma_at names
+    knn_sigma_at: str = "output"     # where knn_sigma applies: output = the image's stored size (AnomalyDINO's dists2map) | input = the network input size (PatchCore/anomalib); results/knn_readout.md
     fusion: str = "knn"              # with knn_layer set, extension outputs: knn (kNN alone) | fused (also z-normalised kNN + detector; helped only where the detector is good, results/quality*.md); in metrics.json under methods.*, top-level keys stay the paper method's
     knn_holdout: float = 0.1         # fraction of training images held out of a bank to estimate the normal statistics used by fusion
 
@@ -207,5 +221,5 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     return from_dict(d)
 
 
-__all__ = ["Config", "DataConfig", "PretrainConfig", "FinetuneConfig", "EvaluateConfig",
-           "load_params", "from_dict", "apply_overrides", "replace", "dataclasses"]
+__all__ = ["RANK_SOURCES", "FINGERPRINT_OMIT_AT", "Config", "DataConfig", "PretrainConfig", "FinetuneConfig",
+           "EvaluateConfig", "load_params", "from_dict", "apply_overrides", "replace", "dataclasses"]

@@ -10,7 +10,9 @@ Where the scores come from (a choice of this implementation, made in
 *same* student view, computed under ``torch.no_grad()``. The teacher is the slowly moving,
 stabler network (its attention is the "semantic" map the paper shows), and computing the
 ranking without gradient keeps the mask a pure data augmentation (no gradient flows
-through the ranking, it is not differentiable anyway).
+through the ranking, it is not differentiable anyway). Option ``pretrain.rank_source="image"``:
+the teacher's attention on the whole image instead, resampled onto each view's crop box
+(:func:`attention_on_boxes`), one teacher pass per image instead of one per view.
 
 Ablations (Table 4) are parameters of the same function:
 
@@ -132,6 +134,53 @@ def keep_indices(scores: torch.Tensor, ratio: float, kind: str = "apmask",
     return keep.to(device, non_blocking=True)
 
 
+def attention_on_boxes(att_map: torch.Tensor, image_sizes: torch.Tensor, boxes: torch.Tensor,
+                       index: torch.Tensor, flip: Optional[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    """Ranking scores of views cut from an image, read off ONE attention map of the whole image.
+
+    Approximates Eq. 2 (the teacher's last-layer [CLS]->patch attention, mean over heads, on a
+    student view) by the teacher's attention on the *whole* image, resampled onto the view's crop
+    box at the view's own patch grid (``pretrain.rank_source="image"``). Why: the per-view
+    ranking passes (the student global view and every local view through the teacher) are
+    replaced by one pass per image at the global size -- fewer teacher tokens (paper sizes,
+    ViT-S/16: 197 + 8 * 37 = 493 ranking tokens per image become 197; counted FLOPs of the teacher
+    0.57x, of the whole step 0.83x; on a 2-core CPU the tiny preset's step time did not change
+    beyond noise; README "Speed", ``benchmarks/speed.py --rank-image``). What it loses: the
+    attention is that of the image in its context, not of the cropped (and colour-jittered)
+    view, and a small local crop is read off few map cells (bilinear upsampling).
+
+    att_map:     (B, h, w) attention of image b on a patch grid spanning exactly the region
+                 ``image_sizes[b]`` of that image (cell (i, j) covers rows [i, i+1) * H / h).
+    image_sizes: (B, 2) the (height, width), in image pixels, the map spans.
+    boxes:       (M, 4) crop boxes (x1, y1, x2, y2) in image pixels, the region each view's
+                 patch grid covers.
+    index:       (M,) which image (row of ``att_map``) each box is cut from.
+    flip:        (M,) bool, True where the view was mirrored horizontally after the crop; None = none.
+    grid:        (gh, gw) the views' patch grid.
+    Returns (M, gh * gw) float32, row-major like the views' patch tokens. Bilinear sampling at
+    the centre of each view patch (``torchvision.ops.roi_align``, ``aligned=True``; several
+    samples averaged where a view patch spans more than one map cell), clamped at the map's
+    border. Pure tensor maths on the map's device, no host synchronisation.
+    """
+    from torchvision.ops import roi_align
+
+    if att_map.dim() != 3:
+        raise ValueError(f"att_map must be (B, h, w), got shape {tuple(att_map.shape)}")
+    h, w = att_map.shape[1:]
+    dev = att_map.device
+    sz = image_sizes.to(dev, torch.float32)[index.to(dev)]  # (M, 2) = (H, W) of each box's image
+    b = boxes.to(dev, torch.float32)
+    # image pixels -> map cells; multiply before dividing so a full box maps to exactly (0, 0, w, h)
+    x1, x2 = b[:, 0] * w / sz[:, 1], b[:, 2] * w / sz[:, 1]
+    y1, y2 = b[:, 1] * h / sz[:, 0], b[:, 3] * h / sz[:, 0]
+    rois = torch.stack([index.to(dev, torch.float32), x1, y1, x2, y2], dim=1)
+    out = roi_align(att_map.float().unsqueeze(1), rois, output_size=tuple(grid), spatial_scale=1.0,
+                    sampling_ratio=-1, aligned=True)[:, 0]  # (M, gh, gw)
+    if flip is not None:
+        out = torch.where(flip.to(dev).view(-1, 1, 1), out.flip(-1), out)
+    return out.reshape(out.shape[0], -1)
+
+
 def dropped_mask(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
     """(B, N) bool, True where a patch was dropped (for figures and tests)."""
     mask = torch.ones(keep_idx.shape[0], n, dtype=torch.bool, device=keep_idx.device)
@@ -139,4 +188,4 @@ def dropped_mask(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
     return mask
 
 
-__all__ = ["KINDS", "num_dropped", "keep_indices", "dropped_mask"]
+__all__ = ["KINDS", "num_dropped", "keep_indices", "attention_on_boxes", "dropped_mask"]

@@ -235,9 +235,11 @@ def solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = SOLARIZE_T
 
 
 def photometric(x: torch.Tensor, generator: Optional[torch.Generator], blur_p: float,
-                solarize_p: float = 0.0) -> torch.Tensor:
+                solarize_p: float = 0.0, params_out: Optional[dict] = None) -> torch.Tensor:
     """DINO's per-view pipeline after the crop: flip, colour jitter, grayscale, blur,
-    solarisation, with per-sample random parameters drawn from ``generator`` (CPU)."""
+    solarisation, with per-sample random parameters drawn from ``generator`` (CPU).
+    ``params_out``: a dict that, when given, receives ``"flip"`` ((M,) bool on ``x.device``,
+    True where the view was mirrored horizontally); it draws nothing more from ``generator``."""
     M = x.shape[0]
     u = torch.rand(5, M, generator=generator)
     f = torch.rand(4, M, generator=generator)
@@ -247,6 +249,8 @@ def photometric(x: torch.Tensor, generator: Optional[torch.Generator], blur_p: f
     flip, jit, gray, blur, sol = u[0] < FLIP_P, u[1] < JITTER_P, u[2] < GRAY_P, u[3] < blur_p, u[4] < solarize_p
     b, c, s, h = JITTER
     one = torch.ones(M, device=dev)
+    if params_out is not None:
+        params_out["flip"] = flip
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     x = adjust_brightness(x, torch.where(jit, 1 - b + 2 * b * f[0], one))
     x = adjust_contrast(x, torch.where(jit, 1 - c + 2 * c * f[1], one))
@@ -261,11 +265,34 @@ def photometric(x: torch.Tensor, generator: Optional[torch.Generator], blur_p: f
 @dataclass
 class MultiCropViews:
     """teacher: (B, 3, G, G) unmasked teacher view; student_global: (B, 3, G, G);
-    local: (n_local * B, 3, L, L), view-major (row v * B + b is local view v of image b)."""
+    local: (n_local * B, 3, L, L), view-major (row v * B + b is local view v of image b).
+
+    Where the student views come from (filled by :class:`MultiCrop`; None when the views were
+    built otherwise): ``images`` the float (B, 3, H, W) batch in [0, 1] they were cut from,
+    ``sizes`` (B, 2) its valid (h, w) per image, ``student_global_boxes`` (B, 4) and
+    ``local_boxes`` (n_local * B, 4) the crop boxes (x1, y1, x2, y2) in those images' pixels,
+    ``student_global_flip`` (B,) and ``local_flip`` (n_local * B,) bool, True where the view
+    was mirrored horizontally after the crop. Used by ``pretrain.rank_source="image"``."""
 
     teacher: torch.Tensor
     student_global: torch.Tensor
     local: torch.Tensor
+    images: Optional[torch.Tensor] = None
+    sizes: Optional[torch.Tensor] = None
+    student_global_boxes: Optional[torch.Tensor] = None
+    student_global_flip: Optional[torch.Tensor] = None
+    local_boxes: Optional[torch.Tensor] = None
+    local_flip: Optional[torch.Tensor] = None
+
+    def whole_image(self, size: int) -> torch.Tensor:
+        """The whole valid region of every source image resized to ``size`` x ``size`` (one
+        :func:`crop_resize` with the full box; no flip, no photometrics): (B, 3, size, size)."""
+        if self.images is None or self.sizes is None:
+            raise ValueError("these views carry no source images/sizes (built outside MultiCrop?)")
+        sizes = self.sizes.to(self.images.device, non_blocking=True)
+        boxes = torch.zeros(sizes.shape[0], 4, device=self.images.device)
+        boxes[:, 2], boxes[:, 3] = sizes[:, 1], sizes[:, 0]
+        return crop_resize(self.images, boxes, torch.arange(sizes.shape[0], device=self.images.device), size)
 
 
 @dataclass(frozen=True)
@@ -292,27 +319,34 @@ class MultiCrop:
                    getattr(p, "teacher_view", "second"))
 
     def _views(self, images, sizes, n, size, scale, blur_p, sol_p, generator):
+        """(views, boxes on images.device, flip mask or None)."""
         B = images.shape[0]
         boxes = random_resized_crop_boxes(sizes.repeat(n, 1), scale, generator=generator)
         index = torch.arange(B).repeat(n)
-        x = crop_resize(images, boxes.to(images.device, non_blocking=True),
-                       index.to(images.device, non_blocking=True), size)
-        return photometric(x, generator, blur_p, sol_p)
+        boxes = boxes.to(images.device, non_blocking=True)
+        x = crop_resize(images, boxes, index.to(images.device, non_blocking=True), size)
+        drawn: dict = {}
+        x = photometric(x, generator, blur_p, sol_p, params_out=drawn)
+        return x, boxes, drawn.get("flip")
 
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> MultiCropViews:
         """images: (B, 3, H, W) uint8 (or float in [0, 1]) on any device, sizes (B, 2) valid (h, w)."""
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        teacher = self._views(x, sizes, 1, self.global_size, self.global_scale, 1.0, 0.0, generator)
+        teacher, t_boxes, t_flip = self._views(x, sizes, 1, self.global_size, self.global_scale, 1.0, 0.0, generator)
         if self.teacher_view == "same":
-            student = teacher
+            student, s_boxes, s_flip = teacher, t_boxes, t_flip
         else:
-            student = self._views(x, sizes, 1, self.global_size, self.global_scale, 0.1, 0.2, generator)
+            student, s_boxes, s_flip = self._views(x, sizes, 1, self.global_size, self.global_scale, 0.1, 0.2,
+                                                   generator)
         if self.n_local:
-            local = self._views(x, sizes, self.n_local, self.local_size, self.local_scale, 0.5, 0.0, generator)
+            local, l_boxes, l_flip = self._views(x, sizes, self.n_local, self.local_size, self.local_scale, 0.5, 0.0,
+                                                 generator)
         else:
             local = x.new_zeros(0, 3, self.local_size, self.local_size)
-        return MultiCropViews(teacher, student, local)
+            l_boxes, l_flip = x.new_zeros(0, 4), torch.zeros(0, dtype=torch.bool, device=x.device)
+        return MultiCropViews(teacher, student, local, images=x, sizes=sizes, student_global_boxes=s_boxes,
+                              student_global_flip=s_flip, local_boxes=l_boxes, local_flip=l_flip)
 
 
 __all__ = ["ImageBank", "load_image_bank", "cache_short_side", "random_resized_crop_boxes", "crop_resize",

@@ -12,7 +12,9 @@ One step, for a batch of B images (all sizes from :class:`~apmask_lib.config.Pre
    teacher also runs on every *student* view and its last-layer [CLS]->patch attention (mean over
    heads, Eq. 2) ranks the patches; this is computed under ``no_grad`` on the same view the
    student will see (global views in one pass of 2B images, the locals in one pass of
-   ``n_local * B``).
+   ``n_local * B``). Option ``rank_source="image"``: the attention instead comes from the
+   teacher on the whole images (resized to ``global_size``, in the teacher view's pass),
+   resampled onto each student view's crop box (:func:`~apmask_lib.masking.attention_on_boxes`).
 3. **Masking** (:func:`~apmask_lib.masking.keep_indices`): the ``ceil(r * N)`` least-attended
    patch tokens of each student view are removed from its sequence (``keep_idx``), so the
    student really processes fewer tokens; ``random``/``block``/``none`` are the ablations.
@@ -51,9 +53,9 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import RANK_SOURCES, Config
 from .fastpath import compile_blocks
-from .masking import KINDS, keep_indices, num_dropped
+from .masking import KINDS, attention_on_boxes, keep_indices, num_dropped
 from .models import VisionTransformer, build_backbone
 from .models.heads import ProjectionMLP, Prototypes
 from .multicrop import ImageBank, MultiCrop, cache_short_side, load_image_bank
@@ -128,14 +130,54 @@ def _keep(scores: Optional[torch.Tensor], n_views: int, grid: tuple[int, int], k
     return keep_indices(scores, ratio, kind, generator, grid)
 
 
-def student_views(teacher: SwAVNet, views, mask: str, ratio: float, generator: torch.Generator):
+def _grid_boxes(boxes: torch.Tensor, flip: Optional[torch.Tensor], view_hw: Sequence[int], grid: tuple[int, int],
+                patch: int) -> torch.Tensor:
+    """The part of each crop box (x1, y1, x2, y2, image pixels) a view's patch grid covers: the
+    patch embedding drops the last ``view % patch`` rows/columns of the view (of the mirrored
+    crop where ``flip``, i.e. its left side). The whole box when the view size is a multiple
+    of the patch size."""
+    fy, fx = grid[0] * patch / view_hw[0], grid[1] * patch / view_hw[1]
+    if fx == 1.0 and fy == 1.0:
+        return boxes
+    x1, y1, x2, y2 = boxes.unbind(1)
+    cw, ch = (x2 - x1) * fx, (y2 - y1) * fy
+    left = x1 if flip is None else torch.where(flip.to(boxes.device), x2 - cw, x1)
+    return torch.stack([left, y1, left + cw, y1 + ch], dim=1)
+
+
+def _image_rank_scores(att: torch.Tensor, bb, views, size: int, boxes: torch.Tensor, flip: Optional[torch.Tensor],
+                       view_hw: Sequence[int]) -> torch.Tensor:
+    """Scores (M, N) for the views with crop ``boxes``, from the teacher's (B, h*w) attention
+    ``att`` on the whole images resized to ``size`` (:func:`~apmask_lib.masking.attention_on_boxes`)."""
+    if boxes is None or views.sizes is None:
+        raise ValueError("pretrain.rank_source='image' needs the views' crop boxes and image sizes "
+                         "(MultiCropViews from MultiCrop)")
+    B = att.shape[0]
+    h, w = bb.grid_size(size, size)
+    sizes = views.sizes.to(att.device, non_blocking=True).float()
+    span = torch.stack([sizes[:, 0] * (h * bb.patch_size / size), sizes[:, 1] * (w * bb.patch_size / size)], dim=1)
+    grid = bb.grid_size(*view_hw)
+    index = torch.arange(B, device=att.device).repeat(boxes.shape[0] // B)
+    return attention_on_boxes(att.reshape(B, h, w), span, _grid_boxes(boxes, flip, view_hw, grid, bb.patch_size),
+                              index, flip, grid)
+
+
+def student_views(teacher: SwAVNet, views, mask: str, ratio: float, generator: torch.Generator,
+                  rank_source: str = "view"):
     """Teacher pass (no grad) and token selection. Returns (teacher scores (B, K),
     [(student global, keep_idx), (locals, keep_idx)]) -- the keep_idx come from the teacher's
-    last-layer [CLS] attention on the student views for ``mask="apmask"``."""
+    last-layer [CLS] attention for ``mask="apmask"``: on the student views themselves
+    (``rank_source="view"``), or on the whole images, resampled onto each view's crop box
+    (``rank_source="image"``; with ``teacher_view="same"`` the student global view still uses
+    the teacher pass's own attention, which costs nothing)."""
+    if rank_source not in RANK_SOURCES:
+        raise ValueError(f"rank_source must be one of {RANK_SOURCES}, got {rank_source!r}")
     bb = teacher.backbone
     B = views.teacher.shape[0]
     need_attn = mask == "apmask"
     same = views.student_global is views.teacher
+    if need_attn and rank_source == "image":
+        return _student_views_from_image(teacher, views, mask, ratio, generator, same)
     with torch.no_grad():
         if same or not need_attn:
             out = bb(views.teacher, attn="cls" if (need_attn and same) else None)
@@ -157,9 +199,35 @@ def student_views(teacher: SwAVNet, views, mask: str, ratio: float, generator: t
     return t_scores, groups
 
 
+def _student_views_from_image(teacher: SwAVNet, views, mask: str, ratio: float, generator: torch.Generator,
+                              same: bool):
+    """:func:`student_views` for ``rank_source="image"``: ONE teacher forward of the teacher views
+    and the whole images (both at the global size, 2B images; B when ``same`` and no locals)."""
+    bb = teacher.backbone
+    B = views.teacher.shape[0]
+    G = views.teacher.shape[-1]
+    g_hw, n_loc = views.student_global.shape[-2:], views.local.shape[0]
+    with torch.no_grad():
+        whole = views.whole_image(G) if (not same or n_loc) else None
+        out = bb(views.teacher if whole is None else torch.cat([views.teacher, whole]), attn="cls")
+        t_scores = teacher.head(out.cls[:B])
+        att = out.cls_attention()
+        g_attn = att[:B] if same else _image_rank_scores(att[B:], bb, views, G, views.student_global_boxes,
+                                                         views.student_global_flip, g_hw)
+        l_attn = _image_rank_scores(att[B:], bb, views, G, views.local_boxes, views.local_flip,
+                                    views.local.shape[-2:]) if n_loc else None
+    dev = views.teacher.device
+    groups = [(views.student_global, _keep(g_attn, B, bb.grid_size(*g_hw), mask, ratio, generator, dev))]
+    if n_loc:
+        l_grid = bb.grid_size(*views.local.shape[-2:])
+        groups.append((views.local, _keep(l_attn, n_loc, l_grid, mask, ratio, generator, dev)))
+    return t_scores, groups
+
+
 def pretrain_loss(student: nn.Module, teacher: SwAVNet, views, cfg_p, generator: torch.Generator) -> torch.Tensor:
     """Eq. 1 for one batch of views (teacher pass, APMask, student pass, Sinkhorn, CE)."""
-    t_scores, groups = student_views(teacher, views, cfg_p.mask, cfg_p.mask_ratio, generator)
+    t_scores, groups = student_views(teacher, views, cfg_p.mask, cfg_p.mask_ratio, generator,
+                                     getattr(cfg_p, "rank_source", "view"))
     s_scores = student(groups)
     q = sinkhorn(t_scores, eps=cfg_p.sinkhorn_eps, iters=cfg_p.sinkhorn_iters)
     codes = q / q.sum(dim=1, keepdim=True)  # = Q * B_global: per-sample code distributions
@@ -262,6 +330,8 @@ def run_pretrain(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     p = cfg.pretrain
     if p.mask not in KINDS:
         raise ValueError(f"pretrain.mask must be one of {KINDS}, got {p.mask!r}")
+    if getattr(p, "rank_source", "view") not in RANK_SOURCES:
+        raise ValueError(f"pretrain.rank_source must be one of {RANK_SOURCES}, got {p.rank_source!r}")
     out = Path(cfg.out_dir) / "pretrain"
     ckpt_path, backbone_path = out / "checkpoint.pt", out / "backbone.pt"
     rank, world, device, created_pg = _dist_setup(cfg)

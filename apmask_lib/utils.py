@@ -194,8 +194,17 @@ def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
 
 def config_fingerprint(cfg: Any, ignored: Iterable[tuple[str, ...]]) -> dict[str, Any]:
     """The run config as a plain dict without the keys that do not change the weights
-    (``ignored``: key paths such as ``("pretrain", "num_workers")``); compared on resume."""
+    (``ignored``: key paths such as ``("pretrain", "num_workers")``); compared on resume. Keys of
+    :data:`apmask_lib.config.FINGERPRINT_OMIT_AT` are left out while they hold their listed value."""
+    from .config import FINGERPRINT_OMIT_AT
+
     d = json.loads(json.dumps(cfg.to_dict(), default=str))
+    for path, value in FINGERPRINT_OMIT_AT.items():
+        node = d
+        for k in path[:-1]:
+            node = node.get(k, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and node.get(path[-1], object()) == value:
+            node.pop(path[-1])
     for path in ignored:
         node = d
         for k in path[:-1]:

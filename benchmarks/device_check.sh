@@ -23,7 +23,7 @@ common=(--device "$DEVICE" --size "$SIZE" --backbone "$BACKBONE" --data demo-bot
 if [ "$E2E" = 1 ]; then
   timeout 540 $PY benchmarks/speed.py "${common[@]}" --compile "${COMPILE:-none}" --e2e 2>&1 | tee "$OUT/speed_e2e.log"
 else
-  timeout 220 $PY benchmarks/speed.py "${common[@]}" --compile none 2>&1 | tee "$OUT/speed_none.log"
+  timeout 220 $PY benchmarks/speed.py "${common[@]}" --compile none --rank-image 2>&1 | tee "$OUT/speed_none.log"
   timeout 300 $PY benchmarks/speed.py "${common[@]}" --compile "${COMPILE:-reduce-overhead}" 2>&1 | tee "$OUT/speed_compiled.log"
 fi
 echo "device_check: $(( $(date +%s) - start )) s"

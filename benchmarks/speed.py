@@ -8,6 +8,10 @@ What it measures, on real MVTec AD bottle images (``../shared/data/mvtec_ad/bott
    * student step (forward + loss + backward + optimiser on precomputed views, keep indices and
      codes): the part APMask makes cheaper. The ratio apmask / none is what the paper's ~30 %
      saving is about (target on GPU: <= 0.75).
+   ``--rank-image`` adds a third variant to the same alternating rounds: ``mask=apmask`` with
+   ``pretrain.rank_source="image"`` (the ranking attention from one teacher pass over the whole
+   image instead of one per student view size; reported as ``apmask_image``, ratios against
+   ``none`` and against the view-ranked ``apmask``). The other figures keep their meaning.
 2. **Fine-tuning**: the GPU step on pregenerated synthetic-anomaly batches, and separately the
    CPU data pipeline (anomaly generation in ``--workers`` processes) in batches/s.
 3. **Evaluation** at the test scales (paper: 224, 320, 384, 416, 448, 512): test images/s of
@@ -154,8 +158,12 @@ def bench_pretrain(cfg: Config, dataset, device: torch.device, args) -> dict:
         return crops(bank.images[idx.to(device)], bank.sizes[idx], g), g
 
     steps: dict = {}
-    for mask in ("none", "apmask"):
-        pm = replace(cfg, pretrain={"mask": mask}).pretrain
+    variants = {"none": {"mask": "none"}, "apmask": {"mask": "apmask"}}
+    if getattr(args, "rank_image", False):
+        variants["apmask_image"] = {"mask": "apmask", "rank_source": "image"}
+    for name, over in variants.items():
+        pm = replace(cfg, pretrain=over).pretrain
+        mask = pm.mask
         torch.manual_seed(0)
         student = PT.build_student(cfg).to(device)
         teacher = copy.deepcopy(student).eval()
@@ -172,7 +180,7 @@ def bench_pretrain(cfg: Config, dataset, device: torch.device, args) -> dict:
         for i in range(4):
             views, g = views_for(20_000 + i)
             with torch.no_grad(), autocast:
-                t_scores, groups = PT.student_views(teacher, views, mask, pm.mask_ratio, g)
+                t_scores, groups = PT.student_views(teacher, views, mask, pm.mask_ratio, g, pm.rank_source)
                 q = sinkhorn(t_scores, eps=pm.sinkhorn_eps, iters=pm.sinkhorn_iters)
             pre.append((groups, (q / q.sum(dim=1, keepdim=True)).detach()))
 
@@ -195,7 +203,7 @@ def bench_pretrain(cfg: Config, dataset, device: torch.device, args) -> dict:
         build_s = time.perf_counter() - t0
 
         student_step(0)  # compiles the student-only shapes if any are new
-        steps[mask] = {"full": full_step, "student": student_step, "flops": flops, "build_s": build_s,
+        steps[name] = {"full": full_step, "student": student_step, "flops": flops, "build_s": build_s,
                        "student_flops": student_flops,
                        "kept_global_tokens": (int(pre[0][0][0][1].shape[1]) if pre[0][0][0][1] is not None
                                               else int(pre[0][0][0][0].shape[-1] // student.backbone.patch_size) ** 2)}
@@ -217,6 +225,10 @@ def bench_pretrain(cfg: Config, dataset, device: torch.device, args) -> dict:
                   "kept_global_tokens": st["kept_global_tokens"], "rounds": rounds, "steps_per_round": per_round}
     out["student_ratio"] = out["apmask"]["student_step_ms"] / out["none"]["student_step_ms"]
     out["step_ratio"] = out["apmask"]["step_ms"] / out["none"]["step_ms"]
+    if "apmask_image" in out:
+        out["image_step_ratio"] = out["apmask_image"]["step_ms"] / out["none"]["step_ms"]
+        out["image_vs_view_step_ratio"] = out["apmask_image"]["step_ms"] / out["apmask"]["step_ms"]
+        out["image_vs_view_flops_ratio"] = out["apmask_image"]["flops_per_step"] / out["apmask"]["flops_per_step"]
     return out
 
 
@@ -307,9 +319,10 @@ def render(entries: dict) -> str:
                   f"Machine: {e['machine']}. Versions: {e['versions']}. Generated {e['when']}. Compile: "
                   f"`{e['compile']}`. Peak used for MFU: {e['peak']}.", "",
                   "| stage | time per step | images/s | GFLOP per step | MFU | notes |", "|---|---|---|---|---|---|"]
-        for mask in ("none", "apmask"):
+        for mask in [v for v in ("none", "apmask", "apmask_image") if v in pt]:
             m = pt[mask]
-            lines.append(f"| pre-training step, mask={mask} | {m['step_ms']:.1f} ms | {m['images_per_s']:.1f} | "
+            label = "apmask, rank_source=image" if mask == "apmask_image" else mask
+            lines.append(f"| pre-training step, mask={label} | {m['step_ms']:.1f} ms | {m['images_per_s']:.1f} | "
                          f"{m['flops_per_step'] / 1e9:.1f} | {e['mfu'][mask]} | student part {m['student_step_ms']:.1f} ms, "
                          f"{m['student_flops_per_step'] / 1e9:.1f} GFLOP; first step (incl. compiling) "
                          f"{m['first_step_s']:.1f} s |")
@@ -321,6 +334,10 @@ def render(entries: dict) -> str:
         lines += ["", f"APMask (r = 0.3) vs. no masking in the same run: student step ratio "
                       f"**{pt['student_ratio']:.3f}**, full step ratio **{pt['step_ratio']:.3f}** (the full step also "
                       "pays the teacher's ranking passes over the student views).", ""]
+        if "apmask_image" in pt:
+            lines += [(f"`rank_source=image` (ranking attention from one teacher pass over the whole image): full "
+                       f"step ratio vs. no masking **{pt['image_step_ratio']:.3f}**, vs. view-ranked APMask "
+                       f"**{pt['image_vs_view_step_ratio']:.3f}** (FLOPs {pt['image_vs_view_flops_ratio']:.3f})."), ""]
         if "e2e" in e:
             x = e["e2e"]
             lines.append(f"End to end (`--e2e`, measured): pre-training {x['pretrain_s']:.0f} s + fine-tuning "
@@ -379,8 +396,14 @@ def main(argv=None) -> int:
     ap.add_argument("--e2e", action="store_true", help="also RUN the schedule end to end (see --e2e-epochs)")
     ap.add_argument("--e2e-epochs", type=int, nargs=2, default=None, metavar=("PRETRAIN", "FINETUNE"),
                     help="end-to-end schedule (default: the paper's 300 100)")
+    ap.add_argument("--rank-image", action="store_true", help="also time mask=apmask with pretrain.rank_source=image "
+                    "(ranking attention from one teacher pass over the whole image) in the same alternating rounds")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 gives steadier "
+                    "timings on a shared machine)")
     ap.add_argument("--results", default="results/benchmarks.json")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -407,7 +430,8 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     res = {"pretrain": bench_pretrain(cfg, dataset, device, args)}
     print("  pretrain: " + ", ".join(f"{m} {res['pretrain'][m]['step_ms']:.1f} ms (student "
-                                       f"{res['pretrain'][m]['student_step_ms']:.1f})" for m in ("none", "apmask"))
+                                       f"{res['pretrain'][m]['student_step_ms']:.1f})"
+                                       for m in ("none", "apmask", "apmask_image") if m in res["pretrain"])
           + f"; student ratio {res['pretrain']['student_ratio']:.3f}", flush=True)
     ft = bench_finetune(cfg, dataset, device, args)
     model = ft.pop("model")
@@ -417,7 +441,7 @@ def main(argv=None) -> int:
     print(f"  evaluate: {res['evaluate']['images_per_s']:.1f} images/s at {res['evaluate']['scales']}", flush=True)
     peak, peak_txt = peak_flops(device)
     res["mfu"] = {m: mfu(res["pretrain"][m]["flops_per_step"], res["pretrain"][m]["step_ms"], peak)
-                  for m in ("none", "apmask")}
+                  for m in ("none", "apmask", "apmask_image") if m in res["pretrain"]}
     res["mfu"]["finetune"] = mfu(ft["flops_per_step"], ft["step_ms"], peak)
     res["projection"] = projection(res)
     if args.e2e:
