@@ -224,13 +224,15 @@ class KnnExtension:
 
     def __init__(self, cfg: Config, dataset: AnomalyDataset, model: torch.nn.Module, sizes: Sequence[int],
                  device: torch.device):
-        from .knn import KnnScorer, MemoryBank, RunningStats, average_outputs, holdout_indices, logit
+        from .knn import SIGMA_AT, KnnScorer, MemoryBank, RunningStats, average_outputs, holdout_indices, logit
 
         ecfg = cfg.evaluate
         if ecfg.fusion not in FUSIONS:
             raise ValueError(f"evaluate.fusion must be one of {FUSIONS}, got {ecfg.fusion!r}")
         if ecfg.knn_backbone not in KNN_BACKBONES:
             raise ValueError(f"evaluate.knn_backbone must be one of {KNN_BACKBONES}, got {ecfg.knn_backbone!r}")
+        if ecfg.knn_sigma_at not in SIGMA_AT:
+            raise ValueError(f"evaluate.knn_sigma_at must be one of {SIGMA_AT}, got {ecfg.knn_sigma_at!r}")
         if not ecfg.knn_sizes:
             raise ValueError("evaluate.knn_sizes is empty; give at least one input size, e.g. [448]")
         self.fusion, self.score = ecfg.fusion, ecfg.score
@@ -243,7 +245,7 @@ class KnnExtension:
             backbone = build_backbone(cfg.backbone, seed=cfg.seed).to(device).eval()
         scorers: dict[int, KnnScorer] = {}
         for size in ecfg.knn_sizes:
-            sc = KnnScorer(backbone, ecfg.knn_layer, size, k=ecfg.knn_k, sigma=ecfg.knn_sigma,
+            sc = KnnScorer(backbone, ecfg.knn_layer, size, k=ecfg.knn_k, sigma=ecfg.knn_sigma, sigma_at=ecfg.knn_sigma_at,
                            coreset=ecfg.knn_coreset, seed=cfg.seed, device=device)
             scorers.setdefault(sc.size, sc)  # sizes that snap to the same grid are used once
         self.scorers = list(scorers.values())
@@ -302,7 +304,7 @@ class KnnExtension:
             "knn_layer": ecfg.knn_layer, "knn_backbone": ecfg.knn_backbone,
             "knn_backbone_source": cfg.backbone if ecfg.knn_backbone == "init" else "finetuned detector",
             "knn_sizes": [sc.size for sc in self.scorers], "knn_grids": [list(sc.grid) for sc in self.scorers],
-            "knn_k": ecfg.knn_k, "knn_coreset": ecfg.knn_coreset, "knn_sigma": ecfg.knn_sigma,
+            "knn_k": ecfg.knn_k, "knn_coreset": ecfg.knn_coreset, "knn_sigma": ecfg.knn_sigma, "knn_sigma_at": ecfg.knn_sigma_at,
             "final_norm": self.scorers[0].final_norm, "top_fraction": self.scorers[0].top_fraction,
             "fusion": ecfg.fusion, "methods": list(self.methods),
             "bank_patches": [len(sc.bank) for sc in self.scorers], "bank_images": len(train),

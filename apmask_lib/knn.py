@@ -246,14 +246,34 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
-def distance_map(dists: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
-    """Patch distances (B, h*w) -> (B, H, W) pixel map: bilinear upsampling of the (h, w) grid to
-    ``size`` (H, W), then Gaussian smoothing with ``sigma`` pixels at that size (AnomalyDINO's
-    ``dists2map`` / PatchCore: sigma 4)."""
+SIGMA_AT = ("output", "input")
+
+
+def distance_map(dists: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], sigma: float = 4.0,
+                 sigma_at: str = "output", input_size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Patch distances (B, h*w) -> (B, H, W) pixel map.
+
+    ``sigma_at="output"``: bilinear upsampling of the (h, w) grid to ``size`` (H, W), then Gaussian
+    smoothing with ``sigma`` pixels at that size (AnomalyDINO's ``dists2map``: sigma 4 at the
+    image's own resolution). ``sigma_at="input"``: bilinear upsampling to the network's
+    ``input_size`` (the resized image the patches were computed on), smoothing with ``sigma``
+    pixels THERE, then bilinear resizing to ``size`` (PatchCore's and anomalib's convention: sigma 4
+    at the input resolution), so the smoothing is a fixed fraction of a patch whatever the size
+    the image is stored at."""
+    if sigma_at not in SIGMA_AT:
+        raise ValueError(f"sigma_at must be one of {SIGMA_AT}, got {sigma_at!r}")
     b = dists.shape[0]
     g = dists.reshape(b, 1, *grid).float()
-    up = F.interpolate(g, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
-    return gaussian_blur(up, sigma)
+    if sigma_at == "output":
+        up = F.interpolate(g, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+        return gaussian_blur(up, sigma)
+    if input_size is None:
+        raise ValueError("sigma_at='input' needs input_size, the (H, W) the patch grid was computed at")
+    up = F.interpolate(g, size=tuple(input_size), mode="bilinear", align_corners=False)[:, 0]
+    up = gaussian_blur(up, sigma)
+    if tuple(input_size) == tuple(size):
+        return up
+    return F.interpolate(up[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,11 +297,14 @@ class KnnScorer:
 
     def __init__(self, backbone: torch.nn.Module, layer: int, size: int = 448, k: int = 1, sigma: float = 4.0,
                  final_norm: bool = True, coreset: float = 1.0, coreset_method: str = "greedy", seed: int = 0,
-                 top_fraction: float = 0.01, device: torch.device | str = "cpu"):
+                 top_fraction: float = 0.01, device: torch.device | str = "cpu", sigma_at: str = "output"):
         from .multiscale import snap_size
 
+        if sigma_at not in SIGMA_AT:
+            raise ValueError(f"sigma_at must be one of {SIGMA_AT}, got {sigma_at!r}")
         self.backbone = backbone
         self.layer, self.k, self.sigma, self.final_norm = int(layer), int(k), float(sigma), bool(final_norm)
+        self.sigma_at = sigma_at
         self.top_fraction = float(top_fraction)
         self.size = snap_size(int(size), int(backbone.patch_size))
         self.grid = (self.size // backbone.patch_size,) * 2
@@ -310,7 +333,8 @@ class KnnScorer:
     def readout(self, dists: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> KnnOutput:
         """Patch distances (B, N) -> image scores and pixel maps at ``shapes`` (H_i, W_i)."""
         scores = top_fraction_mean(dists, self.top_fraction).double().cpu().numpy()
-        maps = [distance_map(dists[i:i + 1], self.grid, tuple(hw), self.sigma)[0].cpu().numpy()
+        maps = [distance_map(dists[i:i + 1], self.grid, tuple(hw), self.sigma, self.sigma_at,
+                             (self.size, self.size))[0].cpu().numpy()
                 for i, hw in enumerate(shapes)]
         return KnnOutput(dists=dists, scores=scores, maps=maps)
 
@@ -398,5 +422,5 @@ def squash(z):
 
 
 __all__ = ["CORESET_METHODS", "patch_features", "knn_distances", "random_coreset", "greedy_coreset", "MemoryBank",
-           "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "distance_map", "KnnOutput", "KnnScorer", "average_outputs",
+           "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "SIGMA_AT", "distance_map", "KnnOutput", "KnnScorer", "average_outputs",
            "holdout_indices", "RunningStats", "standardise", "logit", "squash"]

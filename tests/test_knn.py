@@ -90,6 +90,29 @@ def test_top_fraction_mean_and_maps():
     assert const.shape == (1, 50, 70) and torch.allclose(const, torch.full_like(const, 0.3), atol=1e-6)
 
 
+def test_sigma_at_input_smooths_a_fixed_fraction_of_the_image():
+    """sigma_at="input": the map's smoothing does not depend on the size the image is stored at
+    (a map made at 2x the size, shrunk back, equals the 1x map); sigma_at="output" smooths twice
+    as narrowly at 2x. Equal to "output" when the stored size is the input size."""
+    g = torch.zeros(1, 8 * 8)
+    g[0, 8 * 3 + 4] = 1.0  # one hot patch on an 8x8 grid
+    pool = torch.nn.functional.avg_pool2d
+    m1 = knn.distance_map(g, (8, 8), (112, 112), 4.0, "input", (112, 112))
+    np.testing.assert_allclose(m1, knn.distance_map(g, (8, 8), (112, 112), 4.0), atol=1e-6)
+    m2_in = knn.distance_map(g, (8, 8), (224, 224), 4.0, "input", (112, 112))
+    m2_out = knn.distance_map(g, (8, 8), (224, 224), 4.0, "output")
+    back_in = pool(m2_in[:, None], 2)[:, 0]
+    back_out = pool(m2_out[:, None], 2)[:, 0]
+    err_in = float((back_in - m1).abs().max())
+    err_out = float((back_out - m1).abs().max())
+    assert err_in < 0.02 * float(m1.max()), err_in
+    assert err_out > 5 * err_in  # the output convention is NOT resolution-independent
+    with pytest.raises(ValueError, match="sigma_at"):
+        knn.distance_map(g, (8, 8), (16, 16), 4.0, "middle")
+    with pytest.raises(ValueError, match="input_size"):
+        knn.distance_map(g, (8, 8), (16, 16), 4.0, "input")
+
+
 def test_average_outputs_over_sizes():
     a = knn.KnnOutput(torch.zeros(2, 4), np.array([1.0, 2.0]), [np.full((3, 5), 1.0), np.full((4, 4), 0.0)])
     b = knn.KnnOutput(torch.zeros(2, 16), np.array([3.0, 4.0]), [np.full((3, 5), 2.0), np.full((4, 4), 1.0)])
@@ -215,7 +238,8 @@ def test_evaluate_extension_with_the_finetuned_backbone(tmp_path, mvtec_root):
 
 
 def test_bad_extension_settings_are_clear_errors(tmp_path, mvtec_root):
-    for bad, match in (({"fusion": "max"}, "evaluate.fusion"), ({"knn_backbone": "x"}, "evaluate.knn_backbone")):
+    for bad, match in (({"fusion": "max"}, "evaluate.fusion"), ({"knn_backbone": "x"}, "evaluate.knn_backbone"),
+                       ({"knn_sigma_at": "x"}, "evaluate.knn_sigma_at")):
         cfg = replace(micro_cfg(tmp_path, mvtec_root), evaluate={"knn_layer": 1, **bad})
         with pytest.raises(ValueError, match=match):
             run_evaluate(cfg, model=ConstantMap())
