@@ -26,7 +26,8 @@ detector, and, with ``cfg.evaluate.fusion="fused"``, a fusion of both:
 
   knn     cosine distance of each patch (block ``knn_layer`` tokens, from ``knn_backbone``:
           "init" = cfg.backbone before any training, or "finetuned") to the nearest patch of a
-          memory bank of ALL training images; map = bilinear + Gaussian (``knn_sigma``); image
+          memory bank of ALL training images; map = bilinear + Gaussian (``knn_sigma`` px at the
+          resolution ``knn_sigma_at`` names); image
           score = mean of the top 1 % patch distances (AnomalyDINO). One bank per input size in
           ``knn_sizes``; maps and image scores are averaged over sizes, as the paper averages its
           test-time scales.

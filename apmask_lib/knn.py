@@ -34,6 +34,13 @@ the maps and image scores of several sizes, as the paper averages its test-time 
 100/99.60/98.47; NIH 56.9/78.61/40.58 vs 58.8/81.24/40.31. Two sizes are more robust (no collapse as
 on grass at 448 alone) at a small AU-PRO cost on bottle and brick.
 
+Read-out choices measured on every data set (``benchmarks/knn_readout.py``, results/knn_readout.md and
+results/knn_readout_blocks.md): smoothing at the network input resolution (``sigma_at="input"``,
+PatchCore/anomalib) instead of the stored one helps NIH (pixel AUROC 81.24 -> 81.92) and is neutral on
+the demo textures but costs bottle 0.09 AU-PRO; the paper's six test scales (224 ... 512) instead of
+224 + 448 reach 98.94-98.95 pixel AUROC on bottle but lose 0.6 on demo grass; blocks 6 + 7 + 8 averaged
+lose 1.4 on grass. None helps on all three data sets, so the defaults stay (output, 224 + 448, block 7).
+
 Memory: :meth:`MemoryBank.score` computes distances in (query chunk x bank chunk) blocks and keeps
 a running top-k, so memory is O(query_chunk * bank_chunk) whatever the bank size (209 bottle
 training images at 448 px = 214k patches x 384 dims = 330 MB for the bank itself).

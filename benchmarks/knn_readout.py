@@ -9,7 +9,9 @@ read-out variant costs only the map/metric computation:
   resolution ("output", AnomalyDINO's ``dists2map``) or at the network input resolution ("input",
   PatchCore's / anomalib's convention);
 * ``sizes``: which input sizes are averaged (the paper's multi-scale averaging applied to the kNN
-  branch), e.g. 448 alone (AnomalyDINO), 224 + 448 (our default), the paper's six test scales.
+  branch), e.g. 448 alone (AnomalyDINO), 224 + 448 (our default), the paper's six test scales;
+* ``layers``: which blocks' patch tokens give the distances (``--layer-sets``, e.g. ``7 6,7,8``:
+  maps and scores of several blocks averaged, as the sizes are).
 
 The project's rule for defaults (issue 7): a change must help on bottle AND the demo textures AND
 NIH. The table therefore shows every data set side by side, and the summary line says, for each
@@ -112,11 +114,14 @@ def render(res: dict, args, cmd: str, machine: str) -> str:
     lines = ["# kNN extension: read-out choices on every data set", "",
              f"Generated {res['date']} by `benchmarks/knn_readout.py` (total {res['total_s']:.0f} s).", "",
              f"Command: `{cmd}`", "", f"Machine: {machine}. Versions: {res['versions']}.", "",
-             f"Backbone `{res['backbone']}`, block {args.layer} tokens (final LayerNorm), k = 1, image score = mean of the "
+             f"Backbone `{res['backbone']}`, block(s) {' / '.join('+'.join(map(str, ls)) for ls in res['layer_sets'])} "
+             "tokens (0-based, final LayerNorm), k = 1, image score = mean of the "
              "top 1 % patch distances, maps bilinear + Gaussian sigma 4 px, one bank of ALL training patches per input size; "
              "pixel metrics at each image's stored resolution, histogram of "
              f"{res['pixel_bins']} bins over [0, 2]. Distances are computed once per (data set, size) and cached; "
-             "the variants differ only in the read-out. Image AUROC / pixel AUROC / AU-PRO (FPR <= 0.3), %.", "",
+             "the variants differ only in the read-out. Sizes are the requested ones; the network input is snapped to "
+             "the nearest multiple of the patch size (14: 320 -> 322, 384 -> 378, 416 -> 420, 512 -> 518; the seconds "
+             "line below names the snapped sizes). Image AUROC / pixel AUROC / AU-PRO (FPR <= 0.3), %.", "",
              f"Current default: **{default}**. A variant counts as *no worse* on a data set when it is at least the "
              "default's value minus 0.05 points on that metric.", "",
              "| variant | " + " | ".join(names) + " | no worse than default (img / pix / pro) |",
@@ -131,7 +136,8 @@ def render(res: dict, args, cmd: str, machine: str) -> str:
         nw_cell = (f"{nw['image_auroc']}/{len(names)} · {nw['pixel_auroc']}/{len(names)} · {nw['au_pro']}/{len(names)}"
                    if nw else "(default not among the variants)")
         lines.append(f"| {tag} | " + " | ".join(cells) + f" | {nw_cell} |")
-    lines += ["", "Distance computation per (data set, size), seconds (first run; cached afterwards): " +
+    lines += ["", "Distance computation per (data set, size), seconds (first run, on a CPU shared with other jobs, so "
+              "indicative only; cached afterwards): " +
               ", ".join(f"{k} {v:.0f}" for k, v in res["seconds"].items()) + "."]
     return "\n".join(lines) + "\n"
 
@@ -143,7 +149,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", type=int, default=[224, 448], help="input sizes to compute distances at")
     ap.add_argument("--size-sets", nargs="+", default=None,
                     help="size subsets to compare, comma-separated, e.g. 448 224,448 (default: each size alone + all)")
-    ap.add_argument("--layer", type=int, default=7)
+    ap.add_argument("--layer-sets", nargs="+", default=["7"],
+                    help="block subsets (0-based) to compare, comma-separated, e.g. 7 6,7,8 (default: 7)")
+    ap.add_argument("--sigma-at", nargs="+", choices=SIGMA_AT, default=list(SIGMA_AT))
     ap.add_argument("--backbone", default="dinov2-s14-offline")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -157,20 +165,29 @@ def main(argv=None) -> int:
     size_sets = ([tuple(int(x) for x in s.split(",")) for s in args.size_sets] if args.size_sets
                  else [(s,) for s in args.sizes] + ([tuple(args.sizes)] if len(args.sizes) > 1 else []))
     default_sizes = tuple(Config().evaluate.knn_sizes)
-    default = f"sizes {'+'.join(map(str, default_sizes))}, sigma at output"
-    variants = {f"sizes {'+'.join(map(str, ss))}, sigma at {at}": (ss, at)
-                for ss, at in itertools.product(size_sets, SIGMA_AT)}
+    layer_sets = [tuple(int(x) for x in s.split(",")) for s in args.layer_sets]
+    multi_layer = layer_sets != [(7,)]
+
+    def vname(ls, ss, at):
+        return (f"blocks {'+'.join(map(str, ls))}, " if multi_layer else "") + \
+            f"sizes {'+'.join(map(str, ss))}, sigma at {at}"
+
+    default = vname((7,), default_sizes, "output")
+    variants = {vname(ls, ss, at): (ls, ss, at)
+                for ls, ss, at in itertools.product(layer_sets, size_sets, args.sigma_at)}
     per_variant: dict = {v: {} for v in variants}
     seconds = {}
     for item in args.datasets:
         kind, cat = item.split(":")
         ds = build_dataset(kind, DATA_ROOTS[kind], cat)
         cache = {}
-        for size in sorted({s for ss in size_sets for s in ss}):
-            cache[size] = cached_distances(ds, item, backbone, args.layer, size, device, args.cache, args.batch_size)
-            seconds[f"{item}@{int(cache[size]['size'])}"] = float(cache[size]["seconds"])
-        for v, (ss, at) in variants.items():
-            per_variant[v][item] = evaluate_variant(ds, [cache[s] for s in ss], 4.0, at, bins)
+        for layer in sorted({b for ls in layer_sets for b in ls}):
+            for size in sorted({s for ss in size_sets for s in ss}):
+                d = cached_distances(ds, item, backbone, layer, size, device, args.cache, args.batch_size)
+                cache[layer, size] = d
+                seconds[f"{item}@{int(d['size'])}" + (f"/block{layer}" if multi_layer else "")] = float(d["seconds"])
+        for v, (ls, ss, at) in variants.items():
+            per_variant[v][item] = evaluate_variant(ds, [cache[b, s] for b in ls for s in ss], 4.0, at, bins)
             m = per_variant[v][item]
             print(f"{item:14s} {v:40s} {m['image_auroc']:6.2f} {m['pixel_auroc']:6.2f} {m['au_pro']:6.2f}", flush=True)
     no_worse = {}
@@ -182,7 +199,7 @@ def main(argv=None) -> int:
 
     res = {"date": dt.datetime.now().isoformat(timespec="seconds"), "total_s": time.perf_counter() - t_start,
            "datasets": args.datasets, "variants": per_variant, "default": default, "no_worse": no_worse,
-           "seconds": seconds, "backbone": args.backbone, "layer": args.layer, "pixel_bins": bins,
+           "seconds": seconds, "backbone": args.backbone, "layer_sets": layer_sets, "pixel_bins": bins,
            "versions": f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}"}
     cmd = "cd " + str(ROOT) + " && .venv/bin/python benchmarks/knn_readout.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
