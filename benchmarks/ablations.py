@@ -7,6 +7,8 @@ pre-training at r = 0.3, attention-guided anomalies, six test scales):
 * anomalies:     attention-guided (paper) | CutPaste | NSA | FPI
 * test scales:   six (paper) | one (224)
 * fine-tuning LR: 5e-5 (our default) | 5e-4 (the pre-training peak; README, "Fine-tuning learning rate")
+* option:        ``pretrain.rank_source=image`` (APMask's ranking from one teacher pass over the whole
+  image, README "Design choices"): the comparison that decides whether it can become the default
 
 Work is shared: one pre-training per masking kind (``<runs>/.../pretrain_<mask>``), one fine-tuning
 per (pre-training, fine-tuning) setting, and the single-scale row re-evaluates the paper row's
@@ -62,9 +64,16 @@ class Variant:
     mask: Optional[str] = "apmask"
     finetune: dict = field(default_factory=dict)
     scales: Optional[tuple[int, ...]] = None  # None = the configured (paper) scales
+    pretrain: dict = field(default_factory=dict)  # other pre-training settings than the mask (e.g. rank_source)
+
+    def pretrain_key(self) -> str:
+        """Folder name of the pre-training run (shared by rows with the same pre-training)."""
+        return "_".join([f"pretrain_{self.mask}"] + [f"{k}-{v}" for k, v in sorted(self.pretrain.items())])
 
     def finetune_key(self) -> str:
-        parts = [f"pt-{self.mask}" if self.mask else "no-pretrain"] + [f"{k}-{v}" for k, v in sorted(self.finetune.items())]
+        pt = ("pt-" + "-".join([str(self.mask)] + [f"{k}-{v}" for k, v in sorted(self.pretrain.items())])
+              if self.mask else "no-pretrain")
+        parts = [pt] + [f"{k}-{v}" for k, v in sorted(self.finetune.items())]
         return "_".join(parts)
 
 
@@ -78,6 +87,8 @@ VARIANTS = (
     Variant("fpi", "anomalies (Table 3 bottom)", "FPI anomalies", finetune={"anomaly": "fpi"}),
     Variant("one-scale", "evaluation", "single test scale (224)", scales=(224,)),
     Variant("ft-lr-5e-4", "fine-tuning", "fine-tuning peak LR 5e-4 (pre-training peak)", finetune={"lr": 5e-4}),
+    Variant("rank-image", "pre-training (option)", "APMask ranked from one teacher pass over the whole image "
+            "(pretrain.rank_source=image)", pretrain={"rank_source": "image"}),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -86,7 +97,7 @@ def run_dirs(runs: Path, v: Variant, dataset: str, category: str, seed: int) -> 
     """Where ``v``'s pre-training (None without one) and fine-tuning write: one pre-training per
     masking kind, one fine-tuning per (pre-training, fine-tuning) setting, shared between rows."""
     base = runs / f"{dataset}_{category}" / f"seed{seed}"
-    return (base / f"pretrain_{v.mask}" / "pretrain" if v.mask else None), base / v.finetune_key() / "finetune"
+    return (base / v.pretrain_key() / "pretrain" if v.mask else None), base / v.finetune_key() / "finetune"
 
 
 def run_variant(args, v: Variant, dataset: str, category: str, seed: int) -> dict:
@@ -96,7 +107,7 @@ def run_variant(args, v: Variant, dataset: str, category: str, seed: int) -> dic
     if pdir is None:
         init = args.backbone
     else:
-        pcfg = replace(schedule_config(args, dataset, category, seed, pdir.parent), pretrain={"mask": v.mask})
+        pcfg = replace(schedule_config(args, dataset, category, seed, pdir.parent), pretrain={"mask": v.mask, **v.pretrain})
         t0 = time.perf_counter()
         run_pretrain(pcfg, resume=True, progress=args.progress)
         times["pretrain_s"] = time.perf_counter() - t0
