@@ -269,16 +269,13 @@ def distance_map(dists: torch.Tensor, grid: tuple[int, int], size: tuple[int, in
     the image is stored at."""
     if sigma_at not in SIGMA_AT:
         raise ValueError(f"sigma_at must be one of {SIGMA_AT}, got {sigma_at!r}")
+    if sigma_at == "input" and input_size is None:
+        raise ValueError("sigma_at='input' needs input_size, the (H, W) the patch grid was computed at")
+    smooth_at = tuple(size) if sigma_at == "output" else tuple(input_size)
     b = dists.shape[0]
     g = dists.reshape(b, 1, *grid).float()
-    if sigma_at == "output":
-        up = F.interpolate(g, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
-        return gaussian_blur(up, sigma)
-    if input_size is None:
-        raise ValueError("sigma_at='input' needs input_size, the (H, W) the patch grid was computed at")
-    up = F.interpolate(g, size=tuple(input_size), mode="bilinear", align_corners=False)[:, 0]
-    up = gaussian_blur(up, sigma)
-    if tuple(input_size) == tuple(size):
+    up = gaussian_blur(F.interpolate(g, size=smooth_at, mode="bilinear", align_corners=False)[:, 0], sigma)
+    if smooth_at == tuple(size):
         return up
     return F.interpolate(up[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
 

@@ -176,20 +176,21 @@ def student_views(teacher: SwAVNet, views, mask: str, ratio: float, generator: t
     B = views.teacher.shape[0]
     need_attn = mask == "apmask"
     same = views.student_global is views.teacher
-    if need_attn and rank_source == "image":
-        return _student_views_from_image(teacher, views, mask, ratio, generator, same)
     with torch.no_grad():
-        if same or not need_attn:
-            out = bb(views.teacher, attn="cls" if (need_attn and same) else None)
-            t_scores = teacher.head(out.cls)
-            g_attn = out.cls_attention() if (need_attn and same) else None
+        if need_attn and rank_source == "image":
+            t_scores, g_attn, l_attn = _whole_image_pass(teacher, views, same)
         else:
-            out = bb(torch.cat([views.teacher, views.student_global]), attn="cls")
-            t_scores = teacher.head(out.cls[:B])
-            g_attn = out.cls_attention()[B:]
-        l_attn = None
-        if need_attn and views.local.shape[0]:
-            l_attn = bb(views.local, attn="cls").cls_attention()
+            if same or not need_attn:
+                out = bb(views.teacher, attn="cls" if (need_attn and same) else None)
+                t_scores = teacher.head(out.cls)
+                g_attn = out.cls_attention() if (need_attn and same) else None
+            else:
+                out = bb(torch.cat([views.teacher, views.student_global]), attn="cls")
+                t_scores = teacher.head(out.cls[:B])
+                g_attn = out.cls_attention()[B:]
+            l_attn = None
+            if need_attn and views.local.shape[0]:
+                l_attn = bb(views.local, attn="cls").cls_attention()
     dev = views.teacher.device
     g_grid = bb.grid_size(*views.student_global.shape[-2:])
     groups = [(views.student_global, _keep(g_attn, B, g_grid, mask, ratio, generator, dev))]
@@ -199,29 +200,24 @@ def student_views(teacher: SwAVNet, views, mask: str, ratio: float, generator: t
     return t_scores, groups
 
 
-def _student_views_from_image(teacher: SwAVNet, views, mask: str, ratio: float, generator: torch.Generator,
-                              same: bool):
-    """:func:`student_views` for ``rank_source="image"``: ONE teacher forward of the teacher views
-    and the whole images (both at the global size, 2B images; B when ``same`` and no locals)."""
+def _whole_image_pass(teacher: SwAVNet, views, same: bool):
+    """The teacher pass of :func:`student_views` for ``rank_source="image"`` (under its no_grad):
+    ONE forward of the teacher views and the whole images (both at the global size, 2B images; B
+    when ``same`` and no locals). Returns (teacher scores (B, K), student-global ranking scores,
+    local ranking scores or None)."""
     bb = teacher.backbone
     B = views.teacher.shape[0]
     G = views.teacher.shape[-1]
-    g_hw, n_loc = views.student_global.shape[-2:], views.local.shape[0]
-    with torch.no_grad():
-        whole = views.whole_image(G) if (not same or n_loc) else None
-        out = bb(views.teacher if whole is None else torch.cat([views.teacher, whole]), attn="cls")
-        t_scores = teacher.head(out.cls[:B])
-        att = out.cls_attention()
-        g_attn = att[:B] if same else _image_rank_scores(att[B:], bb, views, G, views.student_global_boxes,
-                                                         views.student_global_flip, g_hw)
-        l_attn = _image_rank_scores(att[B:], bb, views, G, views.local_boxes, views.local_flip,
-                                    views.local.shape[-2:]) if n_loc else None
-    dev = views.teacher.device
-    groups = [(views.student_global, _keep(g_attn, B, bb.grid_size(*g_hw), mask, ratio, generator, dev))]
-    if n_loc:
-        l_grid = bb.grid_size(*views.local.shape[-2:])
-        groups.append((views.local, _keep(l_attn, n_loc, l_grid, mask, ratio, generator, dev)))
-    return t_scores, groups
+    n_loc = views.local.shape[0]
+    whole = views.whole_image(G) if (not same or n_loc) else None
+    out = bb(views.teacher if whole is None else torch.cat([views.teacher, whole]), attn="cls")
+    t_scores = teacher.head(out.cls[:B])
+    att = out.cls_attention()
+    g_attn = att[:B] if same else _image_rank_scores(att[B:], bb, views, G, views.student_global_boxes,
+                                                     views.student_global_flip, views.student_global.shape[-2:])
+    l_attn = _image_rank_scores(att[B:], bb, views, G, views.local_boxes, views.local_flip,
+                                views.local.shape[-2:]) if n_loc else None
+    return t_scores, g_attn, l_attn
 
 
 def pretrain_loss(student: nn.Module, teacher: SwAVNet, views, cfg_p, generator: torch.Generator) -> torch.Tensor:
@@ -330,8 +326,6 @@ def run_pretrain(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     p = cfg.pretrain
     if p.mask not in KINDS:
         raise ValueError(f"pretrain.mask must be one of {KINDS}, got {p.mask!r}")
-    if getattr(p, "rank_source", "view") not in RANK_SOURCES:
-        raise ValueError(f"pretrain.rank_source must be one of {RANK_SOURCES}, got {p.rank_source!r}")
     out = Path(cfg.out_dir) / "pretrain"
     ckpt_path, backbone_path = out / "checkpoint.pt", out / "backbone.pt"
     rank, world, device, created_pg = _dist_setup(cfg)

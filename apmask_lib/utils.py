@@ -198,18 +198,19 @@ def config_fingerprint(cfg: Any, ignored: Iterable[tuple[str, ...]]) -> dict[str
     :data:`apmask_lib.config.FINGERPRINT_OMIT_AT` are left out while they hold their listed value."""
     from .config import FINGERPRINT_OMIT_AT
 
-    d = json.loads(json.dumps(cfg.to_dict(), default=str))
-    for path, value in FINGERPRINT_OMIT_AT.items():
+    def parent(path: tuple[str, ...]) -> dict:
         node = d
         for k in path[:-1]:
             node = node.get(k, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict) and node.get(path[-1], object()) == value:
+        return node if isinstance(node, dict) else {}
+
+    d = json.loads(json.dumps(cfg.to_dict(), default=str))
+    for path, value in FINGERPRINT_OMIT_AT.items():
+        node = parent(path)
+        if node.get(path[-1], object()) == value:
             node.pop(path[-1])
     for path in ignored:
-        node = d
-        for k in path[:-1]:
-            node = node.get(k, {})
-        node.pop(path[-1], None)
+        parent(path).pop(path[-1], None)
     return d
 
 

@@ -29,7 +29,7 @@ import argparse
 import datetime as dt
 import itertools
 import json
-import platform
+import os
 import shlex
 import sys
 import time
@@ -41,6 +41,9 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from quality import versions  # noqa: E402
 
 from apmask_lib.config import Config  # noqa: E402
 from apmask_lib.data import build_dataset  # noqa: E402
@@ -48,7 +51,7 @@ from apmask_lib.evaluate import pixel_ground_truth  # noqa: E402
 from apmask_lib.knn import SIGMA_AT, KnnScorer, distance_map, top_fraction_mean  # noqa: E402
 from apmask_lib.metrics import PixelMetrics, image_auroc  # noqa: E402
 from apmask_lib.models import build_backbone  # noqa: E402
-from apmask_lib.utils import atomic_write_text  # noqa: E402
+from apmask_lib.utils import atomic_write_text, cpu_model  # noqa: E402
 
 DATA_ROOTS = {"mvtec": "../shared/data/mvtec_ad", "nih": "../shared/data/nih_cxr14", "demo": "/tmp/apmask_demo"}
 DEFAULT_DATASETS = ("mvtec:bottle", "demo:brick", "demo:grass", "demo:gravel", "nih:all")
@@ -79,33 +82,29 @@ def cached_distances(ds, name: str, backbone, layer: int, size: int, device: tor
     return out
 
 
-def evaluate_variant(ds, per_size: list[dict], sigma: float, sigma_at: str, bins) -> dict:
-    """Image AUROC / pixel AUROC / AU-PRO (%) of maps and scores averaged over ``per_size``."""
+def ground_truth(ds) -> list[tuple[tuple[int, int], object]]:
+    """(stored (H, W), bool mask or None) of every test image, read once per data set."""
+    out = []
+    for sample in ds.test:
+        hw = tuple(ds.image(sample).shape[:2])
+        out.append((hw, pixel_ground_truth(ds, sample, hw)))
+    return out
+
+
+def evaluate_variant(ds, truth, per_size: list[dict], sigma: float, sigma_at: str, bins) -> dict:
+    """Image AUROC / pixel AUROC / AU-PRO (%) of maps and scores averaged over ``per_size``;
+    ``truth`` from :func:`ground_truth`."""
     labels = np.array([s.label for s in ds.test])
     scores = sum(top_fraction_mean(d["dists"]).double().numpy() for d in per_size) / len(per_size)
     pix = PixelMetrics(bins=bins, value_range=(0.0, 2.0))
-    for i, sample in enumerate(ds.test):
-        hw = _shape(ds, sample)
-        maps = []
-        for d in per_size:
-            size = int(d["size"])
-            maps.append(distance_map(d["dists"][i:i + 1], tuple(d["grid"].tolist()), hw, sigma, sigma_at,
-                                     (size, size))[0].numpy())
-        gt = pixel_ground_truth(ds, sample, maps[0].shape)
-        if gt is not None:
-            pix.update(sum(maps) / len(maps), gt)
+    for i, (hw, gt) in enumerate(truth):
+        if gt is None:
+            continue
+        maps = [distance_map(d["dists"][i:i + 1], tuple(d["grid"].tolist()), hw, sigma, sigma_at,
+                             (int(d["size"]),) * 2)[0].numpy() for d in per_size]
+        pix.update(sum(maps) / len(maps), gt)
     img = image_auroc(scores, labels) if 0 < labels.sum() < len(labels) else float("nan")
     return {"image_auroc": 100 * img, "pixel_auroc": 100 * pix.pixel_auroc(), "au_pro": 100 * pix.au_pro()}
-
-
-_SHAPES: dict = {}
-
-
-def _shape(ds, sample) -> tuple[int, int]:
-    key = str(sample.path)
-    if key not in _SHAPES:
-        _SHAPES[key] = tuple(ds.image(sample).shape[:2])
-    return _SHAPES[key]
 
 
 def render(res: dict, args, cmd: str, machine: str) -> str:
@@ -186,8 +185,9 @@ def main(argv=None) -> int:
                 d = cached_distances(ds, item, backbone, layer, size, device, args.cache, args.batch_size)
                 cache[layer, size] = d
                 seconds[f"{item}@{int(d['size'])}" + (f"/block{layer}" if multi_layer else "")] = float(d["seconds"])
+        truth = ground_truth(ds)
         for v, (ls, ss, at) in variants.items():
-            per_variant[v][item] = evaluate_variant(ds, [cache[b, s] for b in ls for s in ss], 4.0, at, bins)
+            per_variant[v][item] = evaluate_variant(ds, truth, [cache[b, s] for b in ls for s in ss], 4.0, at, bins)
             m = per_variant[v][item]
             print(f"{item:14s} {v:40s} {m['image_auroc']:6.2f} {m['pixel_auroc']:6.2f} {m['au_pro']:6.2f}", flush=True)
     no_worse = {}
@@ -195,25 +195,20 @@ def main(argv=None) -> int:
         for v, per in per_variant.items():
             no_worse[v] = {k: sum(per[n][k] >= per_variant[default][n][k] - 0.05 for n in per)
                            for k in ("image_auroc", "pixel_auroc", "au_pro")}
-    import timm
-
     res = {"date": dt.datetime.now().isoformat(timespec="seconds"), "total_s": time.perf_counter() - t_start,
            "datasets": args.datasets, "variants": per_variant, "default": default, "no_worse": no_worse,
            "seconds": seconds, "backbone": args.backbone, "layer_sets": layer_sets, "pixel_bins": bins,
-           "versions": f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}"}
+           "versions": versions()}
     cmd = "cd " + str(ROOT) + " && .venv/bin/python benchmarks/knn_readout.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    import os
-
-    from apmask_lib.utils import cpu_model
-
     machine = (f"{cpu_model()}, {os.cpu_count()} cores, torch threads "
                f"{torch.get_num_threads()}, device {device}")
     if device.type == "cuda":
         machine += f" ({torch.cuda.get_device_name(device)})"
     atomic_write_text(args.out.with_suffix(".json"), json.dumps(res, indent=2) + "\n")
-    atomic_write_text(args.out, render(res, args, cmd, machine))
-    print(render(res, args, cmd, machine))
+    doc = render(res, args, cmd, machine)
+    atomic_write_text(args.out, doc)
+    print(doc)
     return 0
 
 

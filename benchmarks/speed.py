@@ -108,6 +108,10 @@ def peak_flops(device: torch.device) -> tuple[float | None, str]:
     return None, f"unknown peak for {name}"
 
 
+# the timed pre-training variants (pretrain overrides); apmask_image only with --rank-image
+PRETRAIN_VARIANTS = {"none": {"mask": "none"}, "apmask": {"mask": "apmask"},
+                     "apmask_image": {"mask": "apmask", "rank_source": "image"}}
+
 # a stand-in with bottle's counts and stored size (209 training, 20 good + 64 defective test images,
 # 512 px): timing does not depend on image content, and it needs no data on a lent GPU machine
 BOTTLE_SHAPED_DEMO = {"image_size": 512, "n_train": 209, "n_test_good": 20, "n_test_defect_per_type": 16}
@@ -158,9 +162,7 @@ def bench_pretrain(cfg: Config, dataset, device: torch.device, args) -> dict:
         return crops(bank.images[idx.to(device)], bank.sizes[idx], g), g
 
     steps: dict = {}
-    variants = {"none": {"mask": "none"}, "apmask": {"mask": "apmask"}}
-    if getattr(args, "rank_image", False):
-        variants["apmask_image"] = {"mask": "apmask", "rank_source": "image"}
+    variants = {k: v for k, v in PRETRAIN_VARIANTS.items() if k != "apmask_image" or args.rank_image}
     for name, over in variants.items():
         pm = replace(cfg, pretrain=over).pretrain
         mask = pm.mask
@@ -319,7 +321,7 @@ def render(entries: dict) -> str:
                   f"Machine: {e['machine']}. Versions: {e['versions']}. Generated {e['when']}. Compile: "
                   f"`{e['compile']}`. Peak used for MFU: {e['peak']}.", "",
                   "| stage | time per step | images/s | GFLOP per step | MFU | notes |", "|---|---|---|---|---|---|"]
-        for mask in [v for v in ("none", "apmask", "apmask_image") if v in pt]:
+        for mask in [v for v in PRETRAIN_VARIANTS if v in pt]:
             m = pt[mask]
             label = "apmask, rank_source=image" if mask == "apmask_image" else mask
             lines.append(f"| pre-training step, mask={label} | {m['step_ms']:.1f} ms | {m['images_per_s']:.1f} | "
@@ -431,7 +433,7 @@ def main(argv=None) -> int:
     res = {"pretrain": bench_pretrain(cfg, dataset, device, args)}
     print("  pretrain: " + ", ".join(f"{m} {res['pretrain'][m]['step_ms']:.1f} ms (student "
                                        f"{res['pretrain'][m]['student_step_ms']:.1f})"
-                                       for m in ("none", "apmask", "apmask_image") if m in res["pretrain"])
+                                       for m in PRETRAIN_VARIANTS if m in res["pretrain"])
           + f"; student ratio {res['pretrain']['student_ratio']:.3f}", flush=True)
     ft = bench_finetune(cfg, dataset, device, args)
     model = ft.pop("model")
@@ -441,7 +443,7 @@ def main(argv=None) -> int:
     print(f"  evaluate: {res['evaluate']['images_per_s']:.1f} images/s at {res['evaluate']['scales']}", flush=True)
     peak, peak_txt = peak_flops(device)
     res["mfu"] = {m: mfu(res["pretrain"][m]["flops_per_step"], res["pretrain"][m]["step_ms"], peak)
-                  for m in ("none", "apmask", "apmask_image") if m in res["pretrain"]}
+                  for m in PRETRAIN_VARIANTS if m in res["pretrain"]}
     res["mfu"]["finetune"] = mfu(ft["flops_per_step"], ft["step_ms"], peak)
     res["projection"] = projection(res)
     if args.e2e:

@@ -32,8 +32,11 @@ TINY = {"global_size": 64, "local_size": 32, "n_local": 3, "hidden_dim": 64, "ba
         "warmup_epochs": 0, "log_every": 1}
 
 
-def tiny_setup(mask: str, seed: int = 0):
-    cfg = replace(Config(), seed=seed, backbone="random:vit_tiny16", device="cpu", pretrain={**TINY, "mask": mask})
+def tiny_setup(mask: str, seed: int = 0, sizes=((80, 72),) * 4, **pretrain):
+    """Tiny config, student, a perturbed teacher and one batch of views of 4 random images;
+    ``sizes`` the images' valid (h, w), ``pretrain`` further pretrain overrides."""
+    cfg = replace(Config(), seed=seed, backbone="random:vit_tiny16", device="cpu",
+                  pretrain={**TINY, "mask": mask, **pretrain})
     torch.manual_seed(seed)
     student = P.build_student(cfg)
     teacher = copy.deepcopy(student).eval()
@@ -42,7 +45,7 @@ def tiny_setup(mask: str, seed: int = 0):
             p.add_(0.01 * torch.randn_like(p))
     g = torch.Generator().manual_seed(seed)
     imgs = torch.randint(0, 256, (4, 3, 80, 72), dtype=torch.uint8, generator=g)
-    views = MultiCrop.from_config(cfg.pretrain)(imgs, torch.tensor([[80, 72]] * 4), g)
+    views = MultiCrop.from_config(cfg.pretrain)(imgs, torch.tensor(sizes), g)
     return cfg, student, teacher, views
 
 

@@ -2,7 +2,6 @@
 or from one teacher pass over the whole image, resampled onto each view's crop box ("image")."""
 from __future__ import annotations
 
-import copy
 import csv
 import types
 from dataclasses import asdict
@@ -18,25 +17,15 @@ from apmask_lib.config import Config, load_params, replace
 from apmask_lib.masking import attention_on_boxes, dropped_mask, keep_indices
 from apmask_lib.utils import config_fingerprint, load_checkpoint
 
+import test_fastpath as fp
+from test_fastpath import TINY
+
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .random")
 
-TINY = {"global_size": 64, "local_size": 32, "n_local": 3, "hidden_dim": 64, "batch_size": 4, "epochs": 1,
-        "warmup_epochs": 0, "log_every": 1}
-
-
-def tiny_setup(teacher_view: str = "second", **pretrain):
-    cfg = replace(Config(), seed=0, backbone="random:vit_tiny16", device="cpu",
-                  pretrain={**TINY, "teacher_view": teacher_view, **pretrain})
-    torch.manual_seed(0)
-    student = P.build_student(cfg)
-    teacher = copy.deepcopy(student).eval()
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    g = torch.Generator().manual_seed(0)
-    imgs = torch.randint(0, 256, (4, 3, 80, 72), dtype=torch.uint8, generator=g)
-    views = mc.MultiCrop.from_config(cfg.pretrain)(imgs, torch.tensor([[80, 72], [80, 72], [70, 60], [80, 72]]), g)
-    return cfg, student, teacher, views
+def tiny_setup(teacher_view: str = "second", mask: str = "apmask", **pretrain):
+    """test_fastpath's tiny setup with one image of another size and ``teacher_view``."""
+    return fp.tiny_setup(mask, sizes=((80, 72), (80, 72), (70, 60), (80, 72)), teacher_view=teacher_view,
+                         **pretrain)
 
 
 # ----------------------------------------------------------------------------- the resampling
