@@ -17,10 +17,13 @@ from .config import Config, load_params
 
 
 def _cfg(args) -> Config:
-    params = args.params if args.params and Path(args.params).exists() else None
-    if args.params and params is None and args.params != "params.yaml":
-        raise SystemExit(f"params file not found: {args.params}")
-    return load_params(params, args.set)
+    """``--params FILE`` must exist when named; without it, ``params.yaml`` is read if present here."""
+    if args.params is not None:
+        if not Path(args.params).is_file():
+            raise SystemExit(f"apmask {args.command}: error: params file not found: {args.params} "
+                             f"(run where it is, or name another with --params)")
+        return load_params(args.params, args.set)
+    return load_params("params.yaml" if Path("params.yaml").is_file() else None, args.set)
 
 
 def cmd_data(args) -> None:
@@ -81,13 +84,13 @@ def cmd_attention_figure(args) -> None:
 def cmd_pretrain(args) -> None:
     from .pretrain import run_pretrain
 
-    print(run_pretrain(_cfg(args)))
+    print(run_pretrain(_cfg(args), force=args.force))
 
 
 def cmd_finetune(args) -> None:
     from .finetune import run_finetune
 
-    print(run_finetune(_cfg(args)))
+    print(run_finetune(_cfg(args), force=args.force))
 
 
 def cmd_evaluate(args) -> None:
@@ -148,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def add(name, fn, help_):
         sp = sub.add_parser(name, help=help_)
-        sp.add_argument("--params", default="params.yaml", help="params file (default: params.yaml if present)")
+        sp.add_argument("--params", default=None,
+                        help="params file; must exist when given (default: ./params.yaml if present, else built-in defaults)")
         sp.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override, e.g. -S pretrain.epochs=2 (repeatable)")
         sp.set_defaults(fn=fn)
@@ -163,8 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     sp.set_defaults(fn=cmd_collect)
     sp = add("attention-figure", cmd_attention_figure, "figure of the backbone's mean [CLS] attention")
     sp.add_argument("--out", default="results/figures/backbone_attention.png")
-    add("pretrain", cmd_pretrain, "APMask pre-training")
-    add("finetune", cmd_finetune, "fine-tuning on synthetic anomalies")
+    for name, fn, help_ in (("pretrain", cmd_pretrain, "APMask pre-training"),
+                            ("finetune", cmd_finetune, "fine-tuning on synthetic anomalies")):
+        add(name, fn, help_).add_argument(
+            "--force", action="store_true",
+            help="train from scratch over a run folder that holds finished outputs (otherwise refused)")
     sp = add("evaluate", cmd_evaluate, "multi-scale evaluation on the test split")
     sp.add_argument("--model", default=None, help="detector checkpoint (default: OUT_DIR/finetune/model.pt)")
     sp = add("predict", cmd_predict, "score your own images")
@@ -188,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         args.fn(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError, FloatingPointError) as e:
         if os.environ.get("APMASK_DEBUG"):
             raise
         print(f"apmask {args.command}: error: {e}", file=sys.stderr)

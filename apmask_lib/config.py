@@ -7,6 +7,9 @@ and rejects unknown keys (a typo is an error, not a silent default).
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
@@ -14,6 +17,43 @@ from typing import Any, Optional, get_type_hints
 import yaml
 
 RANK_SOURCES = ("view", "image")    # pretrain.rank_source values
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot_eager")
+
+# ---- every constraint on a value, in one table, checked once when a section is built (a value outside
+# it is an error naming the key, never a run that "finishes" with an impossible schedule).
+# ("section.key"): ("int>0" | "int>=0" | "num>0" | "num>=0" | "[0,1]" | "[0,1)" | "(0,1]" | "sizes>0" | "range(0,1]" | choices tuple)
+# ``None`` is allowed exactly where the field is Optional.
+CONSTRAINTS: dict[str, Any] = {
+    "seed": "int>=0",
+    "data.dataset": ("mvtec", "nih", "demo"),
+    "data.image_size": "int>0", "data.max_train": "int>0", "data.max_test": "int>0",
+    "pretrain.epochs": "int>0", "pretrain.batch_size": "int>0",
+    "pretrain.mask": ("apmask", "random", "block", "none"), "pretrain.mask_ratio": "[0,1)",
+    "pretrain.n_local": "int>=0", "pretrain.global_size": "int>0", "pretrain.local_size": "int>0",
+    "pretrain.global_scale": "range(0,1]", "pretrain.local_scale": "range(0,1]",
+    "pretrain.out_dim": "int>0", "pretrain.hidden_dim": "int>0", "pretrain.bottleneck_dim": "int>0",
+    "pretrain.n_prototypes": "int>0", "pretrain.temperature": "num>0", "pretrain.sinkhorn_eps": "num>0",
+    "pretrain.sinkhorn_iters": "int>0", "pretrain.lr": "num>=0", "pretrain.start_lr": "num>=0",
+    "pretrain.min_lr": "num>=0", "pretrain.warmup_epochs": "int>=0", "pretrain.weight_decay": "num>=0",
+    "pretrain.weight_decay_end": "num>=0", "pretrain.clip_grad": "num>=0", "pretrain.momentum_teacher": "[0,1]",
+    "pretrain.freeze_prototypes_iters": "int>=0", "pretrain.num_workers": "int>=0",
+    "pretrain.teacher_view": ("second", "same"), "pretrain.rank_source": RANK_SOURCES,
+    "pretrain.log_every": "int>0", "pretrain.compile": COMPILE_MODES,
+    "finetune.epochs": "int>0", "finetune.batch_size": "int>0",
+    "finetune.anomaly": ("attention", "cutpaste", "scar", "nsa", "fpi"),
+    "finetune.seg_maps": ("heads", "heads_full", "tokens"), "finetune.det_weight": "num>=0",
+    "finetune.seg_weight": "num>=0", "finetune.anomaly_fraction": "[0,1]", "finetune.lr": "num>=0",
+    "finetune.start_lr": "num>=0", "finetune.min_lr": "num>=0", "finetune.warmup_epochs": "int>=0",
+    "finetune.weight_decay": "num>=0", "finetune.clip_grad": "num>=0", "finetune.num_workers": "int>=0",
+    "finetune.blend": ("auto", "normal", "mixed"), "finetune.attention_temperature": "num>0",
+    "finetune.hflip": "[0,1]", "finetune.normal_jitter": "num>=0", "finetune.dice": ("batch", "mean"),
+    "finetune.seg_transform": ("log", "linear"), "finetune.log_every": "int>0", "finetune.compile": COMPILE_MODES,
+    "evaluate.scales": "sizes>0", "evaluate.batch_size": "int>0", "evaluate.score": ("det_mean", "map_max"),
+    "evaluate.pro_fpr_limit": "(0,1]", "evaluate.pixel_bins": "int>0", "evaluate.figure_images": "int>=0",
+    "evaluate.knn_layer": "int>=0", "evaluate.knn_backbone": ("init", "finetuned"), "evaluate.knn_sizes": "sizes>0",
+    "evaluate.knn_k": "int>0", "evaluate.knn_coreset": "(0,1]", "evaluate.knn_sigma": "num>=0",
+    "evaluate.knn_sigma_at": ("output", "input"), "evaluate.fusion": ("knn", "fused"), "evaluate.knn_holdout": "[0,1)",
+}
 
 # keys added after runs were written, with the value that reproduces the older behaviour: left out of
 # resume fingerprints while they hold it, so checkpoints written before the key existed still resume
@@ -28,6 +68,9 @@ class DataConfig:
     image_size: int = 224            # training resolution (square)
     max_train: Optional[int] = None  # cap on training images (micro runs); None = all
     max_test: Optional[int] = None   # cap on test images per defect type (micro runs); None = all
+
+    def __post_init__(self):
+        validate(self, "data")
 
 
 @dataclass
@@ -66,8 +109,7 @@ class PretrainConfig:
     compile: str = "none"            # torch.compile each ViT block: none | default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs | aot_eager (apmask_lib/fastpath.py); same maths
 
     def __post_init__(self):
-        if self.rank_source not in RANK_SOURCES:
-            raise ValueError(f"pretrain.rank_source must be one of {', '.join(RANK_SOURCES)}, got {self.rank_source!r}")
+        validate(self, "pretrain")
 
 
 @dataclass
@@ -99,6 +141,9 @@ class FinetuneConfig:
     log_every: int = 20              # steps between loss read-backs (host syncs); NaN is caught at these points and at epoch ends
     compile: str = "none"            # as pretrain.compile (apmask_lib/fastpath.py)
 
+    def __post_init__(self):
+        validate(self, "finetune")
+
 
 @dataclass
 class EvaluateConfig:
@@ -120,6 +165,9 @@ class EvaluateConfig:
     fusion: str = "knn"              # with knn_layer set, extension outputs: knn (kNN alone) | fused (also z-normalised kNN + detector; helped only where the detector is good, results/quality*.md); in metrics.json under methods.*, top-level keys stay the paper method's
     knn_holdout: float = 0.1         # fraction of training images held out of a bank to estimate the normal statistics used by fusion
 
+    def __post_init__(self):
+        validate(self, "evaluate")
+
 
 @dataclass
 class Config:
@@ -132,13 +180,26 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
+    def __post_init__(self):
+        validate(self, "")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def _optional(tp: Any) -> tuple[Any, bool]:
+    """(inner type, whether None is allowed) of ``Optional[X]`` / ``X | None``; (tp, False) otherwise."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), True
+    return tp, False
+
+
 def _coerce(tp: Any, value: Any, where: str = "") -> Any:
     """Light type coercion: lists -> tuples, ints and numeric strings (YAML reads ``5e-5`` as a
-    string) -> floats; a non-numeric value for a number field is an error naming the key."""
+    string) -> floats, integer strings -> ints; a non-numeric value for a number field is an error
+    naming the key. Types and ranges are then checked by :func:`validate`."""
+    tp, _ = _optional(tp)
     origin = getattr(tp, "__origin__", None)
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
@@ -153,6 +214,65 @@ def _coerce(tp: Any, value: Any, where: str = "") -> Any:
         except ValueError:
             raise ValueError(f"{where}: expected an integer, got {value!r}") from None
     return value
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_value(key: str, value: Any, tp: Any = None) -> None:
+    """Raise ValueError naming ``key`` unless ``value`` has the type ``tp`` (int / float / tuple of
+    those; None where Optional) and satisfies ``CONSTRAINTS[key]``."""
+    inner, optional = _optional(tp) if tp is not None else (None, False)
+    if value is None:
+        if optional:
+            return
+        raise ValueError(f"{key}: a value is required, got null")
+    if inner is int and not _is_int(value):
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if inner is float and not _is_num(value):
+        raise ValueError(f"{key}: expected a finite number, got {value!r}")
+    rule = CONSTRAINTS.get(key)
+    if rule is None:
+        return
+    if isinstance(rule, tuple):
+        if value not in rule:
+            raise ValueError(f"{key} must be one of {', '.join(rule)}, got {value!r}")
+        return
+    if rule in ("sizes>0", "range(0,1]"):
+        if not isinstance(value, (tuple, list)) or not value:
+            raise ValueError(f"{key}: expected a non-empty list, got {value!r}")
+        if rule == "sizes>0" and not all(_is_int(v) and v > 0 for v in value):
+            raise ValueError(f"{key}: every size must be a positive integer, got {list(value)}")
+        if rule == "range(0,1]" and not (len(value) == 2 and all(_is_num(v) and 0 < v <= 1 for v in value)
+                                         and value[0] <= value[1]):
+            raise ValueError(f"{key}: expected [low, high] with 0 < low <= high <= 1, got {list(value)}")
+        return
+    kind, _, bound = rule.partition(">") if rule.startswith(("int", "num")) else ("num", "", rule)
+    if kind == "int" and not _is_int(value):
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if not _is_num(value):
+        raise ValueError(f"{key}: expected a finite number, got {value!r}")
+    ok = {"0": value > 0, "=0": value >= 0, "[0,1]": 0 <= value <= 1, "[0,1)": 0 <= value < 1,
+          "(0,1]": 0 < value <= 1}[bound]
+    if not ok:
+        what = {"0": "> 0", "=0": ">= 0", "[0,1]": "in [0, 1]", "[0,1)": "in [0, 1)", "(0,1]": "in (0, 1]"}[bound]
+        raise ValueError(f"{key} must be {what}, got {value!r}")
+
+
+def validate(section_obj: Any, section: str) -> None:
+    """Check every field of one config section against its type and :data:`CONSTRAINTS`
+    (called by each section's ``__post_init__``, so a config object never holds an impossible value)."""
+    hints = get_type_hints(type(section_obj))
+    for f in fields(section_obj):
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            continue
+        check_value(f"{section}.{f.name}" if section else f.name, getattr(section_obj, f.name), tp)
 
 
 def _build(cls, data: dict[str, Any], where: str):
@@ -193,7 +313,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: its value is not valid YAML ({e})") from None
+    return data
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; a syntax error names the file, line and column."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        raise ValueError(f"YAML syntax error in {where}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"YAML error in {path}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of sections (data:, pretrain:, ...), got {type(data).__name__}")
     return data
 
 
@@ -204,7 +344,7 @@ def load_params(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"params file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = read_yaml(p)
         data.pop("pipeline", None)  # DVC-only settings (categories, seeds, variants)
     data = apply_overrides(data, overrides)
     return from_dict(data)
@@ -221,5 +361,5 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     return from_dict(d)
 
 
-__all__ = ["RANK_SOURCES", "FINGERPRINT_OMIT_AT", "Config", "DataConfig", "PretrainConfig", "FinetuneConfig",
+__all__ = ["RANK_SOURCES", "COMPILE_MODES", "CONSTRAINTS", "check_value", "validate", "read_yaml", "FINGERPRINT_OMIT_AT", "Config", "DataConfig", "PretrainConfig", "FinetuneConfig",
            "EvaluateConfig", "load_params", "from_dict", "apply_overrides", "replace", "dataclasses"]

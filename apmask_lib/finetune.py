@@ -32,7 +32,9 @@ resume (model, optimiser, step, RNG state, attention maps), a configuration chec
 progress bar, log.csv per step (losses read back every ``log_every`` steps), log.jsonl per epoch,
 NaN/inf -> clear error, a finished run is not retrained. Outputs in ``<out_dir>/finetune``:
 checkpoint.pt, model.pt (:func:`~apmask_lib.models.detector.save_detector`, written where the run
-stops; its ``meta`` holds step, total_steps and done), log.csv, log.jsonl, config.json.
+stops; its ``meta`` holds step, total_steps and done), log.csv, log.jsonl, config.json, and done.json
+written last where the run stops (:mod:`apmask_lib.runfolder`: lock, done marker, no overwriting
+without ``force``; the same rules as pre-training).
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ from .fastpath import compile_blocks
 from .losses import finetune_loss
 from .models import VisionTransformer, build_backbone
 from .models.detector import SEG_MAPS, AnomalyDetector, read_detector_checkpoint, save_detector
+from . import runfolder
 from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
                     param_groups, truncate_jsonl,
                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
@@ -242,20 +245,12 @@ def train_step(model: AnomalyDetector, optimizer: torch.optim.Optimizer, batch: 
     return {"loss": loss.detach(), "loss_det": l_det.detach(), "loss_seg": l_seg.detach(), "acc": acc}
 
 
-# ----------------------------------------------------------------------------- resume helpers
-def _finished(model_path: Path, max_steps: Optional[int]) -> bool:
-    if not model_path.is_file():
-        return False
-    try:
-        meta = read_detector_checkpoint(model_path)["meta"]
-    except (ValueError, KeyError, FileNotFoundError):
-        return False
-    return bool(meta.get("done")) or (max_steps is not None and int(meta.get("step", -1)) >= max_steps)
+_OUTPUTS = ("checkpoint.pt", "model.pt")  # the files done.json vouches for
 
 
 # ----------------------------------------------------------------------------- the run
 def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, resume: bool = True,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, force: bool = False) -> Path:
     """Fine-tune on synthetic anomalies; returns ``Path(cfg.out_dir) / "finetune"`` (files: module
     docstring; the detector is ``model.pt``).
 
@@ -264,9 +259,19 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     max_steps: stop once the global step reaches this (tests, smoke runs). The schedule stays that
                of the full ``finetune.epochs`` run; calling again continues it exactly. ``model.pt``
                is written at the stop too (its ``meta`` says ``done=False``).
-    resume:    continue from ``checkpoint.pt`` when present (a finished run returns at once);
-               False starts afresh and overwrites the logs.
+    resume:    continue from ``checkpoint.pt`` when present (a finished run returns at once, after
+               checking ``done.json``); False starts afresh -- refused, like a missing checkpoint,
+               where the folder holds finished outputs, unless ``force``.
+    force:     discard what the folder holds (checkpoint, model.pt, logs) and train from scratch.
+    A second run in the same folder is refused (:class:`~apmask_lib.runfolder.RunLocked`).
     """
+    out = Path(cfg.out_dir) / "finetune"
+    with runfolder.RunLock(out):
+        runfolder.sweep_temporaries(out)
+        return _run(cfg, dataset, max_steps, resume and not force, progress, force, out)
+
+
+def _run(cfg: Config, dataset, max_steps: Optional[int], resume: bool, progress: bool, force: bool, out: Path) -> Path:
     f = cfg.finetune
     if f.anomaly not in KINDS:
         raise ValueError(f"finetune.anomaly must be one of {KINDS}, got {f.anomaly!r}")
@@ -275,7 +280,6 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     if not 0.0 <= f.anomaly_fraction <= 1.0:
         raise ValueError(f"finetune.anomaly_fraction must lie in [0, 1], got {f.anomaly_fraction}")
     poisson, blend = resolve_poisson(cfg), resolve_blend(cfg)
-    out = Path(cfg.out_dir) / "finetune"
     ckpt_path, model_path = out / "checkpoint.pt", out / "model.pt"
     fingerprint = config_fingerprint(cfg, _RESUME_IGNORED)
     device = resolve_device(cfg.device)
@@ -283,8 +287,13 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     ckpt = None
     if resume and ckpt_path.is_file():
         ckpt = load_resume_checkpoint(ckpt_path, fingerprint)
-        if _finished(model_path, max_steps) and (ckpt["done"] or (max_steps is not None and ckpt["step"] >= max_steps)):
+        if runfolder.finished(runfolder.read_marker(out, _OUTPUTS), max_steps):
             return out
+        # otherwise go on from the checkpoint; where it already covers this call no step runs and
+        # model.pt is re-derived from it below
+    else:
+        runfolder.guard(out, ("model.pt",), force)
+    runfolder.clear_marker(out)  # before anything in the folder changes
 
     # ---- data
     if dataset is None:
@@ -346,13 +355,18 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
 
     att_tensor = None if attentions is None else torch.from_numpy(np.ascontiguousarray(attentions, dtype=np.float32))
 
+    def export(step: int) -> None:
+        """model.pt, then done.json (last): where this call stops."""
+        save_detector(model_path, model, cfg.to_dict(), meta={"step": step, "total_steps": total, "done": step >= total})
+        runfolder.write_marker(out, _OUTPUTS, stage="finetune", step=step, total_steps=total, done=step >= total)
+
     def save(step: int, done: bool, final: bool) -> None:
-        """Checkpoint (every epoch end and at the stop); model.pt only where the run stops."""
+        """Checkpoint (every epoch end and at the stop); model.pt and done.json only where the run stops."""
         save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step, iters_per_epoch=iters, done=done,
                         config=json.dumps(fingerprint), rng=rng_state(), attention=att_tensor,
                         epoch_acc={k: list(v) for k, v in acc.items()})
         if final:
-            save_detector(model_path, model, cfg.to_dict(), meta={"step": step, "total_steps": total, "done": done})
+            export(step)
 
     pending: list[dict[str, Any]] = []
     bar = tqdm(total=stop, initial=start, desc="finetune", disable=not progress, dynamic_ncols=True)
@@ -362,7 +376,8 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
             return
         vals = torch.stack([torch.stack([r["loss"], r["loss_det"], r["loss_seg"], r["acc"]]) for r in pending])
         for r, (lo, ld, ls, ac) in zip(pending, vals.float().cpu().tolist()):
-            check_finite(torch.tensor(lo), "fine-tuning loss", r["step"])
+            check_finite(lo, "fine-tuning loss", r["step"], terms={"loss": lo, "loss_det": ld, "loss_seg": ls},
+                         checkpoint=ckpt_path)
             r.update(loss=lo, loss_det=ld, loss_seg=ls, acc=ac)
             for k in acc:
                 acc[k].append(r[k])
@@ -400,8 +415,8 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
         elif step == stop - 1:
             save(step + 1, done=False, final=True)
     bar.close()
-    if start >= stop and not _finished(model_path, max_steps):
-        save(start, done=start >= total, final=True)
+    if start >= stop:  # nothing to train: the checkpoint covers this call; re-derive model.pt from it
+        export(start)
     return out
 
 

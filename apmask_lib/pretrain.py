@@ -34,7 +34,9 @@ resume; the augmentation generator is re-seeded at every step from (seed, rank, 
 schedule position *is* the random state; DDP under ``torchrun`` (``pretrain.batch_size`` is the
 global batch, split across ranks; only rank 0 writes files). Outputs in
 ``<out_dir>/pretrain``: checkpoint.pt, backbone.pt (EMA-teacher backbone state dict, loadable with
-``build_backbone("file:...")``), log.csv (per step), log.jsonl (per epoch), config.json.
+``build_backbone("file:...")``), log.csv (per step), log.jsonl (per epoch), config.json, and done.json
+written last where the run stops (:mod:`apmask_lib.runfolder`: lock, done marker, no overwriting
+without ``force``).
 """
 from __future__ import annotations
 
@@ -59,8 +61,9 @@ from .masking import KINDS, attention_on_boxes, keep_indices, num_dropped
 from .models import VisionTransformer, build_backbone
 from .models.heads import ProjectionMLP, Prototypes
 from .multicrop import ImageBank, MultiCrop, cache_short_side, load_image_bank
+from . import runfolder
 from .sinkhorn import sinkhorn, swapped_prediction_loss
-from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
+from .utils import (CSVLog, atomic_torch_save, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
                     param_groups, truncate_jsonl,
                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
 
@@ -312,7 +315,7 @@ def _train_images(cfg: Config, dataset) -> tuple[Any, list]:
 
 # ----------------------------------------------------------------------------- the run
 def run_pretrain(cfg: Config, dataset=None, max_steps: Optional[int] = None, resume: bool = True,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, force: bool = False) -> Path:
     """Pre-train with APMask; returns ``Path(cfg.out_dir) / "pretrain"`` (files: module docstring).
 
     dataset:   an :class:`~apmask_lib.data.AnomalyDataset` (its ``train`` split is used, capped at
@@ -320,8 +323,11 @@ def run_pretrain(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     max_steps: stop once the *global* step reaches this (smoke runs, tests). The schedules stay
                those of the full ``pretrain.epochs`` run, so a capped run is an exact prefix of
                it, and calling again with a larger ``max_steps`` (or None) continues it.
-    resume:    continue from ``checkpoint.pt`` when present (a finished run returns at once);
-               False starts afresh and overwrites the logs.
+    resume:    continue from ``checkpoint.pt`` when present (a finished run returns at once, after
+               checking ``done.json``); False starts afresh -- refused, like a missing checkpoint,
+               where the folder holds finished outputs, unless ``force``.
+    force:     discard what the folder holds (checkpoint, backbone.pt, logs) and train from scratch.
+    A second run in the same folder is refused (:class:`~apmask_lib.runfolder.RunLocked`).
     """
     p = cfg.pretrain
     if p.mask not in KINDS:
@@ -330,13 +336,21 @@ def run_pretrain(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     ckpt_path, backbone_path = out / "checkpoint.pt", out / "backbone.pt"
     rank, world, device, created_pg = _dist_setup(cfg)
     try:
-        return _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_path, rank, world, device)
+        with runfolder.RunLock(out) if rank == 0 else contextlib.nullcontext():
+            if rank == 0:
+                runfolder.sweep_temporaries(out)
+            return _run(cfg, dataset, max_steps, resume and not force, progress, out, ckpt_path, backbone_path, rank,
+                        world, device, force)
     finally:
         if created_pg:
             dist.destroy_process_group()
 
 
-def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_path, rank, world, device) -> Path:
+_OUTPUTS = ("checkpoint.pt", "backbone.pt")  # the files done.json vouches for
+
+
+def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_path, rank, world, device,
+         force=False) -> Path:
     p = cfg.pretrain
     main = rank == 0
     fingerprint = config_fingerprint(cfg, _RESUME_IGNORED)
@@ -344,13 +358,18 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
     ckpt = None
     if resume and ckpt_path.is_file():
         ckpt = load_resume_checkpoint(ckpt_path, fingerprint)
-        if ckpt["done"] and backbone_path.is_file():
+        if runfolder.finished(runfolder.read_marker(out, _OUTPUTS), max_steps):
             return out
-        if max_steps is not None and ckpt["step"] >= max_steps and backbone_path.is_file():
-            return out
+        # not finished, or its exports do not match done.json (e.g. killed between the checkpoint and the
+        # export): go on from the checkpoint; when it already covers this call, no step runs and the
+        # exports are re-derived from it below
         if ckpt["world_size"] != world:
             warnings.warn(f"{ckpt_path} was written with world size {ckpt['world_size']}, resuming with {world}: "
                           "the augmentation streams differ from an uninterrupted run", stacklevel=2)
+    elif main:
+        runfolder.guard(out, ("backbone.pt",), force)
+    if main:
+        runfolder.clear_marker(out)  # before anything in the folder changes
 
     # ---- data
     dataset, train = _train_images(cfg, dataset)
@@ -410,14 +429,22 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
             "device": str(device), "cached_short_side": cache_short_side(p.global_size),
             "teacher_view": p.teacher_view, "backbone_source": cfg.backbone}})
 
+    def export(step: int) -> None:
+        """backbone.pt from the teacher, then done.json (last) where this call stops."""
+        atomic_torch_save(backbone_path, teacher.backbone.state_dict())
+
+    def mark(step: int) -> None:
+        runfolder.write_marker(out, _OUTPUTS, stage="pretrain", step=step, total_steps=total, done=step >= total)
+
     def save(step: int, done: bool) -> None:
         if not main:
             return
         save_checkpoint(ckpt_path, student=student, teacher=teacher, optimizer=optimizer, step=step,
                         iters_per_epoch=iters, done=done, config=json.dumps(fingerprint), rng=rng_state(),
                         epoch_losses=list(epoch_losses), world_size=world)
-        torch.save(teacher.backbone.state_dict(), str(backbone_path) + ".tmp")
-        os.replace(str(backbone_path) + ".tmp", backbone_path)
+        export(step)
+        if step == stop:
+            mark(step)
 
     pending: list[dict[str, Any]] = []
     bar = tqdm(total=stop, initial=start, desc="pretrain", disable=not (progress and main), dynamic_ncols=True)
@@ -430,7 +457,7 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
             dist.all_reduce(vals)
             vals = vals / world
         for r, v in zip(pending, vals.cpu().tolist()):
-            check_finite(torch.tensor(v), "pre-training loss", r["step"])
+            check_finite(v, "pre-training loss", r["step"], checkpoint=ckpt_path)
             r["loss"] = v
             epoch_losses.append(v)
             if main:
@@ -477,8 +504,9 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
         elif step == stop - 1:
             save(step + 1, done=False)
     bar.close()
-    if start >= stop and main and not backbone_path.is_file():
-        save(start, done=start >= total)
+    if start >= stop and main:  # nothing to train: the checkpoint covers this call; re-derive its exports
+        export(start)
+        mark(start)
     if world > 1:
         dist.barrier()
     return out

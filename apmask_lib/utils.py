@@ -70,15 +70,44 @@ def cosine_scheduler(base: float, final: float, epochs: int, iters_per_epoch: in
     return np.concatenate([warmup, cosine])
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A temporary file next to ``path`` (same file system, so ``os.replace`` is atomic) with the
+    mode a plain ``open`` would give (0666 minus the umask; ``mkstemp`` alone makes it 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, tmp
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename): readers see the old file
+    or the new one, never a part. Mode as a plain ``open`` (umask respected)."""
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj, path)`` atomically (as :func:`atomic_write_bytes`)."""
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,17 +135,22 @@ def _json_default(o: Any) -> Any:
 def save_checkpoint(path: str | Path, **objs: Any) -> None:
     """Atomically save named objects: modules/optimisers via ``state_dict()``, the rest as is
     (tensors, numbers, strings, plain dicts/lists). Loadable with ``weights_only=True``."""
-    payload = {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in objs.items()}
+    atomic_torch_save(path, {k: (v.state_dict() if hasattr(v, "state_dict") else v) for k, v in objs.items()})
+
+
+def safe_torch_load(path: str | Path, what: str = "checkpoint", map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``; any failure is a ValueError that names the file and
+    says it is not a valid checkpoint. PyTorch's own message is not repeated: it advises re-running
+    with ``weights_only=False``, which would execute whatever code a hostile file carries."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        text = str(e)
+        reason = type(e).__name__ if ("weights_only" in text or "Weights only" in text) else \
+            f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+        raise ValueError(f"{path} is not a valid {what} ({reason}): it is corrupt, truncated, not a torch file, or "
+                         "holds objects other than tensors and plain data, which apmask never unpickles") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -124,10 +158,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"cannot read checkpoint {path} (corrupt or not a torch file?): {e}") from e
+    return safe_torch_load(path, "checkpoint", map_location)
 
 
 def restore(ckpt: Mapping[str, Any], **objs: Any) -> None:
@@ -171,11 +202,26 @@ def append_jsonl(path: str | Path, obj: Mapping[str, Any]) -> None:
         f.write(json.dumps(obj, default=_json_default) + "\n")
 
 
-def check_finite(value: torch.Tensor, what: str, step: int) -> None:
-    """Stop a run whose loss went NaN/inf, saying where (the last checkpoint stays intact)."""
-    if not math.isfinite(float(value)):
-        raise FloatingPointError(f"{what} is {float(value)} at step {step}; the last checkpoint is untouched. "
-                                 "Lower the learning rate or check the inputs.")
+class NonFiniteLoss(FloatingPointError):
+    """Training stopped at a NaN/inf loss; the message is one line (step, loss terms, last checkpoint)."""
+
+
+def check_finite(value: torch.Tensor | float, what: str, step: int, terms: Mapping[str, float] | None = None,
+                 checkpoint: str | Path | None = None) -> None:
+    """Stop a run whose loss went NaN/inf with a one-line error naming the step, the loss terms and
+    the last good checkpoint (which stays intact)."""
+    v = float(value)
+    if math.isfinite(v):
+        return
+    parts = ", ".join(f"{k}={float(x):.6g}" for k, x in (terms or {what.split()[-1]: v}).items())
+    where = "no checkpoint was written yet"
+    if checkpoint is not None and Path(checkpoint).is_file():
+        try:
+            step_saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True).get("step", "?")
+        except Exception:  # noqa: BLE001
+            step_saved = "?"
+        where = f"the last good checkpoint is {checkpoint} (step {step_saved}), untouched"
+    raise NonFiniteLoss(f"{what} is {v} at step {step} ({parts}); {where}. Lower the learning rate or check the inputs.")
 
 
 def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -238,7 +284,7 @@ def load_resume_checkpoint(path: str | Path, fingerprint: Mapping[str, Any]) -> 
     diff = dict_diff(json.loads(ckpt["config"]), dict(fingerprint))
     if diff:
         raise ValueError(f"{path} was written with a different configuration ({', '.join(diff)}); "
-                         "use another out_dir, delete that folder, or pass resume=False to start afresh")
+                         "use another out_dir, or retrain over it with --force (force=True)")
     return ckpt
 
 

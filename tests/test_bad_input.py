@@ -157,8 +157,8 @@ def test_an_explicitly_named_params_file_must_exist(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--params", "params.yaml", "-S", "data.dataset=mvtec",
               "-S", f"data.root={tmp_path / 'nothing'}", "-S", f"out_dir={tmp_path / 'run'}"])
-    assert e.value.code != 0
-    assert "params file not found: params.yaml" in capsys.readouterr().err
+    assert e.value.code not in (0, None)  # SystemExit(message): printed to stderr, exit status 1
+    assert "params file not found: params.yaml" in f"{e.value.code} {capsys.readouterr().err}"
     assert not (tmp_path / "run").exists()
 
 
@@ -239,10 +239,15 @@ def test_kill_during_the_last_save_is_repaired_on_resume(data_root, tmp_path):
 def test_an_export_changed_after_the_run_is_rederived(data_root, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path)
     out = run_finetune(cfg, max_steps=2)
-    good = (out / "model.pt").read_bytes()
-    (out / "model.pt").write_bytes(good[: len(good) // 2])  # truncated by a crash or a full disk
+    from apmask_lib.models.detector import read_detector_checkpoint
+
+    good = read_detector_checkpoint(out / "model.pt")
+    blob = (out / "model.pt").read_bytes()
+    (out / "model.pt").write_bytes(blob[: len(blob) // 2])  # truncated by a crash or a full disk
     run_finetune(cfg, max_steps=2)
-    assert (out / "model.pt").read_bytes() == good
+    again = read_detector_checkpoint(out / "model.pt")
+    assert again["meta"] == good["meta"] and again["state_dict"].keys() == good["state_dict"].keys()
+    assert all(torch.equal(again["state_dict"][k], v) for k, v in good["state_dict"].items())
 
 
 # ============================================================================ 5. masks
