@@ -387,10 +387,10 @@ def test_garbage_checkpoint_never_suggests_weights_only_false(tmp_path, payload)
     from apmask_lib.utils import load_checkpoint
 
     path = tmp_path / "x.pt"
-    if payload is None:  # a pickle of an arbitrary object: refused by weights_only
-        import collections
+    if payload is None:  # a pickle of an arbitrary object (as DINO's args): refused by weights_only
+        import argparse
 
-        torch.save(collections.Counter(a=1), path)
+        torch.save({"args": argparse.Namespace(lr=1)}, path)
     else:
         path.write_bytes(payload)
     for load in (load_checkpoint, load_detector, lambda p: build_backbone(f"file:{p}")):

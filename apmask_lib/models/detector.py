@@ -156,8 +156,16 @@ def read_detector_checkpoint(path: str | Path, map_location: str | torch.device 
 
 def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> AnomalyDetector:
     """Rebuild the detector saved by :func:`save_detector` (eval mode)."""
+    from .weights import check_architecture
+
     ckpt = read_detector_checkpoint(path, map_location)
-    backbone = VisionTransformer(ViTConfig(**ckpt["vit_config"]))
+    try:
+        vit_cfg = ViTConfig(**ckpt["vit_config"])
+    except TypeError as e:
+        raise ValueError(f"{path}: vit_config is not a ViT architecture ({e})") from None
+    check_architecture(vit_cfg, ckpt.get("state_dict") if isinstance(ckpt.get("state_dict"), Mapping) else {},
+                       str(path))
+    backbone = VisionTransformer(vit_cfg)
     model = AnomalyDetector(backbone, **ckpt["head_config"])
     model.load_state_dict(ckpt["state_dict"], strict=True)
     return model.eval()

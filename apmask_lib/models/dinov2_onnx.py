@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -118,19 +117,24 @@ def convert_onnx(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_offline_dinov2(cache: Path | None = None) -> VisionTransformer:
-    """Convert once (≈5 s), cache the state dict atomically, load it strictly."""
+    """Convert once (≈5 s), cache the state dict atomically, load it strictly. A cache file that
+    cannot be read or does not fit the architecture (killed write, disk error, another version)
+    is reported by name and rebuilt."""
+    import warnings
+
+    from ..utils import atomic_torch_save, safe_torch_load
     from .weights import cache_dir
 
     cache = cache or cache_dir() / CACHE_NAME
-    if cache.is_file():
-        sd = torch.load(cache, map_location="cpu", weights_only=True)
-    else:
-        sd = convert_onnx(find_onnx())
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(sd, tmp)
-        os.replace(tmp, cache)
     model = VisionTransformer(ARCHS["vit_s14"])
+    if cache.is_file():
+        try:
+            model.load_state_dict(safe_torch_load(cache, "cached backbone"), strict=True)
+            return model
+        except (ValueError, RuntimeError, AttributeError, TypeError) as e:
+            warnings.warn(f"offline backbone cache {cache} is corrupt ({str(e).splitlines()[0][:200]}); rebuilding it "
+                          "from the ONNX file", stacklevel=2)
+    sd = convert_onnx(find_onnx())
+    atomic_torch_save(cache, sd)
     model.load_state_dict(sd, strict=True)
     return model

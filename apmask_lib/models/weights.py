@@ -68,24 +68,53 @@ def clean_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def infer_config(sd: Mapping[str, torch.Tensor]) -> ViTConfig:
-    """Architecture from tensor shapes (patch size, width, depth, LayerScale, pos grid)."""
+# what a checkpoint may declare (ViT-g/14 is depth 40, width 1536): a file is never trusted to size an
+# allocation beyond these, nor beyond the number of weights it actually holds
+ARCH_LIMITS = {"depth": 64, "embed_dim": 4096, "num_heads": 64, "patch_size": 64, "pos_grid": 512, "mlp_ratio": 16.0}
+
+
+def check_architecture(cfg: ViTConfig, sd: Mapping[str, torch.Tensor] | None, source: str) -> ViTConfig:
+    """Refuse an architecture read from a file before any memory is allocated for it: every field
+    positive and within :data:`ARCH_LIMITS`, and (with ``sd``) no more parameters than the state dict
+    holds. ``source`` names the file in the message."""
+    for key, limit in ARCH_LIMITS.items():
+        v = getattr(cfg, key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= limit:
+            raise ValueError(f"{source}: declares {key}={v!r}, outside 1..{limit}; not a checkpoint apmask can load")
+    if cfg.embed_dim % cfg.num_heads:
+        raise ValueError(f"{source}: embed_dim {cfg.embed_dim} is not a multiple of num_heads {cfg.num_heads}")
+    if sd is not None:
+        d, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+        need = cfg.depth * (4 * d * d + 2 * d * hidden)  # qkv + proj + MLP weights, biases left out
+        have = sum(int(v.numel()) for v in sd.values() if isinstance(v, torch.Tensor))
+        if have < need:
+            raise ValueError(f"{source}: declares depth {cfg.depth}, width {d} (at least {need:,} weights) but holds "
+                             f"only {have:,}; the file is truncated or not a ViT checkpoint")
+    return cfg
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], source: str = "state dict") -> ViTConfig:
+    """Architecture from tensor shapes (patch size, width, depth, LayerScale, pos grid), bounded by
+    :func:`check_architecture`."""
     try:
         w = sd["patch_embed.proj.weight"]
         pos = sd["pos_embed"]
+        depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     except KeyError as e:
         raise ValueError(f"not a ViT backbone state dict: missing {e}; keys start with {sorted(sd)[:5]}") from None
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    except ValueError:
+        raise ValueError(f"not a ViT backbone state dict: no blocks.N.* keys; keys start with {sorted(sd)[:5]}") from None
     dim = w.shape[0]
     grid = int(round((pos.shape[1] - 1) ** 0.5))
     heads = {384: 6, 768: 12, 192: 3, 96: 3, 1024: 16}.get(dim, max(1, dim // 64))
-    return ViTConfig(patch_size=w.shape[-1], embed_dim=dim, depth=depth, num_heads=heads,
-                     layerscale="blocks.0.ls1.gamma" in sd, pos_grid=grid)
+    return check_architecture(ViTConfig(patch_size=w.shape[-1], embed_dim=dim, depth=depth, num_heads=heads,
+                                        layerscale="blocks.0.ls1.gamma" in sd, pos_grid=grid), sd, source)
 
 
-def from_state_dict(sd: Mapping[str, torch.Tensor], cfg: ViTConfig | None = None) -> VisionTransformer:
+def from_state_dict(sd: Mapping[str, torch.Tensor], cfg: ViTConfig | None = None,
+                    source: str = "state dict") -> VisionTransformer:
     sd = clean_state_dict(sd)
-    model = VisionTransformer(cfg or infer_config(sd))
+    model = VisionTransformer(cfg or infer_config(sd, source))
     model.load_state_dict(sd, strict=True)
     return model
 
@@ -94,14 +123,13 @@ def load_file(path: str | os.PathLike) -> VisionTransformer:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"backbone checkpoint not found: {path}. {ALTERNATIVES}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"cannot read backbone checkpoint {path}: {e}") from e
+    from ..utils import safe_torch_load
+
+    sd = safe_torch_load(path, "checkpoint")
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
     try:
-        return from_state_dict(sd)
+        return from_state_dict(sd, source=str(path))
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"{path}: not a supported ViT checkpoint layout: {e}") from e
 
