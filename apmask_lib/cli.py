@@ -33,6 +33,11 @@ def cmd_data(args) -> None:
     ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
     print(f"{ds.name}: {len(ds.train)} train, {len(ds.test)} test "
           f"({sum(s.label for s in ds.test)} anomalous)")
+    if not args.no_verify:
+        from .data.verify import verify_split
+
+        checked, cached = verify_split(ds, progress=False)
+        print(f"verified every image and mask: {checked} decoded now, {cached} unchanged since they last passed")
     if args.index:
         from .utils import write_json
 
@@ -160,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
 
     sp = add("data", cmd_data, "index (and for the demo, generate) the configured dataset")
     sp.add_argument("--index", default=None, help="also write a JSON listing of the files (a DVC dependency)")
+    sp.add_argument("--no-verify", action="store_true",
+                    help="only index; by default every image and mask is decoded once (cached by size/mtime)")
     sp = sub.add_parser("collect", help="copy a run's metrics/plots to results/ for DVC")
     sp.add_argument("--run", required=True)
     sp.add_argument("--name", required=True)

@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .images import ImageReadError, resize_image, resize_mask
+from .images import resize_image, resize_mask
 from .types import AnomalyDataset, Sample
 
 
@@ -45,11 +45,9 @@ def verify_dataset(ds: AnomalyDataset, progress: bool = True) -> None:
     """Decode every image and mask of ``ds`` and check each mask has its image's size.
 
     Raises :class:`ImageReadError` naming the first bad file (corrupt image, unreadable mask,
-    size mismatch). Boxes reaching outside their image are reported the same way."""
+    size mismatch). Boxes reaching outside their image are reported the same way. (Cached by file
+    size and mtime: :func:`apmask_lib.data.verify.verify_split`.)"""
+    from .verify import check_sample
+
     for s in tqdm(ds.train + ds.test, desc=f"verify {ds.name}", disable=not progress, leave=False):
-        img = AnomalyDataset.image(s)
-        if s.has_pixel_gt and (s.mask_path is not None or s.boxes):
-            AnomalyDataset.mask(s, img.shape[:2])
-        for x, y, w, h in s.boxes:
-            if x < 0 or y < 0 or w <= 0 or h <= 0 or x + w > img.shape[1] + 1 or y + h > img.shape[0] + 1:
-                raise ImageReadError(f"box {(x, y, w, h)} of {s.path} lies outside its {img.shape[1]}x{img.shape[0]} image")
+        check_sample(s)

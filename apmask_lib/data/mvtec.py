@@ -15,6 +15,7 @@ written in this same layout, so this reader serves both.
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 
 from .types import AnomalyDataset, Sample
@@ -25,9 +26,26 @@ TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
+log = logging.getLogger("apmask")
+
+
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
-                  and not p.name.startswith("."))
+    """The image files directly in ``folder``; what is left out (subfolders, other files) is logged."""
+    found, subdirs, other = [], [], []
+    for p in folder.iterdir():
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            subdirs.append(p.name)
+        elif p.suffix.lower() in IMAGE_EXTS:
+            found.append(p)
+        else:
+            other.append(p.name)
+    if subdirs or other:
+        why = [f"{len(subdirs)} subfolder(s) ({', '.join(sorted(subdirs)[:3])}) are not searched"] if subdirs else []
+        why += [f"{len(other)} file(s) ({', '.join(sorted(other)[:3])}) are not {'/'.join(IMAGE_EXTS)} images"] if other else []
+        log.warning("%s: skipped %d entries: %s", folder, len(subdirs) + len(other), "; ".join(why))
+    return sorted(found)
 
 
 def _category_hint(root: Path, category: str) -> str:

@@ -63,8 +63,28 @@ def find_label_table(root: Path) -> Path:
     return found[-1]
 
 
+def read_csv_named(path: Path) -> pd.DataFrame:
+    """``pd.read_csv`` whose errors name the file (and the line, where pandas reports one): a
+    malformed row, a truncated or corrupt ``.gz``, an empty or undecodable file."""
+    import gzip
+    import re
+    import zlib
+
+    try:
+        return pd.read_csv(path)
+    except pd.errors.ParserError as e:
+        m = re.search(r"line (\d+)", str(e))
+        where = f", line {m.group(1)}" if m else ""
+        raise ValueError(f"malformed CSV {path}{where}: {e}; re-download the file") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+        raise ValueError(f"cannot read {path} (truncated or corrupt{' gzip' if path.suffix == '.gz' else ''} file: "
+                         f"{e}); re-download it") from None
+    except (pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path} as CSV ({type(e).__name__}: {e})") from None
+
+
 def read_label_table(path: Path) -> pd.DataFrame:
-    df = pd.read_csv(path)
+    df = read_csv_named(path)
     missing = [c for c in _ENTRY_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"label table {path} lacks columns {missing}; found {list(df.columns)}")
@@ -76,7 +96,7 @@ def read_boxes(path: Path) -> dict[str, list[tuple[str, tuple[float, float, floa
 
     The release names the box columns "Bbox [x", "y", "w", "h]" and adds empty unnamed columns;
     both are handled (columns found by position after "Bbox [x")."""
-    df = pd.read_csv(path)
+    df = read_csv_named(path)
     df = df.loc[:, [c for c in df.columns if not str(c).startswith("Unnamed")]]
     cols = list(df.columns)
     start = next((i for i, c in enumerate(cols) if str(c).replace(" ", "").lower().startswith("bbox[x")), None)
