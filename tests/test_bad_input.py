@@ -457,7 +457,9 @@ def test_nan_loss_is_one_line_naming_step_terms_and_checkpoint(data_root, tmp_pa
     with pytest.raises(SystemExit) as e:
         main(["finetune", *tiny_args(data_root, tmp_path)])
     assert e.value.code != 0
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    out = capsys.readouterr().err  # progress bars, then the error
+    assert "Traceback" not in out and out.count("apmask finetune: error") == 1
+    err = out[out.index("apmask finetune: error"):]
+    assert err.endswith("\n") and err.count("\n") == 1  # one line
     assert "step 2" in err and "loss_det" in err and "loss_seg=inf" in err
     assert str(tmp_path / "finetune" / "checkpoint.pt") in err and "step 2" in err
