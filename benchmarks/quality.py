@@ -126,10 +126,10 @@ def one_seed(args, dataset: str, category: str, seed: int) -> dict:
         model_path, times = trained_by_ablations(args, dataset, category, seed)
     else:
         t0 = time.perf_counter()
-        run_pretrain(cfg, resume=args.reuse, progress=args.progress)
+        run_pretrain(cfg, resume=args.reuse, force=not args.reuse, progress=args.progress)
         times["pretrain_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run_finetune(cfg, resume=args.reuse, progress=args.progress)
+        run_finetune(cfg, resume=args.reuse, force=not args.reuse, progress=args.progress)
         times["finetune_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     m = run_evaluate(cfg, model_path=model_path)
