@@ -429,11 +429,12 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
             "device": str(device), "cached_short_side": cache_short_side(p.global_size),
             "teacher_view": p.teacher_view, "backbone_source": cfg.backbone}})
 
-    def export(step: int) -> None:
-        """backbone.pt from the teacher, then done.json (last) where this call stops."""
+    def export() -> None:
+        """backbone.pt: the EMA teacher's backbone (every save, so it follows the checkpoint)."""
         atomic_torch_save(backbone_path, teacher.backbone.state_dict())
 
     def mark(step: int) -> None:
+        """done.json, last: where this call stops, vouching for the checkpoint and backbone.pt."""
         runfolder.write_marker(out, _OUTPUTS, stage="pretrain", step=step, total_steps=total, done=step >= total)
 
     def save(step: int, done: bool) -> None:
@@ -442,7 +443,7 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
         save_checkpoint(ckpt_path, student=student, teacher=teacher, optimizer=optimizer, step=step,
                         iters_per_epoch=iters, done=done, config=json.dumps(fingerprint), rng=rng_state(),
                         epoch_losses=list(epoch_losses), world_size=world)
-        export(step)
+        export()
         if step == stop:
             mark(step)
 
@@ -505,7 +506,7 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
             save(step + 1, done=False)
     bar.close()
     if start >= stop and main:  # nothing to train: the checkpoint covers this call; re-derive its exports
-        export(start)
+        export()
         mark(start)
     if world > 1:
         dist.barrier()

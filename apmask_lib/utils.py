@@ -71,7 +71,14 @@ def cosine_scheduler(base: float, final: float, epochs: int, iters_per_epoch: in
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
+    """The process umask, read without changing it where Linux shows it (/proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
     os.umask(mask)
     return mask
 
