@@ -55,7 +55,7 @@ from .config import Config
 from .fastpath import compile_blocks
 from .losses import finetune_loss
 from .models import VisionTransformer, build_backbone
-from .models.detector import SEG_MAPS, AnomalyDetector, read_detector_checkpoint, save_detector
+from .models.detector import SEG_MAPS, AnomalyDetector, save_detector
 from . import runfolder
 from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
                     param_groups, truncate_jsonl,
