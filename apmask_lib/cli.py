@@ -24,10 +24,10 @@ def _cfg(args) -> Config:
 
 
 def cmd_data(args) -> None:
-    from .data import build_dataset
+    from .data import dataset_from_config
 
     cfg = _cfg(args)
-    ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    ds = dataset_from_config(cfg.data)
     print(f"{ds.name}: {len(ds.train)} train, {len(ds.test)} test "
           f"({sum(s.label for s in ds.test)} anomalous)")
     if args.index:
@@ -50,7 +50,7 @@ def cmd_collect(args) -> None:
 
 def _attention_images(cfg: Config, n: int = 4):
     """Real bottle images when ../shared/data is beside the project, else the configured dataset."""
-    from .data import build_dataset, read_image
+    from .data import build_dataset, dataset_from_config, read_image
 
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"
     if (shared / "bottle").is_dir():
@@ -60,7 +60,7 @@ def _attention_images(cfg: Config, n: int = 4):
             first.setdefault(s.defect, s)  # one image per defect type
         picks = [s for d, s in sorted(first.items()) if d != "good"][:n - 1] + ds.train[:1]
         return [read_image(s.path) for s in picks], [f"bottle/{s.defect}" for s in picks]
-    ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    ds = dataset_from_config(cfg.data)
     picks = ([s for s in ds.test if s.label == 1] + ds.train)[:n]
     return [read_image(s.path) for s in picks], [f"{ds.name}/{s.defect}" for s in picks]
 

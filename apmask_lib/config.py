@@ -17,17 +17,29 @@ RANK_SOURCES = ("view", "image")    # pretrain.rank_source values
 
 # keys added after runs were written, with the value that reproduces the older behaviour: left out of
 # resume fingerprints while they hold it, so checkpoints written before the key existed still resume
-FINGERPRINT_OMIT_AT = {("pretrain", "rank_source"): "view"}
+# (values as after a JSON round trip: a tuple reads back as a list)
+FINGERPRINT_OMIT_AT = {("pretrain", "rank_source"): "view",
+                       **{("data", k): v for k, v in (("normal_dir", None), ("abnormal_dir", []), ("mask_dir", None),
+                                                      ("normal_test_dir", None), ("normal_test_split", 0.2),
+                                                      ("normal_val_split", 0.1), ("split_seed", 0))}}
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "demo"            # mvtec | nih | demo
+    dataset: str = "demo"            # mvtec | nih | demo | folder (your own images, README "Your own images")
     root: str = "data/demo"          # dataset root (MVTec: the folder holding the category folders)
     category: str = "brick"          # MVTec/demo category; NIH: all | male | female
     image_size: int = 224            # training resolution (square)
     max_train: Optional[int] = None  # cap on training images (micro runs); None = all
     max_test: Optional[int] = None   # cap on test images per defect type (micro runs); None = all
+    # --- dataset: folder only (apmask_lib/data/folder.py); folders relative to root, searched recursively ---
+    normal_dir: Optional[str] = None       # normal images (required)
+    abnormal_dir: tuple[str, ...] = ()     # defect folders, one or several (each folder name = a defect type)
+    mask_dir: Optional[str] = None         # masks <mask_dir>/[<defect>/]<stem>[_mask].*; absent = image-level metrics only
+    normal_test_dir: Optional[str] = None  # normal test images; None = hold out normal_test_split of normal_dir
+    normal_test_split: float = 0.2         # fraction of normal_dir held out for testing (seeded by split_seed)
+    normal_val_split: float = 0.1          # fraction of normal_dir held out as validation: the decision threshold is chosen there
+    split_seed: int = 0                    # seed of the normal-image split (independent of the training seed)
 
 
 @dataclass

@@ -71,7 +71,7 @@ import torch
 from tqdm import tqdm
 
 from .config import Config
-from .data import AnomalyDataset, Sample, build_dataset
+from .data import AnomalyDataset, Sample, dataset_from_config
 from .metrics import PixelMetrics, f1_max, image_auroc, roc_curve
 from .multiscale import MultiScaleOutput, model_patch_size, predict_multiscale, scale_sizes
 from .utils import atomic_write_bytes, atomic_write_text, resolve_device, seed_everything, write_json
@@ -350,7 +350,7 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
                                 "out_dir first, or pass the checkpoint with --model/model_path.")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    ds = dataset if dataset is not None else build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    ds = dataset if dataset is not None else dataset_from_config(cfg.data)
     samples = cap_per_defect(ds.test, cfg.data.max_test)
     if not samples:
         raise ValueError(f"{ds.name}: the test split is empty")
