@@ -121,6 +121,10 @@ class EvaluateConfig:
     pixel_bins: Optional[int] = 1048576  # pixel metrics: histogram bins over [0, 1] (2^20, memory-bounded); None = exact (small sets)
     figure_images: int = 8           # images in the localisation figure (defect types first, then good)
     save_maps: bool = False          # also write every averaged map to evaluate/maps/<defect>/<stem>.npy (float16)
+    # --- decision threshold (apmask_lib/threshold.py) -> evaluate/threshold.json, read by apmask predict/export ---
+    threshold_on: str = "auto"       # auto (validation images when the data set has them, else the test set, stated as optimistic) | val | test
+    threshold_quantile: float = 0.99          # no anomalous images in that data: this quantile of normal image scores
+    pixel_threshold_quantile: float = 0.999   # no masks in that data: this quantile of normal images' map values
     # --- EXTENSION (not in the paper; apmask_lib/knn.py): kNN patch scoring on intermediate features ---
     knn_layer: Optional[int] = None  # block (0-based) whose patch tokens feed a kNN memory bank; None = paper method only (default); AnomalyDINO-style: 7 (8th of 12)
     knn_backbone: str = "init"       # kNN features: init = cfg.backbone before any training (training-free) | finetuned = the detector's backbone
