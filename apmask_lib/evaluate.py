@@ -396,8 +396,8 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     normal_pixels: list[np.ndarray] = []   # sampled map values of normal test images (pixel threshold)
     t_inf = 0.0
     bs = max(1, int(ecfg.batch_size))
-    for start in tqdm(range(0, len(samples), bs), desc=f"evaluate {ds.name}", unit="batch",
-                      disable=None, leave=False):
+    bar = tqdm(total=len(samples), desc=f"evaluate {ds.name}", unit="img", disable=None, leave=False)
+    for start in range(0, len(samples), bs):
         batch = samples[start:start + bs]
         images = [ds.image(s) for s in batch]
         t0 = time.perf_counter()
@@ -431,6 +431,8 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
             if ecfg.save_maps:
                 save_npy(out_dir / "maps" / s.defect / f"{Path(s.path).stem}.npy", amap.astype(np.float16))
         del images, res, ext_out
+        bar.update(len(batch))
+    bar.close()
 
     t0 = time.perf_counter()
     labels = np.array([r["label"] for r in rows])
