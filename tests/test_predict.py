@@ -117,18 +117,24 @@ def test_non_empty_output_folder_is_refused_without_force(folder, model_path, tm
     assert rows[0]["status"] == "ok"
 
 
-def _png_claiming_size(src: Path, dst: Path, width: int, height: int) -> None:
-    """A copy of the PNG ``src`` whose header claims width x height (CRC fixed): a decompression bomb
-    as far as any reader that trusts the header is concerned."""
-    data = bytearray(src.read_bytes())
-    assert data[12:16] == b"IHDR"
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
-    dst.write_bytes(bytes(data))
+def _huge_grey_png(dst: Path, width: int, height: int) -> None:
+    """A valid all-black 8-bit grey PNG of width x height, streamed (a few hundred KB on disk, but
+    width * height bytes -- and three times that as RGB -- once decoded)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    z, row, parts = zlib.compressobj(9), b"\0" * (width + 1), []
+    for _ in range(height):
+        parts.append(z.compress(row))
+    parts.append(z.flush())
+    dst.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                    + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
 
 
 def test_huge_image_is_refused_per_image_and_the_rest_processed(folder, model_path, tmp_path):
-    _png_claiming_size(folder / "a_good.png", folder / "aa_huge.png", 20000, 20000)
+    _huge_grey_png(tmp_path / "small.png", 40, 30)
+    assert cv2.imread(str(tmp_path / "small.png")).shape == (30, 40, 3)  # the writer makes real PNGs
+    _huge_grey_png(folder / "aa_huge.png", 20000, 20000)  # 0.4 GB decoded, ~1.2 GB as RGB, more as maps
     rows = predict(model_path, folder, tmp_path / "out", scales=(224,), device="cpu", threshold=0.5)
     by_name = {Path(r["path"]).name: r for r in rows}
     huge = by_name["aa_huge.png"]
