@@ -462,8 +462,12 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     if not n_anom_gt:
         metrics["pixel_auroc"] = metrics["au_pro"] = float("nan")
     t_metrics = time.perf_counter() - t0
-    metrics["threshold"] = write_threshold(cfg, ds, model, sizes, device, out_dir, score, labels, normal_pixels,
-                                           metrics.get("pixel_f1_threshold"), model_path)
+    try:
+        metrics["threshold"] = write_threshold(cfg, ds, model, sizes, device, out_dir, score, labels, normal_pixels,
+                                               metrics.get("pixel_f1_threshold"), model_path)
+    except ValueError as e:  # e.g. a test set without normal images and no validation images
+        warnings.warn(f"no decision threshold written: {e}", stacklevel=2)
+        metrics["threshold"] = None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     feats_arr = np.concatenate(feats).astype(np.float32)
