@@ -46,7 +46,7 @@ def verify_dataset(ds: AnomalyDataset, progress: bool = True) -> None:
 
     Raises :class:`ImageReadError` naming the first bad file (corrupt image, unreadable mask,
     size mismatch). Boxes reaching outside their image are reported the same way."""
-    for s in tqdm(ds.train + ds.test, desc=f"verify {ds.name}", disable=not progress, leave=False):
+    for s in tqdm(ds.train + ds.val + ds.test, desc=f"verify {ds.name}", disable=not progress, leave=False):
         img = AnomalyDataset.image(s)
         if s.has_pixel_gt and (s.mask_path is not None or s.boxes):
             AnomalyDataset.mask(s, img.shape[:2])
