@@ -544,16 +544,16 @@ def write_threshold(cfg: Config, ds: AnomalyDataset, model: torch.nn.Module, siz
     images, or test), write ``out_dir/threshold.json`` and return it with precision / recall / F1 of
     the TEST set at that threshold."""
     ecfg = cfg.evaluate
-    use_val = ecfg.threshold_on == "val" or (ecfg.threshold_on == "auto" and ds.val)
-    if use_val:
-        if not ds.val:
+    val = list(getattr(ds, "val", []))
+    if ecfg.threshold_on == "val" or (ecfg.threshold_on == "auto" and val):
+        if not val:
             raise ValueError(f"evaluate.threshold_on=val but {ds.name} has no validation images "
                              "(data.dataset=folder holds out data.normal_val_split of the normal images)")
-        scores, pixels = score_split(model, ds, ds.val, sizes, device, ecfg.batch_size, ecfg.score,
+        scores, pixels = score_split(model, ds, val, sizes, device, ecfg.batch_size, ecfg.score,
                                      f"threshold on validation {ds.name}")
-        labels = np.array([s.label for s in ds.val])
-        pixels = [p for p, s in zip(pixels, ds.val) if s.label == 0]
-        chosen_on = f"validation: {len(ds.val)} images held out of training"
+        labels = np.array([s.label for s in val])
+        pixels = [p for p, s in zip(pixels, val) if s.label == 0]
+        chosen_on = f"validation: {len(val)} images held out of training"
         rec = choose_threshold(scores, labels, ecfg.score, chosen_on, pixels, None,
                                ecfg.threshold_quantile, ecfg.pixel_threshold_quantile)
     else:
