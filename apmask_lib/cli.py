@@ -36,7 +36,8 @@ def cmd_data(args) -> None:
     cfg = _cfg(args)
     ds = dataset_from_config(cfg.data)
     print(f"{ds.name}: {len(ds.train)} train, {len(ds.test)} test "
-          f"({sum(s.label for s in ds.test)} anomalous, {len(ds.test_pixel_gt)} with pixel ground truth)"
+          f"({sum(s.label for s in ds.test)} anomalous, {sum(s.label == 1 and s.has_pixel_gt for s in ds.test)} of "
+          "them with pixel ground truth)"
           + (f", {len(ds.val)} validation" if ds.val else ""))
     if args.index:
         from .utils import write_json
