@@ -1,7 +1,14 @@
 """Command line: ``apmask <command>``. Every command reads ``params.yaml`` (``--params``) and
 accepts ``-S section.key=value`` overrides, e.g. ``apmask pretrain -S pretrain.epochs=2``.
 
-Commands: data, attention-figure, pretrain, finetune, evaluate, predict, tables, demo.
+One command per step (``apmask COMMAND --help`` shows an example for each):
+
+  fit       pre-train + fine-tune (pre-training is skipped when finetune.init is a backbone source)
+  evaluate  metrics on the test split + the decision threshold (evaluate/threshold.json)
+  predict   score / threshold / anomalous per image + heatmaps of your images
+  export    ONNX or TorchScript file for deployment (multi-scale averaging inside)
+
+Also: data, pretrain, finetune, tables, attention-figure, notebook, collect, demo.
 """
 from __future__ import annotations
 
@@ -27,12 +34,14 @@ def _cfg(args) -> Config:
 
 
 def cmd_data(args) -> None:
-    from .data import build_dataset
+    from .data import dataset_from_config
 
     cfg = _cfg(args)
-    ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    ds = dataset_from_config(cfg.data)
     print(f"{ds.name}: {len(ds.train)} train, {len(ds.test)} test "
-          f"({sum(s.label for s in ds.test)} anomalous)")
+          f"({sum(s.label for s in ds.test)} anomalous, {sum(s.label == 1 and s.has_pixel_gt for s in ds.test)} of "
+          "them with pixel ground truth)"
+          + (f", {len(ds.val)} validation" if ds.val else ""))
     if not args.no_verify:
         from .data.verify import verify_split
 
@@ -58,7 +67,7 @@ def cmd_collect(args) -> None:
 
 def _attention_images(cfg: Config, n: int = 4):
     """Real bottle images when ../shared/data is beside the project, else the configured dataset."""
-    from .data import build_dataset, read_image
+    from .data import build_dataset, dataset_from_config, read_image
 
     shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"
     if (shared / "bottle").is_dir():
@@ -68,7 +77,7 @@ def _attention_images(cfg: Config, n: int = 4):
             first.setdefault(s.defect, s)  # one image per defect type
         picks = [s for d, s in sorted(first.items()) if d != "good"][:n - 1] + ds.train[:1]
         return [read_image(s.path) for s in picks], [f"bottle/{s.defect}" for s in picks]
-    ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    ds = dataset_from_config(cfg.data)
     picks = ([s for s in ds.test if s.label == 1] + ds.train)[:n]
     return [read_image(s.path) for s in picks], [f"{ds.name}/{s.defect}" for s in picks]
 
@@ -98,12 +107,39 @@ def cmd_finetune(args) -> None:
     print(run_finetune(_cfg(args), force=args.force))
 
 
+def cmd_fit(args) -> None:
+    from .finetune import run_finetune
+    from .pretrain import run_pretrain
+
+    cfg = _cfg(args)
+    if cfg.finetune.init == "pretrain":
+        print(f"pre-training: {run_pretrain(cfg, force=args.force)}")
+    else:
+        print(f"pre-training skipped: finetune.init={cfg.finetune.init}")
+    print(f"fine-tuning: {run_finetune(cfg, force=args.force)}")
+
+
 def cmd_evaluate(args) -> None:
     from .evaluate import run_evaluate
 
     m = run_evaluate(_cfg(args), model_path=args.model)
     keys = ("image_auroc", "pixel_auroc", "au_pro", "f1_max")
     print(" ".join(f"{k}={m[k]:.4f}" for k in keys if isinstance(m.get(k), (int, float))))
+    print(f"pixel metrics: {m.get('pixel_metrics_scope')}")
+    t = m.get("threshold") or {}
+    if t:
+        print(f"threshold {t['image_threshold']:.6g} on {t['image_score']} ({t['image_method']}; chosen on "
+              f"{t['chosen_on']}); pixel threshold {t['pixel_threshold']:.6g} ({t['pixel_method']})")
+
+
+def cmd_export(args) -> None:
+    from .export import export_detector
+
+    cfg = _cfg(args)
+    scales = tuple(args.scales) if args.scales else cfg.evaluate.scales
+    out = export_detector(args.model, args.out, args.format, scales=scales, threshold=args.threshold,
+                          force=args.force)
+    print(f"wrote {out} and {out.name}.json")
 
 
 def cmd_predict(args) -> None:
@@ -111,11 +147,19 @@ def cmd_predict(args) -> None:
 
     cfg = _cfg(args)
     scales = tuple(args.scales) if args.scales else cfg.evaluate.scales
-    rows = predict(args.model, args.inputs, args.out, scales=scales, device=args.device or cfg.device)
-    ok = sum(r.get("status") == "ok" for r in rows)
+    threshold = args.threshold
+    if threshold is not None:
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            pass  # a threshold.json path
+    from .predict import MAX_PIXELS, summary_line
+
+    rows = predict(args.model, args.inputs, args.out, scales=scales, device=args.device or cfg.device,
+                   batch_size=args.batch_size or cfg.evaluate.batch_size, threshold=threshold, force=args.force,
+                   max_pixels=args.max_pixels or MAX_PIXELS)
+    print(summary_line(args.out))
     bad = [r for r in rows if r.get("status") == "error"]
-    skipped = sum(r.get("status") == "skipped" for r in rows)
-    print(f"{ok} images scored, {len(bad)} failed, {skipped} skipped; see {Path(args.out) / 'predictions.csv'}")
     if bad:
         sys.exit(1)
 
@@ -154,8 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="apmask", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def add(name, fn, help_):
-        sp = sub.add_parser(name, help=help_)
+    def add(name, fn, help_, example=None):
+        sp = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog=f"example:\n  {example}" if example else None)
         sp.add_argument("--params", default=None,
                         help="params file; must exist when given (default: ./params.yaml if present, else built-in defaults)")
         sp.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
@@ -174,19 +219,45 @@ def main(argv: list[str] | None = None) -> None:
     sp.set_defaults(fn=cmd_collect)
     sp = add("attention-figure", cmd_attention_figure, "figure of the backbone's mean [CLS] attention")
     sp.add_argument("--out", default="results/figures/backbone_attention.png")
-    for name, fn, help_ in (("pretrain", cmd_pretrain, "APMask pre-training"),
-                            ("finetune", cmd_finetune, "fine-tuning on synthetic anomalies")):
-        add(name, fn, help_).add_argument(
+    folder_example = ("apmask fit -S data.dataset=folder -S data.root=my_data -S data.category=widget "
+                      "-S data.normal_dir=good -S 'data.abnormal_dir=[scratch, dent]' -S data.mask_dir=masks "
+                      "-S out_dir=runs/widget")
+    for name, fn, help_, example in (
+            ("pretrain", cmd_pretrain, "APMask pre-training", None),
+            ("finetune", cmd_finetune, "fine-tuning on synthetic anomalies", None),
+            ("fit", cmd_fit, "pre-train + fine-tune the detector (resumes; a finished stage is not redone)",
+             folder_example)):
+        add(name, fn, help_, example).add_argument(
             "--force", action="store_true",
             help="train from scratch over a run folder that holds finished outputs (otherwise refused)")
-    sp = add("evaluate", cmd_evaluate, "multi-scale evaluation on the test split")
+    sp = add("evaluate", cmd_evaluate, "multi-scale evaluation on the test split; writes metrics.json, scores.csv "
+             "and the decision threshold OUT_DIR/evaluate/threshold.json",
+             "apmask evaluate -S data.dataset=folder -S data.root=my_data -S data.category=widget "
+             "-S data.normal_dir=good -S 'data.abnormal_dir=[scratch, dent]' -S out_dir=runs/widget")
     sp.add_argument("--model", default=None, help="detector checkpoint (default: OUT_DIR/finetune/model.pt)")
-    sp = add("predict", cmd_predict, "score your own images")
+    sp = add("predict", cmd_predict, "score your own images: predictions.csv (score, threshold, anomalous), "
+             "heatmaps/ with the region above the pixel threshold outlined, predict.json",
+             "apmask predict --model runs/widget/finetune/model.pt --out predictions/widget new_images/")
     sp.add_argument("--model", required=True, help="detector checkpoint (model.pt)")
-    sp.add_argument("--out", required=True, help="output folder (heatmaps + predictions.csv)")
+    sp.add_argument("--out", required=True, help="output folder; must be empty or absent unless --force")
+    sp.add_argument("--threshold", default=None,
+                    help="a number (on det_mean) or a threshold.json (default: the one apmask evaluate wrote "
+                         "for this model: MODEL_DIR/threshold.json or MODEL_DIR/../evaluate/threshold.json)")
+    sp.add_argument("--force", action="store_true", help="replace earlier predictions in --out")
+    sp.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 64 000 000)")
+    sp.add_argument("--batch-size", type=int, default=None, help="images per batch (default evaluate.batch_size)")
     sp.add_argument("--scales", type=int, nargs="*", default=None)
     sp.add_argument("--device", default=None)
     sp.add_argument("inputs", nargs="+", help="image files and/or folders")
+    sp = add("export", cmd_export, "write the detector as ONNX or TorchScript (images (B,3,H,W) in [0,1] -> "
+             "score (B,), map (B,H,W), probs (B,S)); README 'Your own images' runs it with onnxruntime",
+             "apmask export --model runs/widget/finetune/model.pt --format onnx --out widget.onnx")
+    sp.add_argument("--model", required=True, help="detector checkpoint (model.pt)")
+    sp.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    sp.add_argument("--out", required=True, help="output file (a .json description is written beside it)")
+    sp.add_argument("--threshold", default=None, help="threshold.json to embed (default: the one apmask evaluate wrote)")
+    sp.add_argument("--scales", type=int, nargs="*", default=None, help="default: evaluate.scales")
+    sp.add_argument("--force", action="store_true", help="replace an existing output file")
     sp = add("tables", cmd_tables, "Tables 1-4 from finished runs")
     sp.add_argument("--runs", default="runs")
     sp.add_argument("--out", default="results/tables")

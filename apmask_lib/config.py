@@ -57,17 +57,29 @@ CONSTRAINTS: dict[str, Any] = {
 
 # keys added after runs were written, with the value that reproduces the older behaviour: left out of
 # resume fingerprints while they hold it, so checkpoints written before the key existed still resume
-FINGERPRINT_OMIT_AT = {("pretrain", "rank_source"): "view"}
+# (values as after a JSON round trip: a tuple reads back as a list)
+FINGERPRINT_OMIT_AT = {("pretrain", "rank_source"): "view",
+                       **{("data", k): v for k, v in (("normal_dir", None), ("abnormal_dir", []), ("mask_dir", None),
+                                                      ("normal_test_dir", None), ("normal_test_split", 0.2),
+                                                      ("normal_val_split", 0.1), ("split_seed", 0))}}
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "demo"            # mvtec | nih | demo
+    dataset: str = "demo"            # mvtec | nih | demo | folder (your own images, README "Your own images")
     root: str = "data/demo"          # dataset root (MVTec: the folder holding the category folders)
     category: str = "brick"          # MVTec/demo category; NIH: all | male | female
     image_size: int = 224            # training resolution (square)
     max_train: Optional[int] = None  # cap on training images (micro runs); None = all
     max_test: Optional[int] = None   # cap on test images per defect type (micro runs); None = all
+    # --- dataset: folder only (apmask_lib/data/folder.py); folders relative to root, searched recursively ---
+    normal_dir: Optional[str] = None       # normal images (required)
+    abnormal_dir: tuple[str, ...] = ()     # defect folders, one or several (each folder name = a defect type)
+    mask_dir: Optional[str] = None         # masks <mask_dir>/[<defect>/]<stem>[_mask].*; absent = image-level metrics only
+    normal_test_dir: Optional[str] = None  # normal test images; None = hold out normal_test_split of normal_dir
+    normal_test_split: float = 0.2         # fraction of normal_dir held out for testing (seeded by split_seed)
+    normal_val_split: float = 0.1          # fraction of normal_dir held out as validation: the decision threshold is chosen there
+    split_seed: int = 0                    # seed of the normal-image split (independent of the training seed)
 
     def __post_init__(self):
         validate(self, "data")
@@ -154,6 +166,10 @@ class EvaluateConfig:
     pixel_bins: Optional[int] = 1048576  # pixel metrics: histogram bins over [0, 1] (2^20, memory-bounded); None = exact (small sets)
     figure_images: int = 8           # images in the localisation figure (defect types first, then good)
     save_maps: bool = False          # also write every averaged map to evaluate/maps/<defect>/<stem>.npy (float16)
+    # --- decision threshold (apmask_lib/threshold.py) -> evaluate/threshold.json, read by apmask predict/export ---
+    threshold_on: str = "auto"       # auto (validation images when the data set has them, else the test set, stated as optimistic) | val | test
+    threshold_quantile: float = 0.99          # no anomalous images in that data: this quantile of normal image scores
+    pixel_threshold_quantile: float = 0.999   # no masks in that data: this quantile of normal images' map values
     # --- EXTENSION (not in the paper; apmask_lib/knn.py): kNN patch scoring on intermediate features ---
     knn_layer: Optional[int] = None  # block (0-based) whose patch tokens feed a kNN memory bank; None = paper method only (default); AnomalyDINO-style: 7 (8th of 12)
     knn_backbone: str = "init"       # kNN features: init = cfg.backbone before any training (training-free) | finetuned = the detector's backbone

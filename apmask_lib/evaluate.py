@@ -12,13 +12,18 @@ for micro runs) and writes to ``OUT_DIR/evaluate/`` (all atomically):
                         score_map_max, vote, pixel_gt, prob_<size> for each scale.
   features.npz          [CLS] features at the first scale + labels, defect types, paths (Fig. 5 input).
   config.json           the configuration used (tables read run metadata from it).
+  threshold.json        the decision threshold for ``apmask predict`` (:mod:`apmask_lib.threshold`):
+                        chosen on the validation images when the data set has them (folder data sets),
+                        else on the test set (``chosen_on`` says which; metrics.json ``threshold`` also
+                        holds precision/recall/F1 on the test set at it).
   fig4a_localization.png, roc.png, fig5_tsne.png
   maps/<defect>/<stem>.npy   averaged maps (float16) when cfg.evaluate.save_maps.
 
 Pixel ground truth: MVTec masks; NIH boxes. Normal images have all-zero ground truth. Anomalous
 images without pixel ground truth (``Sample.has_pixel_gt`` False: NIH abnormal images without a box)
 are EXCLUDED from the pixel metrics (AUROC, AU-PRO, pixel F1) and kept for the image metrics; their
-number is reported as ``n_excluded_from_pixel_metrics``.
+number is reported as ``n_excluded_from_pixel_metrics`` and ``pixel_metrics_scope`` says in words
+which images the pixel metrics cover (none when no anomalous image has a mask: image metrics only).
 
 EXTENSION (not in the paper; ``cfg.evaluate.knn_layer`` set, default None = off): a kNN patch
 scorer on intermediate patch features (:mod:`apmask_lib.knn`, AnomalyDINO-style) runs beside the
@@ -71,8 +76,9 @@ import torch
 from tqdm import tqdm
 
 from .config import Config
-from .data import AnomalyDataset, Sample, build_dataset
+from .data import AnomalyDataset, Sample, dataset_from_config
 from .metrics import PixelMetrics, f1_max, image_auroc, roc_curve
+from .threshold import THRESHOLD_FILE, choose_threshold, confusion_at, normal_pixel_sample
 from .multiscale import MultiScaleOutput, model_patch_size, predict_multiscale, scale_sizes
 from .utils import atomic_write_bytes, atomic_write_text, resolve_device, seed_everything, write_json
 
@@ -81,6 +87,7 @@ log = logging.getLogger(__name__)
 IMAGE_SCORES = ("det_mean", "map_max")
 FUSIONS = ("knn", "fused")          # extension outputs: kNN alone | kNN + fused
 KNN_BACKBONES = ("init", "finetuned")
+THRESHOLD_ON = ("auto", "val", "test")
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +349,8 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     ecfg = cfg.evaluate
     if ecfg.score not in IMAGE_SCORES:
         raise ValueError(f"evaluate.score must be one of {IMAGE_SCORES}, got {ecfg.score!r}")
+    if ecfg.threshold_on not in THRESHOLD_ON:
+        raise ValueError(f"evaluate.threshold_on must be one of {THRESHOLD_ON}, got {ecfg.threshold_on!r}")
     t_start = time.perf_counter()
     out_dir = Path(cfg.out_dir) / "evaluate"
     model_path = Path(model_path) if model_path is not None else Path(cfg.out_dir) / "finetune" / "model.pt"
@@ -350,7 +359,7 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
                                 "out_dir first, or pass the checkpoint with --model/model_path.")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    ds = dataset if dataset is not None else build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    ds = dataset if dataset is not None else dataset_from_config(cfg.data)
     samples = cap_per_defect(ds.test, cfg.data.max_test)
     if not samples:
         raise ValueError(f"{ds.name}: the test split is empty")
@@ -361,7 +370,10 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
 
         model = load_detector(model_path, map_location="cpu")
     else:
+        from .models.detector import check_finite_weights
+
         model_path = Path("<in-memory model>")
+        check_finite_weights(model, model_path)
     model = model.to(device).eval()
     t_load = time.perf_counter() - t0
     sizes = scale_sizes(ecfg.scales, model_patch_size(model))
@@ -381,10 +393,11 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     rows: list[dict[str, Any]] = []
     feats: list[np.ndarray] = []
     n_excluded = 0
+    normal_pixels: list[np.ndarray] = []   # sampled map values of normal test images (pixel threshold)
     t_inf = 0.0
     bs = max(1, int(ecfg.batch_size))
-    for start in tqdm(range(0, len(samples), bs), desc=f"evaluate {ds.name}", unit="batch",
-                      disable=None, leave=False):
+    bar = tqdm(total=len(samples), desc=f"evaluate {ds.name}", unit="img", disable=None, leave=False)
+    for start in range(0, len(samples), bs):
         batch = samples[start:start + bs]
         images = [ds.image(s) for s in batch]
         t0 = time.perf_counter()
@@ -395,6 +408,8 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
         vote, dmean, mmax = res.vote, res.det_mean, res.map_max
         for k, (s, im, amap) in enumerate(zip(batch, images, res.maps)):
             gt = pixel_ground_truth(ds, s, im.shape[:2])
+            if s.label == 0:
+                normal_pixels.append(normal_pixel_sample(amap))
             if gt is None:
                 n_excluded += 1
             else:
@@ -416,6 +431,8 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
             if ecfg.save_maps:
                 save_npy(out_dir / "maps" / s.defect / f"{Path(s.path).stem}.npy", amap.astype(np.float16))
         del images, res, ext_out
+        bar.update(len(batch))
+    bar.close()
 
     t0 = time.perf_counter()
     labels = np.array([r["label"] for r in rows])
@@ -437,7 +454,20 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     metrics.update(pixel_summary)
     metrics.setdefault("pixel_auroc", float("nan"))
     metrics.setdefault("au_pro", float("nan"))
+    n_anom_gt = sum(1 for r in rows if r["label"] == 1 and r["pixel_gt"])
+    metrics["pixel_metrics_scope"] = (
+        "none: no anomalous test image has pixel ground truth (image-level metrics only)" if not n_anom_gt else
+        f"{n_anom_gt} of {int(labels.sum())} anomalous test images (those with pixel ground truth) + "
+        f"{int((labels == 0).sum())} normal images")
+    if not n_anom_gt:
+        metrics["pixel_auroc"] = metrics["au_pro"] = float("nan")
     t_metrics = time.perf_counter() - t0
+    try:
+        metrics["threshold"] = write_threshold(cfg, ds, model, sizes, device, out_dir, score, labels, normal_pixels,
+                                               metrics.get("pixel_f1_threshold"), model_path)
+    except ValueError as e:  # e.g. a test set without normal images and no validation images
+        warnings.warn(f"no decision threshold written: {e}", stacklevel=2)
+        metrics["threshold"] = None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     feats_arr = np.concatenate(feats).astype(np.float32)
@@ -491,6 +521,54 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     return metrics
 
 
+def score_split(model: torch.nn.Module, ds: AnomalyDataset, samples: Sequence[Sample], sizes: Sequence[int],
+                device: torch.device, batch_size: int, score: str, desc: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Image scores (``score``: det_mean | map_max) of ``samples`` and a sample of each map's values
+    (:func:`~apmask_lib.threshold.normal_pixel_sample`), with a progress bar."""
+    scores: list[float] = []
+    pixels: list[np.ndarray] = []
+    bs = max(1, int(batch_size))
+    for start in tqdm(range(0, len(samples), bs), desc=desc, unit="batch", disable=None, leave=False):
+        res = predict_multiscale(model, [ds.image(s) for s in samples[start:start + bs]], sizes, device)
+        scores += paper_image_score(res, score).tolist()
+        pixels += [normal_pixel_sample(m) for m in res.maps]
+    return np.asarray(scores, dtype=np.float64), pixels
+
+
+def write_threshold(cfg: Config, ds: AnomalyDataset, model: torch.nn.Module, sizes: Sequence[int],
+                    device: torch.device, out_dir: Path, test_scores: np.ndarray, test_labels: np.ndarray,
+                    test_normal_pixels: list[np.ndarray], test_pixel_f1_threshold: Optional[float],
+                    model_path: Path) -> dict[str, Any]:
+    """Choose the decision threshold (:mod:`apmask_lib.threshold`) on the validation images
+    (``ds.val``; ``evaluate.threshold_on`` auto/val) or on the test set (auto without validation
+    images, or test), write ``out_dir/threshold.json`` and return it with precision / recall / F1 of
+    the TEST set at that threshold."""
+    ecfg = cfg.evaluate
+    val = list(getattr(ds, "val", []))
+    if ecfg.threshold_on == "val" or (ecfg.threshold_on == "auto" and val):
+        if not val:
+            raise ValueError(f"evaluate.threshold_on=val but {ds.name} has no validation images "
+                             "(data.dataset=folder holds out data.normal_val_split of the normal images)")
+        scores, pixels = score_split(model, ds, val, sizes, device, ecfg.batch_size, ecfg.score,
+                                     f"threshold on validation {ds.name}")
+        labels = np.array([s.label for s in val])
+        pixels = [p for p, s in zip(pixels, val) if s.label == 0]
+        chosen_on = f"validation: {len(val)} images held out of training"
+        rec = choose_threshold(scores, labels, ecfg.score, chosen_on, pixels, None,
+                               ecfg.threshold_quantile, ecfg.pixel_threshold_quantile)
+    else:
+        chosen_on = ("TEST set (no validation images): metrics measured at this threshold on the test set are "
+                     "optimistic; use data.dataset=folder with normal_val_split > 0 for an honest choice")
+        rec = choose_threshold(test_scores, test_labels, ecfg.score, chosen_on, test_normal_pixels,
+                               test_pixel_f1_threshold, ecfg.threshold_quantile, ecfg.pixel_threshold_quantile)
+        log.warning("decision threshold chosen on the test set of %s (no validation images)", ds.name)
+    rec.update(dataset_name=ds.name, model_path=str(model_path), sizes=list(sizes))
+    write_json(out_dir / THRESHOLD_FILE, finite_or_none(rec))
+    log.info("threshold %.6g on %s (%s; %s) -> %s", rec["image_threshold"], ecfg.score, rec["image_method"],
+             rec["chosen_on"], out_dir / THRESHOLD_FILE)
+    return {**rec, "test_at_threshold": confusion_at(test_scores, test_labels, rec["image_threshold"])}
+
+
 def write_figures(out_dir: Path, fig_items, rows, labels, pix: PixelMetrics, feats: np.ndarray,
                   defects: Sequence[str], seed: int) -> dict[str, Optional[str]]:
     """Fig. 4a (localisation), ROC curves and Fig. 5 (t-SNE); a figure that cannot be drawn (e.g. a
@@ -525,6 +603,6 @@ def write_figures(out_dir: Path, fig_items, rows, labels, pix: PixelMetrics, fea
     return figures
 
 
-__all__ = ["run_evaluate", "KnnExtension", "method_metrics", "paper_image_score", "FUSIONS", "KNN_BACKBONES",
+__all__ = ["run_evaluate", "score_split", "write_threshold", "THRESHOLD_ON", "KnnExtension", "method_metrics", "paper_image_score", "FUSIONS", "KNN_BACKBONES",
            "cap_per_defect", "has_pixel_gt", "pixel_ground_truth", "pick_figure_samples",
            "per_defect_auroc", "safe_auroc", "finite_or_none", "write_figures"]

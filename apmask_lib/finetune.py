@@ -297,9 +297,9 @@ def _run(cfg: Config, dataset, max_steps: Optional[int], resume: bool, progress:
 
     # ---- data
     if dataset is None:
-        from .data import build_dataset
+        from .data import dataset_from_config
 
-        dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+        dataset = dataset_from_config(cfg.data)
     train = list(dataset.train)[: cfg.data.max_train] if cfg.data.max_train is not None else list(dataset.train)
     if len(train) < 2:
         raise ValueError(f"fine-tuning needs at least 2 training images (normal and synthetic samples per batch); "

@@ -155,11 +155,11 @@ def paper_figures(cfg: Config, figures_dir: str | Path, n_images: int = 4) -> li
     import warnings
 
     from .anomalies import KINDS
-    from .data import build_dataset, read_image
+    from .data import dataset_from_config, read_image
     from .models import build_backbone
     from .viz.synthetic import fig_attention_panel, fig_synthetic_grid
 
-    ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    ds = dataset_from_config(cfg.data)
     step = max(len(ds.train) // max(n_images, 1), 1)
     images = [read_image(s.path) for s in ds.train[::step][:n_images]]
     with warnings.catch_warnings():

@@ -301,9 +301,9 @@ def schedules(p, iters_per_epoch: int) -> dict[str, np.ndarray]:
 
 def _train_images(cfg: Config, dataset) -> tuple[Any, list]:
     if dataset is None:
-        from .data import build_dataset
+        from .data import dataset_from_config
 
-        dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+        dataset = dataset_from_config(cfg.data)
     train = list(dataset.train)
     if cfg.data.max_train is not None:
         train = train[: cfg.data.max_train]

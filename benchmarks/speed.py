@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 from apmask_lib import finetune as FT  # noqa: E402
 from apmask_lib import pretrain as PT  # noqa: E402
 from apmask_lib.config import Config, replace  # noqa: E402
-from apmask_lib.data import build_dataset  # noqa: E402
+from apmask_lib.data import dataset_from_config  # noqa: E402
 from apmask_lib.fastpath import COMPILE_MODES, compile_blocks  # noqa: E402
 from apmask_lib.multicrop import MultiCrop, cache_short_side, load_image_bank  # noqa: E402
 from apmask_lib.multiscale import predict_multiscale, scale_sizes  # noqa: E402
@@ -421,7 +421,7 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     cfg = make_config(args, make_dataset(args))
-    dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    dataset = dataset_from_config(cfg.data)
     import timm
 
     machine = (f"{torch.cuda.get_device_name(device)}, " if cuda else "") + \

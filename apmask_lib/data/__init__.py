@@ -2,6 +2,7 @@
 
 * ``mvtec``: MVTec AD, official layout (:mod:`.mvtec`); download helper in :mod:`.download`.
 * ``nih``: NIH ChestX-ray14, original release layout, patient-disjoint split (:mod:`.nih`).
+* ``folder``: your own images, any category name (:mod:`.folder`).
 * ``demo``: built-in real-texture data set with synthetic defects (:mod:`.demo`), generated on demand.
 """
 from __future__ import annotations
@@ -16,18 +17,32 @@ from .types import AnomalyDataset, Sample
 
 __all__ = ["ImageReadError", "read_image", "read_mask", "resize_image", "resize_mask", "CATEGORIES",
            "load_mvtec", "AnomalyDataset", "Sample", "build_dataset", "load_split_images", "load_split_masks",
-           "verify_dataset", "DATASETS"]
+           "verify_dataset", "DATASETS", "FOLDER_KEYS", "dataset_from_config"]
 
-DATASETS = ("mvtec", "nih", "demo")
+DATASETS = ("mvtec", "nih", "demo", "folder")
+# DataConfig fields that only data.dataset=folder reads (apmask_lib/data/folder.py)
+FOLDER_KEYS = ("normal_dir", "abnormal_dir", "mask_dir", "normal_test_dir", "normal_test_split", "normal_val_split",
+               "split_seed")
 log = logging.getLogger("apmask")
 
 
-def build_dataset(dataset: str, root: str | Path, category: str) -> AnomalyDataset:
-    """``dataset`` in mvtec | nih | demo; ``root`` its folder; ``category`` an MVTec/demo category or,
-    for nih, all | male | female. The demo data is generated under ``root`` first when
-    ``root/category`` holds no demo marker (a few seconds)."""
+def dataset_from_config(data) -> AnomalyDataset:
+    """The data set a :class:`~apmask_lib.config.DataConfig` describes (what every stage calls)."""
+    return build_dataset(data.dataset, data.root, data.category,
+                         **({k: getattr(data, k) for k in FOLDER_KEYS} if data.dataset == "folder" else {}))
+
+
+def build_dataset(dataset: str, root: str | Path, category: str, **folder_options) -> AnomalyDataset:
+    """``dataset`` in mvtec | nih | demo | folder; ``root`` its folder; ``category`` an MVTec/demo
+    category (MVTec: any folder name, with a warning outside the 15), for nih all | male | female, for
+    folder any name. The demo data is generated under ``root`` first when ``root/category`` holds no
+    demo marker (a few seconds). ``folder_options``: :data:`FOLDER_KEYS` for ``folder``."""
+    if dataset == "folder":
+        from .folder import load_folder
+
+        return load_folder(root, category, **folder_options)
     if dataset == "mvtec":
-        return load_mvtec(root, category, known=CATEGORIES)
+        return load_mvtec(root, category, known=CATEGORIES, allow_unknown=True)
     if dataset == "demo":
         from .demo import DEMO_CATEGORIES, ensure_demo
 

@@ -49,5 +49,5 @@ def verify_dataset(ds: AnomalyDataset, progress: bool = True) -> None:
     size and mtime: :func:`apmask_lib.data.verify.verify_split`.)"""
     from .verify import check_sample
 
-    for s in tqdm(ds.train + ds.test, desc=f"verify {ds.name}", disable=not progress, leave=False):
+    for s in tqdm(ds.train + ds.val + ds.test, desc=f"verify {ds.name}", disable=not progress, leave=False):
         check_sample(s)

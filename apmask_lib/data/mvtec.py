@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import warnings
 from pathlib import Path
 
 from .types import AnomalyDataset, Sample
@@ -60,17 +61,21 @@ def _category_hint(root: Path, category: str) -> str:
 
 
 def load_mvtec(root: str | Path, category: str, known: tuple[str, ...] | None = None,
-               verify: bool = False, name: str = "mvtec") -> AnomalyDataset:
+               verify: bool = False, name: str = "mvtec", allow_unknown: bool = False) -> AnomalyDataset:
     """Index one category of an MVTec-layout tree.
 
     ``known`` restricts the category names (None: any folder name, as for the demo data);
-    ``name`` prefixes :attr:`AnomalyDataset.name` (``"mvtec/bottle"``).
-    Raises ValueError for an unknown category, FileNotFoundError (naming the path) for a missing
+    ``name`` prefixes :attr:`AnomalyDataset.name` (``"mvtec/bottle"``). ``allow_unknown``: a category
+    outside ``known`` whose folder exists is read with a warning (your own data in the MVTec layout).
+    Raises ValueError for an unknown category (without its folder, or ``allow_unknown`` False), FileNotFoundError (naming the path) for a missing
     folder, wrong layout or missing mask; with ``verify`` also ImageReadError for a corrupt image or
     a mask whose size differs from its image.
     """
     root = Path(root)
-    if known is not None and category not in known:
+    if known is not None and category not in known and allow_unknown and (root / category).is_dir():
+        warnings.warn(f"category {category!r} is not one of the {len(known)} known names; reading {root / category} "
+                      "as an MVTec-layout folder", stacklevel=2)
+    elif known is not None and category not in known:
         close = difflib.get_close_matches(category, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown category {category!r}{hint}; choose from {', '.join(known)}")

@@ -35,9 +35,13 @@ class Sample:
 
 @dataclass
 class AnomalyDataset:
+    """``val``: normal images held out of training to choose a decision threshold (folder data sets;
+    empty for the others, where evaluation says the threshold was chosen on the test set)."""
+
     name: str
     train: list[Sample]
     test: list[Sample]
+    val: list[Sample] = field(default_factory=list)
 
     @staticmethod
     def image(sample: Sample) -> np.ndarray:

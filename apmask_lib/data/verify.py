@@ -61,7 +61,7 @@ def verify_split(ds: AnomalyDataset, cache: Optional[Path] = None, progress: boo
         known = {}
     passed, checked, cached = {}, 0, 0
     try:
-        for s in tqdm(ds.train + ds.test, desc=f"verify {ds.name}", disable=not progress, leave=False):
+        for s in tqdm(ds.train + ds.val + ds.test, desc=f"verify {ds.name}", disable=not progress, leave=False):
             key, stamp = str(s.path), _stamp(s)
             if known.get(key) == stamp:
                 cached += 1

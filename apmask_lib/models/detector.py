@@ -154,8 +154,19 @@ def read_detector_checkpoint(path: str | Path, map_location: str | torch.device 
     return ckpt
 
 
+def check_finite_weights(model: nn.Module, source: str | Path) -> None:
+    """Refuse a model with NaN/inf parameters or buffers (a diverged run): its scores would be NaN and
+    read as "normal". The one check evaluation, prediction and export all use (via :func:`load_detector`)."""
+    bad = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"detector {source} has non-finite (NaN/inf) weights in {len(bad)} tensor(s), e.g. "
+                         f"{', '.join(bad[:3])}; the run that wrote it diverged: retrain (e.g. a lower finetune.lr)")
+
+
 def load_detector(path: str | Path, map_location: str | torch.device = "cpu") -> AnomalyDetector:
-    """Rebuild the detector saved by :func:`save_detector` (eval mode)."""
+    """Rebuild the detector saved by :func:`save_detector` (eval mode); refuses non-finite weights
+    (:func:`check_finite_weights`)."""
     from .weights import check_architecture
 
     ckpt = read_detector_checkpoint(path, map_location)
@@ -168,8 +179,9 @@ def load_detector(path: str | Path, map_location: str | torch.device = "cpu") ->
     backbone = VisionTransformer(vit_cfg)
     model = AnomalyDetector(backbone, **ckpt["head_config"])
     model.load_state_dict(ckpt["state_dict"], strict=True)
+    check_finite_weights(model, path)
     return model.eval()
 
 
 __all__ = ["SEG_MAPS", "SEG_TRANSFORMS", "DetectorOutput", "AnomalyDetector", "attention_features",
-           "save_detector", "read_detector_checkpoint", "load_detector"]
+           "save_detector", "read_detector_checkpoint", "load_detector", "check_finite_weights"]
