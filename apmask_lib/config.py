@@ -126,14 +126,25 @@ class Config:
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     backbone: str = "dinov2-s14-offline"  # dino | file:PATH | dinov2-s14-offline | random[:ARCH]
-    out_dir: str = "runs/default"
+    out_dir: Optional[str] = None    # run folder; None = runs/adhoc/<dataset>/<category>/s<seed> (adhoc_out_dir), so an ad-hoc
+                                     # run never writes into a pipeline run (the DVC stages pass runs/demo/... explicitly)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
+    def __post_init__(self):
+        if not self.out_dir:
+            self.out_dir = adhoc_out_dir(self)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def adhoc_out_dir(cfg: Config) -> str:
+    """The run folder of a run that names none: ``runs/adhoc/<dataset>/<category>/s<seed>``,
+    derived from the data and seed, and outside the pipeline's folders."""
+    return f"runs/adhoc/{cfg.data.dataset}/{cfg.data.category}/s{cfg.seed}"
 
 
 def _coerce(tp: Any, value: Any, where: str = "") -> Any:
@@ -222,4 +233,4 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
 
 
 __all__ = ["RANK_SOURCES", "FINGERPRINT_OMIT_AT", "Config", "DataConfig", "PretrainConfig", "FinetuneConfig",
-           "EvaluateConfig", "load_params", "from_dict", "apply_overrides", "replace", "dataclasses"]
+           "EvaluateConfig", "adhoc_out_dir", "load_params", "from_dict", "apply_overrides", "replace", "dataclasses"]

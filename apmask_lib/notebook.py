@@ -55,10 +55,6 @@ def _yaml(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.out_dir)
-
-
 def loss_curve(csv_path: str | Path, columns: Iterable[str] = ("loss",), out_png: str | Path | None = None):
     """Plot per-step columns of a training log; returns the matplotlib figure."""
     import matplotlib
@@ -100,7 +96,7 @@ def executed_name(notebook: str, params: dict[str, Any]) -> str:
     return "__".join([stem, *parts])
 
 
-def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = "results/notebooks",
+def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = "runs/adhoc/notebooks",
             html: bool = True, name: str | None = None) -> Path:
     """Run a numbered notebook with papermill (parameters injected after its ``parameters``
     cell), save the executed copy under ``out_dir`` named after its parameters, and an
@@ -134,7 +130,8 @@ def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = 
 def tsne_from_run(run: str | Path, perplexity: float | None = None, seed: int = 0,
                   out_png: str | Path | None = None) -> Path:
     """Fig. 5 from a finished evaluation: t-SNE of ``evaluate/features.npz`` ([CLS] features
-    before the heads), normal vs each defect type."""
+    before the heads), normal vs each defect type. Written to ``out_png``, by default
+    ``runs/adhoc/figures/fig5_tsne__<run>.png`` (never into the run folder, a pipeline output)."""
     import numpy as np
 
     from .viz.tsne import fig_tsne
@@ -145,7 +142,8 @@ def tsne_from_run(run: str | Path, perplexity: float | None = None, seed: int = 
     z = np.load(feats, allow_pickle=False)
     n = len(z["labels"])
     perp = min(perplexity or 30.0, max((n - 1) / 3.0, 1.0))
-    return fig_tsne(z["cls"], z["labels"], z["defects"], out_png or Path(run) / "evaluate" / "fig5_tsne.png",
+    default = Path("runs/adhoc/figures") / f"fig5_tsne__{'-'.join(Path(run).parts)}.png"
+    return fig_tsne(z["cls"], z["labels"], z["defects"], out_png or default,
                     seed=seed, perplexity=perp)
 
 
@@ -156,6 +154,7 @@ def paper_figures(cfg: Config, figures_dir: str | Path, n_images: int = 4) -> li
 
     from .anomalies import KINDS
     from .data import build_dataset, read_image
+    from .finetune import resolve_blend, resolve_poisson
     from .models import build_backbone
     from .viz.synthetic import fig_attention_panel, fig_synthetic_grid
 
@@ -165,12 +164,12 @@ def paper_figures(cfg: Config, figures_dir: str | Path, n_images: int = 4) -> li
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         backbone = build_backbone(cfg.backbone, seed=cfg.seed).eval()
-    poisson = cfg.finetune.poisson == "on" or (cfg.finetune.poisson == "auto" and cfg.data.dataset == "nih")
+    poisson = resolve_poisson(cfg)
     tag = cfg.data.category
     out = Path(figures_dir)
     return [
         fig_attention_panel(images, backbone, out / f"fig1_attention_{tag}.png", mask_ratio=cfg.pretrain.mask_ratio,
                             seed=cfg.seed, poisson=poisson),
         fig_synthetic_grid(images, list(KINDS), out / f"fig4b_synthetic_{tag}.png", backbone=backbone,
-                           seed=cfg.seed, poisson=poisson),
+                           seed=cfg.seed, poisson=poisson, blend=resolve_blend(cfg)),
     ]

@@ -20,8 +20,28 @@ def _copy_columns(src: Path, dst: Path, columns: tuple[str, ...]) -> bool:
     return True
 
 
+def split_metrics(metrics: dict) -> tuple[dict, dict]:
+    """(numbers, info): DVC metrics files hold numbers only (``dvc metrics show`` / ``dvc exp show``
+    tabulate every key), nested sections kept where they hold numbers; strings, None and booleans
+    (model path, backbone, dataset, ...) go to the info part."""
+    numbers, info = {}, {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            n, i = split_metrics(v)
+            if n:
+                numbers[k] = n
+            if i:
+                info[k] = i
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            numbers[k] = v
+        elif isinstance(v, (str, bool, type(None))):
+            info[k] = v
+    return numbers, info
+
+
 def collect_run(run: str | Path, name: str, results: str | Path = "results") -> dict[str, str]:
-    """Copy ``run/evaluate/metrics.json`` to ``results/metrics/NAME.json`` and write
+    """Copy the numbers of ``run/evaluate/metrics.json`` to ``results/metrics/NAME.json`` (a DVC
+    metrics file), its strings (model path, backbone, ...) to ``results/info/NAME.json``, and write
     ``results/plots/NAME/{pretrain_loss,finetune_loss,roc}.csv``. Returns what was written."""
     import numpy as np
 
@@ -33,9 +53,12 @@ def collect_run(run: str | Path, name: str, results: str | Path = "results") -> 
         raise FileNotFoundError(f"{metrics_src} not found: evaluate the run first (apmask evaluate)")
     written = {}
     out = results / "metrics" / f"{name}.json"
-    metrics = json.loads(metrics_src.read_text())
-    write_json(out, {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, type(None)))})
+    numbers, info = split_metrics(json.loads(metrics_src.read_text()))
+    write_json(out, numbers)
     written["metrics"] = str(out)
+    info_path = results / "info" / f"{name}.json"
+    write_json(info_path, info)
+    written["info"] = str(info_path)
     plots = results / "plots" / name
     for stage, cols in (("pretrain", ("step", "loss")), ("finetune", ("step", "loss", "loss_det", "loss_seg"))):
         dst = plots / f"{stage}_loss.csv"

@@ -105,8 +105,9 @@ def test_every_notebook_runs_at_micro_scale_on_real_bottle(tmp_path, mvtec_root)
     assert (run / "finetune" / "model.pt").is_file()
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
     assert 0.0 <= metrics["image_auroc"] <= 1.0
-    execute("04_tsne", {"out_dir": str(run), "perplexity": 2.0}, out_dir=nbs, html=False)
-    assert (run / "evaluate" / "fig5_tsne.png").is_file()
+    execute("04_tsne", {"out_dir": str(run), "perplexity": 2.0, "out_png": str(tmp_path / "tsne.png")}, out_dir=nbs,
+            html=False)
+    assert (tmp_path / "tsne.png").is_file()
     execute("05_tables", {"runs_dir": str(tmp_path / "runs"), "tables_dir": str(tmp_path / "tables")},
             out_dir=nbs, html=False)
     table1 = (tmp_path / "tables" / "table1.md").read_text()
@@ -116,5 +117,9 @@ def test_every_notebook_runs_at_micro_scale_on_real_bottle(tmp_path, mvtec_root)
     assert (tmp_path / "figs" / "fig1_attention_bottle.png").is_file()
     assert (tmp_path / "figs" / "fig4b_synthetic_bottle.png").is_file()
     written = collect_run(run, "bottle_s0", tmp_path / "results")
-    assert set(written) == {"metrics", "pretrain_loss", "finetune_loss", "roc"}
+    assert set(written) == {"metrics", "info", "pretrain_loss", "finetune_loss", "roc"}
+    numbers = json.loads(Path(written["metrics"]).read_text())
+    assert numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values()
+                           if not isinstance(v, dict)), "DVC metrics file holds numbers only"
+    assert "model_path" in json.loads(Path(written["info"]).read_text())
     assert project_root() == ROOT
