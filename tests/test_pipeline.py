@@ -123,3 +123,78 @@ def test_every_notebook_runs_at_micro_scale_on_real_bottle(tmp_path, mvtec_root)
                            if not isinstance(v, dict)), "DVC metrics file holds numbers only"
     assert "model_path" in json.loads(Path(written["info"]).read_text())
     assert project_root() == ROOT
+
+
+# ---------------------------------------------------------------- ad-hoc runs vs pipeline outputs
+def test_adhoc_runs_get_a_folder_derived_from_their_parameters():
+    from apmask_lib.config import adhoc_out_dir
+
+    cfg = load_params(ROOT / "params.yaml", ["data.category=grass", "seed=3"])
+    assert cfg.out_dir == "runs/adhoc/demo/grass/s3" == adhoc_out_dir(cfg)
+    assert load_params(ROOT / "params.yaml", ["out_dir=runs/x"]).out_dir == "runs/x"
+    assert "out_dir" not in yaml.safe_load((ROOT / "params.yaml").read_text()), \
+        "params.yaml must not name one run's folder: every ad-hoc run would write there"
+    nb = notebook_config("evaluate", str(ROOT / "params.yaml"), [], category="gravel")
+    assert nb.out_dir == "runs/adhoc/demo/gravel/s0"
+
+
+def test_dvc_stages_name_their_outputs_explicitly():
+    """Defaults of `apmask notebook`, tables and figures point to runs/adhoc; every stage passes results/."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, st in stages.items():
+        for cmd in [st["cmd"]] if isinstance(st["cmd"], str) else st["cmd"]:
+            if cmd.startswith("apmask notebook"):
+                assert "--out results/notebooks" in cmd, name
+                assert "out_dir" in cmd or name in ("tables", "figures"), f"{name}: pass the run folder"
+    assert "figures_dir results/figures" in stages["figures"]["cmd"]
+    assert "--out results/figures/" in stages["attention"]["cmd"]
+
+
+def test_pipeline_root_is_found_from_the_current_folder(tmp_path, monkeypatch):
+    from apmask_lib.cli import pipeline_root
+
+    (tmp_path / "proj" / "sub").mkdir(parents=True)
+    (tmp_path / "proj" / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path / "proj" / "sub")
+    assert pipeline_root() == (tmp_path / "proj").resolve()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="inside the apmask project"):
+        pipeline_root()
+
+
+def test_drop_resume_state_keeps_unfinished_runs(tmp_path):
+    from apmask_lib.cli import main
+    from apmask_lib.utils import save_checkpoint
+
+    done, running = tmp_path / "done", tmp_path / "running"
+    save_checkpoint(done / "checkpoint.pt", step=4, done=True)
+    save_checkpoint(running / "checkpoint.pt", step=2, done=False)
+    main(["drop-resume-state", str(done), str(running), str(tmp_path / "absent")])
+    assert not (done / "checkpoint.pt").exists() and (running / "checkpoint.pt").is_file()
+
+
+def test_metrics_split_into_numbers_and_info():
+    from apmask_lib.report import split_metrics
+
+    numbers, info = split_metrics({"image_auroc": 0.9, "n_images": 30, "model_path": "runs/x/model.pt",
+                                   "max_test": None, "flag": True, "methods": {"knn": {"image_auroc": 1.0, "name": "k"}}})
+    assert numbers == {"image_auroc": 0.9, "n_images": 30, "methods": {"knn": {"image_auroc": 1.0}}}
+    assert info == {"model_path": "runs/x/model.pt", "max_test": None, "flag": True, "methods": {"knn": {"name": "k"}}}
+
+
+def test_pinned_environment():
+    from apmask_lib import repro
+
+    env = repro.pipeline_env({"OMP_NUM_THREADS": "16", "ATEN_CPU_CAPABILITY": "avx512"})
+    assert env["OMP_NUM_THREADS"] == str(repro.THREADS) and env["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert env["MKL_CBWR"] == "AVX2"
+    native = repro.pipeline_env({"APMASK_NUMERICS": "native", "OMP_NUM_THREADS": "16"})
+    assert native["OMP_NUM_THREADS"] == "16" and "MKL_CBWR" not in native
+
+
+def test_source_notebooks_pin_the_numerics_before_importing_torch():
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        first = next(c for c in nb.cells if c.cell_type == "code")
+        assert "pin_process()" in first.source, f"{path.name}: first code cell must call pin_process()"
+        assert "import torch" not in first.source
