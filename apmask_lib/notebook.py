@@ -3,10 +3,16 @@ and small display helpers. Notebooks stay thin; everything here is tested.
 """
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from .config import Config, load_params
+
+# tqdm.auto in a kernel without ipywidgets warns "IProgress not found" (with the venv's absolute path)
+# and falls back to the text bar, which is what we want: say nothing
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 #: papermill parameter name -> config field, shared by all notebooks
 COMMON = {
@@ -115,16 +121,55 @@ def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = 
     tmp = out.with_suffix(".tmp.ipynb")
     pm.execute_notebook(str(nb), str(tmp), parameters=params, cwd=str(root), progress_bar=False,
                         kernel_name="python3")
-    tmp.replace(out)
+    import nbformat
+
+    from .utils import atomic_write_text
+
+    node = normalize_executed(nbformat.read(tmp, as_version=4), root)
+    node.metadata.get("papermill", {})["output_path"] = str(out).replace(str(root) + "/", "")
+    atomic_write_text(out, nbformat.writes(node) + "\n")
+    tmp.unlink()
     if html:
-        import nbformat
         from nbconvert import HTMLExporter
 
-        from .utils import atomic_write_text
-
-        body, _ = HTMLExporter().from_notebook_node(nbformat.read(out, as_version=4))
+        body, _ = HTMLExporter().from_notebook_node(node)
         atomic_write_text(out.with_suffix(".html"), body)
     return out
+
+
+#: what makes two executions of the same notebook differ although their results are equal
+_PROGRESS = re.compile(r"\d+%\|.*\|.*(it/s|s/it|\?it/s)")
+
+
+def normalize_executed(nb, root: str | Path):
+    """An executed notebook without what differs from run to run although the results do not:
+    papermill's start/end times and durations, the kernel's execution timestamps, tqdm progress
+    bars (their stderr text holds timings), and absolute paths under ``root`` (made relative). So
+    the committed executed copies (and their HTML) are equal when the runs are, and ``git status``
+    stays clean after a reproduced pipeline. Returns ``nb`` (modified in place)."""
+    prefix = str(Path(root).resolve()) + "/"
+    meta = nb.metadata.get("papermill", {})
+    for key in ("start_time", "end_time", "duration", "environment_variables"):
+        meta.pop(key, None)
+    for key in ("input_path", "output_path"):
+        if isinstance(meta.get(key), str):
+            meta[key] = meta[key].replace(prefix, "")
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        for key in ("start_time", "end_time", "duration"):
+            cell.metadata.get("papermill", {}).pop(key, None)
+        kept = []
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "stream":
+                text = "".join(o.get("text", ""))
+                lines = [ln for ln in re.split(r"[\r\n]", text) if ln.strip() and not _PROGRESS.search(ln)]
+                if o.get("name") == "stderr" and not lines:
+                    continue
+                o["text"] = text.replace(prefix, "") if o.get("name") != "stderr" else "\n".join(lines).replace(prefix, "") + "\n"
+            kept.append(o)
+        if cell.cell_type == "code":
+            cell.outputs = kept
+    return nb
 
 
 def tsne_from_run(run: str | Path, perplexity: float | None = None, seed: int = 0,

@@ -20,12 +20,19 @@ def _copy_columns(src: Path, dst: Path, columns: tuple[str, ...]) -> bool:
     return True
 
 
+#: keys of a run's metrics.json that differ between runs with equal results (wall-clock times): kept in
+#: the run folder, left out of the git-tracked copies so a reproduced pipeline leaves git status clean
+VARYING = ("timings",)
+
+
 def split_metrics(metrics: dict) -> tuple[dict, dict]:
     """(numbers, info): DVC metrics files hold numbers only (``dvc metrics show`` / ``dvc exp show``
     tabulate every key), nested sections kept where they hold numbers; strings, None and booleans
-    (model path, backbone, dataset, ...) go to the info part."""
+    (model path, backbone, dataset, ...) go to the info part; :data:`VARYING` keys (timings) to neither."""
     numbers, info = {}, {}
     for k, v in metrics.items():
+        if k in VARYING:
+            continue
         if isinstance(v, dict):
             n, i = split_metrics(v)
             if n:

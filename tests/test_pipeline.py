@@ -177,7 +177,8 @@ def test_metrics_split_into_numbers_and_info():
     from apmask_lib.report import split_metrics
 
     numbers, info = split_metrics({"image_auroc": 0.9, "n_images": 30, "model_path": "runs/x/model.pt",
-                                   "max_test": None, "flag": True, "methods": {"knn": {"image_auroc": 1.0, "name": "k"}}})
+                                   "max_test": None, "flag": True, "methods": {"knn": {"image_auroc": 1.0, "name": "k"}},
+                                   "timings": {"total_s": 3.1}})
     assert numbers == {"image_auroc": 0.9, "n_images": 30, "methods": {"knn": {"image_auroc": 1.0}}}
     assert info == {"model_path": "runs/x/model.pt", "max_test": None, "flag": True, "methods": {"knn": {"name": "k"}}}
 
@@ -198,3 +199,24 @@ def test_source_notebooks_pin_the_numerics_before_importing_torch():
         first = next(c for c in nb.cells if c.cell_type == "code")
         assert "pin_process()" in first.source, f"{path.name}: first code cell must call pin_process()"
         assert "import torch" not in first.source
+
+
+def test_executed_notebooks_are_normalized():
+    """Timings, progress bars and absolute paths are dropped, so equal runs give equal files."""
+    from apmask_lib.notebook import normalize_executed
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["papermill"] = {"start_time": "t0", "end_time": "t1", "duration": 3.2,
+                                "input_path": "/x/proj/notebooks/a.ipynb", "parameters": {"seed": 0}}
+    cell = nbformat.v4.new_code_cell("run()")
+    cell.metadata["execution"] = {"iopub.status.busy": "t"}
+    cell.metadata["papermill"] = {"duration": 1.0, "status": "completed"}
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text="pretrain:  40%|####      | 10/25 [00:13<00:19,  1.30s/it]\r"),
+        nbformat.v4.new_output("stream", name="stderr", text="UserWarning: real warning\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="wrote /x/proj/runs/a.png\n")]
+    nb.cells.append(cell)
+    out = normalize_executed(nb, "/x/proj")
+    assert out.metadata["papermill"] == {"input_path": "notebooks/a.ipynb", "parameters": {"seed": 0}}
+    assert "execution" not in cell.metadata and cell.metadata["papermill"] == {"status": "completed"}
+    assert [o["text"] for o in cell.outputs] == ["UserWarning: real warning\n", "wrote runs/a.png\n"]
