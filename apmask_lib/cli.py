@@ -44,21 +44,22 @@ def cmd_data(args) -> None:
 def cmd_collect(args) -> None:
     from .report import collect_run
 
-    for k, v in collect_run(args.run, args.name, args.results).items():
+    stages = tuple(args.stage) if args.stage else ("pretrain", "finetune", "evaluate")
+    for k, v in collect_run(args.run, args.name, args.results, stages).items():
         print(f"{k}: {v}")
 
 
 def cmd_drop_resume_state(args) -> None:
     """Delete ``checkpoint.pt`` (optimizer, student, teacher: the resume state, ~5x the weights) from
     finished stage folders, so DVC caches only the exported weights and logs. A folder whose run
-    did not finish keeps it (it is what resumes)."""
+    did not finish keeps it (it is what resumes), unless ``--all``."""
     from .utils import load_checkpoint
 
     for folder in args.folders:
         ckpt = Path(folder) / "checkpoint.pt"
         if not ckpt.is_file():
             continue
-        if not load_checkpoint(ckpt).get("done", False):
+        if not args.all and not load_checkpoint(ckpt).get("done", False):
             print(f"{ckpt}: run not finished, kept (it resumes the run)")
             continue
         size = ckpt.stat().st_size
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--run", required=True)
     sp.add_argument("--name", required=True)
     sp.add_argument("--results", default="results")
+    sp.add_argument("--stage", action="append", choices=("pretrain", "finetune", "evaluate"),
+                    help="collect only this stage's part (repeatable; default: all)")
     sp.set_defaults(fn=cmd_collect)
     sp = add("attention-figure", cmd_attention_figure, "figure of the backbone's mean [CLS] attention")
     sp.add_argument("--out", default="runs/adhoc/figures/backbone_attention.png",
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     sp.set_defaults(fn=cmd_notebook, params=None, set=[])
     sp = sub.add_parser("drop-resume-state", help="delete checkpoint.pt of finished pretrain/finetune folders")
     sp.add_argument("folders", nargs="+", help="stage folders, e.g. runs/demo/brick/s0/pretrain")
+    sp.add_argument("--all", action="store_true",
+                    help="also unfinished runs' checkpoints (a DVC stage starts afresh: its code may have changed)")
     sp.set_defaults(fn=cmd_drop_resume_state)
     add("demo", cmd_demo, "run the whole pipeline on the built-in demo data (dvc repro)")
     args = p.parse_args(argv)
