@@ -143,7 +143,8 @@ _PROGRESS = re.compile(r"\d+%\|.*\|.*(it/s|s/it|\?it/s)")
 
 def normalize_executed(nb, root: str | Path):
     """An executed notebook without what differs from run to run although the results do not:
-    papermill's start/end times and durations, the kernel's execution timestamps, tqdm progress
+    papermill's start/end times and durations and the random id of its injected cell, the kernel's
+    execution timestamps, tqdm progress
     bars (their stderr text holds timings), and absolute paths under ``root`` (made relative). So
     the committed executed copies (and their HTML) are equal when the runs are, and ``git status``
     stays clean after a reproduced pipeline. Returns ``nb`` (modified in place)."""
@@ -155,6 +156,8 @@ def normalize_executed(nb, root: str | Path):
         if isinstance(meta.get(key), str):
             meta[key] = meta[key].replace(prefix, "")
     for cell in nb.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell["id"] = "injected-parameters"  # papermill draws a random id for the cell it inserts
         cell.metadata.pop("execution", None)
         for key in ("start_time", "end_time", "duration"):
             cell.metadata.get("papermill", {}).pop(key, None)

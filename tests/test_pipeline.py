@@ -208,6 +208,9 @@ def test_executed_notebooks_are_normalized():
     nb = nbformat.v4.new_notebook()
     nb.metadata["papermill"] = {"start_time": "t0", "end_time": "t1", "duration": 3.2,
                                 "input_path": "/x/proj/notebooks/a.ipynb", "parameters": {"seed": 0}}
+    injected = nbformat.v4.new_code_cell("seed = 0")
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells.append(injected)
     cell = nbformat.v4.new_code_cell("run()")
     cell.metadata["execution"] = {"iopub.status.busy": "t"}
     cell.metadata["papermill"] = {"duration": 1.0, "status": "completed"}
@@ -220,3 +223,4 @@ def test_executed_notebooks_are_normalized():
     assert out.metadata["papermill"] == {"input_path": "notebooks/a.ipynb", "parameters": {"seed": 0}}
     assert "execution" not in cell.metadata and cell.metadata["papermill"] == {"status": "completed"}
     assert [o["text"] for o in cell.outputs] == ["UserWarning: real warning\n", "wrote runs/a.png\n"]
+    assert injected["id"] == "injected-parameters"
