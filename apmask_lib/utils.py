@@ -110,9 +110,11 @@ def save_checkpoint(path: str | Path, **objs: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
+        # through the file object: torch.save(payload, <path>) names the archive's records after the
+        # (random) temporary file, so equal checkpoints would differ in bytes (and in dvc.lock)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -106,3 +106,14 @@ def test_guard_native_numerics_differ(tmp_path, demo_root):
     b = _run(tmp_path, "native_b", "native", demo_root)
     assert (a["describe"]["threads"], b["describe"]["threads"]) == (1, 2)
     assert a["weights"][0] != b["weights"][0], "pre-trained weights equal without pinning: the guard shows nothing"
+
+
+def test_equal_checkpoints_are_equal_files(tmp_path):
+    """save_checkpoint's bytes depend on the content only (not on its temporary file name)."""
+    import torch
+
+    from apmask_lib.utils import save_checkpoint
+
+    for name in ("a", "b"):
+        save_checkpoint(tmp_path / name / "model.pt", state_dict={"w": torch.arange(6.0)}, meta={"step": 3})
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
