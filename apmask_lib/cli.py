@@ -61,8 +61,27 @@ def cmd_data(args) -> None:
 def cmd_collect(args) -> None:
     from .report import collect_run
 
-    for k, v in collect_run(args.run, args.name, args.results).items():
+    stages = tuple(args.stage) if args.stage else ("pretrain", "finetune", "evaluate")
+    for k, v in collect_run(args.run, args.name, args.results, stages).items():
         print(f"{k}: {v}")
+
+
+def cmd_drop_resume_state(args) -> None:
+    """Delete ``checkpoint.pt`` (optimizer, student, teacher: the resume state, ~5x the weights) from
+    finished stage folders, so DVC caches only the exported weights and logs. A folder whose run
+    did not finish keeps it (it is what resumes), unless ``--all``."""
+    from .utils import load_checkpoint
+
+    for folder in args.folders:
+        ckpt = Path(folder) / "checkpoint.pt"
+        if not ckpt.is_file():
+            continue
+        if not args.all and not load_checkpoint(ckpt).get("done", False):
+            print(f"{ckpt}: run not finished, kept (it resumes the run)")
+            continue
+        size = ckpt.stat().st_size
+        ckpt.unlink()
+        print(f"{ckpt}: removed ({size / 2**20:.0f} MiB resume state)")
 
 
 def _attention_images(cfg: Config, n: int = 4):
@@ -182,11 +201,27 @@ def cmd_notebook(args) -> None:
     print(execute(args.name, params, out_dir=args.out, html=not args.no_html, name=args.save_as))
 
 
+def pipeline_root(start: str | Path | None = None) -> Path:
+    """The project folder the pipeline runs in: the nearest folder holding ``dvc.yaml`` at or
+    above ``start`` (default: the current folder)."""
+    here = Path(start or Path.cwd()).resolve()
+    for cand in (here, *here.parents):
+        if (cand / "dvc.yaml").is_file():
+            return cand
+    raise FileNotFoundError(f"no dvc.yaml in {here} or above: run `apmask demo` inside the apmask project "
+                            "folder (the one holding dvc.yaml and params.yaml)")
+
+
 def cmd_demo(args) -> None:
-    """The README's main job: the DVC pipeline on the built-in demo data."""
-    root = Path(__file__).resolve().parents[1]
+    """The README's main job: ``dvc repro`` in the project folder the user stands in (found from
+    the current folder, not from where the package is installed), under the pinned numerical
+    environment of :mod:`apmask_lib.repro` so the committed metrics are reproduced."""
+    from .repro import pipeline_env
+
+    root = pipeline_root()
     bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = pipeline_env(dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"))
+    print(f"apmask demo: dvc repro in {root}", flush=True)
     if not (root / ".dvc").is_dir():
         subprocess.run([str(bin_dir / "dvc"), "init", "--no-scm" if not (root / ".git").exists() else "-q"],
                        cwd=root, check=True, env=env)
@@ -194,6 +229,9 @@ def cmd_demo(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .repro import pin_process
+
+    pin_process()  # before anything imports torch: fixed threads + AVX2 code paths (apmask_lib/repro.py)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="apmask", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -216,9 +254,12 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--run", required=True)
     sp.add_argument("--name", required=True)
     sp.add_argument("--results", default="results")
+    sp.add_argument("--stage", action="append", choices=("pretrain", "finetune", "evaluate"),
+                    help="collect only this stage's part (repeatable; default: all)")
     sp.set_defaults(fn=cmd_collect)
     sp = add("attention-figure", cmd_attention_figure, "figure of the backbone's mean [CLS] attention")
-    sp.add_argument("--out", default="results/figures/backbone_attention.png")
+    sp.add_argument("--out", default="runs/adhoc/figures/backbone_attention.png",
+                    help="PNG to write (the DVC stage passes results/figures/backbone_attention.png)")
     folder_example = ("apmask fit -S data.dataset=folder -S data.root=my_data -S data.category=widget "
                       "-S data.normal_dir=good -S 'data.abnormal_dir=[scratch, dent]' -S data.mask_dir=masks "
                       "-S out_dir=runs/widget")
@@ -260,15 +301,21 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--force", action="store_true", help="replace an existing output file")
     sp = add("tables", cmd_tables, "Tables 1-4 from finished runs")
     sp.add_argument("--runs", default="runs")
-    sp.add_argument("--out", default="results/tables")
+    sp.add_argument("--out", default="runs/adhoc/tables", help="output folder (the DVC stage writes results/tables)")
     sp = sub.add_parser("notebook", help="run a numbered notebook with papermill (+ HTML report)")
     sp.add_argument("name", help="e.g. 01_pretrain or notebooks/01_pretrain.ipynb")
     sp.add_argument("-p", "--param", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="papermill parameter (YAML value), repeatable")
-    sp.add_argument("--out", default="results/notebooks")
+    sp.add_argument("--out", default="runs/adhoc/notebooks",
+                    help="folder of the executed copy + HTML (default runs/adhoc/notebooks; the DVC stages pass results/notebooks)")
     sp.add_argument("--no-html", action="store_true")
     sp.add_argument("--save-as", default=None, help="file name (no suffix) of the executed copy")
     sp.set_defaults(fn=cmd_notebook, params=None, set=[])
+    sp = sub.add_parser("drop-resume-state", help="delete checkpoint.pt of finished pretrain/finetune folders")
+    sp.add_argument("folders", nargs="+", help="stage folders, e.g. runs/demo/brick/s0/pretrain")
+    sp.add_argument("--all", action="store_true",
+                    help="also unfinished runs' checkpoints (a DVC stage starts afresh: its code may have changed)")
+    sp.set_defaults(fn=cmd_drop_resume_state)
     add("demo", cmd_demo, "run the whole pipeline on the built-in demo data (dvc repro)")
     args = p.parse_args(argv)
     try:

@@ -190,13 +190,16 @@ class Config:
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     backbone: str = "dinov2-s14-offline"  # dino | file:PATH | dinov2-s14-offline | random[:ARCH]
-    out_dir: str = "runs/default"
+    out_dir: Optional[str] = None    # run folder; None = runs/adhoc/<dataset>/<category>/s<seed> (adhoc_out_dir), so an ad-hoc
+                                     # run never writes into a pipeline run (the DVC stages pass runs/demo/... explicitly)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def __post_init__(self):
+        if not self.out_dir:
+            self.out_dir = adhoc_out_dir(self)
         validate(self, "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -209,6 +212,12 @@ def _optional(tp: Any) -> tuple[Any, bool]:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return (args[0] if len(args) == 1 else tp), True
     return tp, False
+
+
+def adhoc_out_dir(cfg: Config) -> str:
+    """The run folder of a run that names none: ``runs/adhoc/<dataset>/<category>/s<seed>``,
+    derived from the data and seed, and outside the pipeline's folders."""
+    return f"runs/adhoc/{cfg.data.dataset}/{cfg.data.category}/s{cfg.seed}"
 
 
 def _coerce(tp: Any, value: Any, where: str = "") -> Any:
@@ -377,5 +386,6 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     return from_dict(d)
 
 
-__all__ = ["RANK_SOURCES", "COMPILE_MODES", "CONSTRAINTS", "check_value", "validate", "read_yaml", "FINGERPRINT_OMIT_AT", "Config", "DataConfig", "PretrainConfig", "FinetuneConfig",
-           "EvaluateConfig", "load_params", "from_dict", "apply_overrides", "replace", "dataclasses"]
+__all__ = ["RANK_SOURCES", "COMPILE_MODES", "CONSTRAINTS", "check_value", "validate", "read_yaml", "FINGERPRINT_OMIT_AT",
+           "Config", "DataConfig", "PretrainConfig", "FinetuneConfig", "EvaluateConfig", "adhoc_out_dir", "load_params",
+           "from_dict", "apply_overrides", "replace", "dataclasses"]

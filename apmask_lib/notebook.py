@@ -3,10 +3,16 @@ and small display helpers. Notebooks stay thin; everything here is tested.
 """
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from .config import Config, load_params
+
+# tqdm.auto in a kernel without ipywidgets warns "IProgress not found" (with the venv's absolute path)
+# and falls back to the text bar, which is what we want: say nothing
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 #: papermill parameter name -> config field, shared by all notebooks
 COMMON = {
@@ -55,10 +61,6 @@ def _yaml(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.out_dir)
-
-
 def loss_curve(csv_path: str | Path, columns: Iterable[str] = ("loss",), out_png: str | Path | None = None):
     """Plot per-step columns of a training log; returns the matplotlib figure."""
     import matplotlib
@@ -100,7 +102,7 @@ def executed_name(notebook: str, params: dict[str, Any]) -> str:
     return "__".join([stem, *parts])
 
 
-def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = "results/notebooks",
+def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = "runs/adhoc/notebooks",
             html: bool = True, name: str | None = None) -> Path:
     """Run a numbered notebook with papermill (parameters injected after its ``parameters``
     cell), save the executed copy under ``out_dir`` named after its parameters, and an
@@ -119,22 +121,65 @@ def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = 
     tmp = out.with_suffix(".tmp.ipynb")
     pm.execute_notebook(str(nb), str(tmp), parameters=params, cwd=str(root), progress_bar=False,
                         kernel_name="python3")
-    tmp.replace(out)
+    import nbformat
+
+    from .utils import atomic_write_text
+
+    node = normalize_executed(nbformat.read(tmp, as_version=4), root)
+    node.metadata.get("papermill", {})["output_path"] = str(out).replace(str(root) + "/", "")
+    atomic_write_text(out, nbformat.writes(node) + "\n")
+    tmp.unlink()
     if html:
-        import nbformat
         from nbconvert import HTMLExporter
 
-        from .utils import atomic_write_text
-
-        body, _ = HTMLExporter().from_notebook_node(nbformat.read(out, as_version=4))
+        body, _ = HTMLExporter().from_notebook_node(node)
         atomic_write_text(out.with_suffix(".html"), body)
     return out
+
+
+#: what makes two executions of the same notebook differ although their results are equal
+_PROGRESS = re.compile(r"\d+%\|.*\|.*(it/s|s/it|\?it/s)")
+
+
+def normalize_executed(nb, root: str | Path):
+    """An executed notebook without what differs from run to run although the results do not:
+    papermill's start/end times and durations and the random id of its injected cell, the kernel's
+    execution timestamps, tqdm progress
+    bars (their stderr text holds timings), and absolute paths under ``root`` (made relative). So
+    the committed executed copies (and their HTML) are equal when the runs are, and ``git status``
+    stays clean after a reproduced pipeline. Returns ``nb`` (modified in place)."""
+    prefix = str(Path(root).resolve()) + "/"
+    meta = nb.metadata.get("papermill", {})
+    for key in ("start_time", "end_time", "duration", "environment_variables"):
+        meta.pop(key, None)
+    for key in ("input_path", "output_path"):
+        if isinstance(meta.get(key), str):
+            meta[key] = meta[key].replace(prefix, "")
+    for cell in nb.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell["id"] = "injected-parameters"  # papermill draws a random id for the cell it inserts
+        cell.metadata.pop("execution", None)
+        for key in ("start_time", "end_time", "duration"):
+            cell.metadata.get("papermill", {}).pop(key, None)
+        kept = []
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "stream":
+                text = "".join(o.get("text", ""))
+                lines = [ln for ln in re.split(r"[\r\n]", text) if ln.strip() and not _PROGRESS.search(ln)]
+                if o.get("name") == "stderr" and not lines:
+                    continue
+                o["text"] = text.replace(prefix, "") if o.get("name") != "stderr" else "\n".join(lines).replace(prefix, "") + "\n"
+            kept.append(o)
+        if cell.cell_type == "code":
+            cell.outputs = kept
+    return nb
 
 
 def tsne_from_run(run: str | Path, perplexity: float | None = None, seed: int = 0,
                   out_png: str | Path | None = None) -> Path:
     """Fig. 5 from a finished evaluation: t-SNE of ``evaluate/features.npz`` ([CLS] features
-    before the heads), normal vs each defect type."""
+    before the heads), normal vs each defect type. Written to ``out_png``, by default
+    ``runs/adhoc/figures/fig5_tsne__<run>.png`` (never into the run folder, a pipeline output)."""
     import numpy as np
 
     from .viz.tsne import fig_tsne
@@ -145,7 +190,8 @@ def tsne_from_run(run: str | Path, perplexity: float | None = None, seed: int = 
     z = np.load(feats, allow_pickle=False)
     n = len(z["labels"])
     perp = min(perplexity or 30.0, max((n - 1) / 3.0, 1.0))
-    return fig_tsne(z["cls"], z["labels"], z["defects"], out_png or Path(run) / "evaluate" / "fig5_tsne.png",
+    default = Path("runs/adhoc/figures") / f"fig5_tsne__{'-'.join(Path(run).parts)}.png"
+    return fig_tsne(z["cls"], z["labels"], z["defects"], out_png or default,
                     seed=seed, perplexity=perp)
 
 
@@ -156,6 +202,7 @@ def paper_figures(cfg: Config, figures_dir: str | Path, n_images: int = 4) -> li
 
     from .anomalies import KINDS
     from .data import dataset_from_config, read_image
+    from .finetune import resolve_blend, resolve_poisson
     from .models import build_backbone
     from .viz.synthetic import fig_attention_panel, fig_synthetic_grid
 
@@ -165,12 +212,12 @@ def paper_figures(cfg: Config, figures_dir: str | Path, n_images: int = 4) -> li
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         backbone = build_backbone(cfg.backbone, seed=cfg.seed).eval()
-    poisson = cfg.finetune.poisson == "on" or (cfg.finetune.poisson == "auto" and cfg.data.dataset == "nih")
+    poisson = resolve_poisson(cfg)
     tag = cfg.data.category
     out = Path(figures_dir)
     return [
         fig_attention_panel(images, backbone, out / f"fig1_attention_{tag}.png", mask_ratio=cfg.pretrain.mask_ratio,
                             seed=cfg.seed, poisson=poisson),
         fig_synthetic_grid(images, list(KINDS), out / f"fig4b_synthetic_{tag}.png", backbone=backbone,
-                           seed=cfg.seed, poisson=poisson),
+                           seed=cfg.seed, poisson=poisson, blend=resolve_blend(cfg)),
     ]

@@ -112,9 +112,13 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
     """``torch.save(obj, path)`` atomically (as :func:`atomic_write_bytes`)."""
     path = Path(path)
     fd, tmp = _temp_beside(path)
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        # through the file object: torch.save(obj, <path>) names the archive's records after the
+        # (random) temporary file, so equal checkpoints would differ in bytes (and in dvc.lock)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

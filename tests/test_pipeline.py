@@ -105,8 +105,9 @@ def test_every_notebook_runs_at_micro_scale_on_real_bottle(tmp_path, mvtec_root)
     assert (run / "finetune" / "model.pt").is_file()
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
     assert 0.0 <= metrics["image_auroc"] <= 1.0
-    execute("04_tsne", {"out_dir": str(run), "perplexity": 2.0}, out_dir=nbs, html=False)
-    assert (run / "evaluate" / "fig5_tsne.png").is_file()
+    execute("04_tsne", {"out_dir": str(run), "perplexity": 2.0, "out_png": str(tmp_path / "tsne.png")}, out_dir=nbs,
+            html=False)
+    assert (tmp_path / "tsne.png").is_file()
     execute("05_tables", {"runs_dir": str(tmp_path / "runs"), "tables_dir": str(tmp_path / "tables")},
             out_dir=nbs, html=False)
     table1 = (tmp_path / "tables" / "table1.md").read_text()
@@ -116,5 +117,110 @@ def test_every_notebook_runs_at_micro_scale_on_real_bottle(tmp_path, mvtec_root)
     assert (tmp_path / "figs" / "fig1_attention_bottle.png").is_file()
     assert (tmp_path / "figs" / "fig4b_synthetic_bottle.png").is_file()
     written = collect_run(run, "bottle_s0", tmp_path / "results")
-    assert set(written) == {"metrics", "pretrain_loss", "finetune_loss", "roc"}
+    assert set(written) == {"metrics", "info", "pretrain_loss", "finetune_loss", "roc"}
+    numbers = json.loads(Path(written["metrics"]).read_text())
+    assert numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values()
+                           if not isinstance(v, dict)), "DVC metrics file holds numbers only"
+    assert "model_path" in json.loads(Path(written["info"]).read_text())
     assert project_root() == ROOT
+
+
+# ---------------------------------------------------------------- ad-hoc runs vs pipeline outputs
+def test_adhoc_runs_get_a_folder_derived_from_their_parameters():
+    from apmask_lib.config import adhoc_out_dir
+
+    cfg = load_params(ROOT / "params.yaml", ["data.category=grass", "seed=3"])
+    assert cfg.out_dir == "runs/adhoc/demo/grass/s3" == adhoc_out_dir(cfg)
+    assert load_params(ROOT / "params.yaml", ["out_dir=runs/x"]).out_dir == "runs/x"
+    assert "out_dir" not in yaml.safe_load((ROOT / "params.yaml").read_text()), \
+        "params.yaml must not name one run's folder: every ad-hoc run would write there"
+    nb = notebook_config("evaluate", str(ROOT / "params.yaml"), [], category="gravel")
+    assert nb.out_dir == "runs/adhoc/demo/gravel/s0"
+
+
+def test_dvc_stages_name_their_outputs_explicitly():
+    """Defaults of `apmask notebook`, tables and figures point to runs/adhoc; every stage passes results/."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, st in stages.items():
+        for cmd in [st["cmd"]] if isinstance(st["cmd"], str) else st["cmd"]:
+            if cmd.startswith("apmask notebook"):
+                assert "--out results/notebooks" in cmd, name
+                assert "out_dir" in cmd or name in ("tables", "figures"), f"{name}: pass the run folder"
+    assert "figures_dir results/figures" in stages["figures"]["cmd"]
+    assert "--out results/figures/" in stages["attention"]["cmd"]
+
+
+def test_pipeline_root_is_found_from_the_current_folder(tmp_path, monkeypatch):
+    from apmask_lib.cli import pipeline_root
+
+    (tmp_path / "proj" / "sub").mkdir(parents=True)
+    (tmp_path / "proj" / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(tmp_path / "proj" / "sub")
+    assert pipeline_root() == (tmp_path / "proj").resolve()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="inside the apmask project"):
+        pipeline_root()
+
+
+def test_drop_resume_state_keeps_unfinished_runs(tmp_path):
+    from apmask_lib.cli import main
+    from apmask_lib.utils import save_checkpoint
+
+    done, running = tmp_path / "done", tmp_path / "running"
+    save_checkpoint(done / "checkpoint.pt", step=4, done=True)
+    save_checkpoint(running / "checkpoint.pt", step=2, done=False)
+    main(["drop-resume-state", str(done), str(running), str(tmp_path / "absent")])
+    assert not (done / "checkpoint.pt").exists() and (running / "checkpoint.pt").is_file()
+
+
+def test_metrics_split_into_numbers_and_info():
+    from apmask_lib.report import split_metrics
+
+    numbers, info = split_metrics({"image_auroc": 0.9, "n_images": 30, "model_path": "runs/x/model.pt",
+                                   "max_test": None, "flag": True, "methods": {"knn": {"image_auroc": 1.0, "name": "k"}},
+                                   "timings": {"total_s": 3.1}})
+    assert numbers == {"image_auroc": 0.9, "n_images": 30, "methods": {"knn": {"image_auroc": 1.0}}}
+    assert info == {"model_path": "runs/x/model.pt", "max_test": None, "flag": True, "methods": {"knn": {"name": "k"}}}
+
+
+def test_pinned_environment():
+    from apmask_lib import repro
+
+    env = repro.pipeline_env({"OMP_NUM_THREADS": "16", "ATEN_CPU_CAPABILITY": "avx512"})
+    assert env["OMP_NUM_THREADS"] == str(repro.THREADS) and env["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert env["MKL_CBWR"] == "AVX2"
+    native = repro.pipeline_env({"APMASK_NUMERICS": "native", "OMP_NUM_THREADS": "16"})
+    assert native["OMP_NUM_THREADS"] == "16" and "MKL_CBWR" not in native
+
+
+def test_source_notebooks_pin_the_numerics_before_importing_torch():
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        first = next(c for c in nb.cells if c.cell_type == "code")
+        assert "pin_process()" in first.source, f"{path.name}: first code cell must call pin_process()"
+        assert "import torch" not in first.source
+
+
+def test_executed_notebooks_are_normalized():
+    """Timings, progress bars and absolute paths are dropped, so equal runs give equal files."""
+    from apmask_lib.notebook import normalize_executed
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["papermill"] = {"start_time": "t0", "end_time": "t1", "duration": 3.2,
+                                "input_path": "/x/proj/notebooks/a.ipynb", "parameters": {"seed": 0}}
+    injected = nbformat.v4.new_code_cell("seed = 0")
+    injected.metadata["tags"] = ["injected-parameters"]
+    nb.cells.append(injected)
+    cell = nbformat.v4.new_code_cell("run()")
+    cell.metadata["execution"] = {"iopub.status.busy": "t"}
+    cell.metadata["papermill"] = {"duration": 1.0, "status": "completed"}
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text="pretrain:  40%|####      | 10/25 [00:13<00:19,  1.30s/it]\r"),
+        nbformat.v4.new_output("stream", name="stderr", text="UserWarning: real warning\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="wrote /x/proj/runs/a.png\n")]
+    nb.cells.append(cell)
+    out = normalize_executed(nb, "/x/proj")
+    assert out.metadata["papermill"] == {"input_path": "notebooks/a.ipynb", "parameters": {"seed": 0}}
+    assert "execution" not in cell.metadata and cell.metadata["papermill"] == {"status": "completed"}
+    assert [o["text"] for o in cell.outputs] == ["UserWarning: real warning\n", "wrote runs/a.png\n"]
+    assert injected["id"] == "injected-parameters"
