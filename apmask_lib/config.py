@@ -98,6 +98,9 @@ class FinetuneConfig:
     seg_transform: str = "log"       # attention maps fed to the segmentation: log(N*a) | linear (N*a)
     log_every: int = 20              # steps between loss read-backs (host syncs); NaN is caught at these points and at epoch ends
     compile: str = "none"            # as pretrain.compile (apmask_lib/fastpath.py)
+    val_fraction: float = 0.1        # fraction of the normal training images held out of fine-tuning for the label-free validation signal
+                                     # (synthetic anomalies on them, scored per epoch: apmask_lib/validation.py); 0 = none, train on all
+    val_max_images: Optional[int] = 32  # cap on the held-out images (each is scored normal + anomalous every epoch); None = no cap
 
 
 @dataclass

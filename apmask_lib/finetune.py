@@ -54,6 +54,7 @@ from .fastpath import compile_blocks
 from .losses import finetune_loss
 from .models import VisionTransformer, build_backbone
 from .models.detector import SEG_MAPS, AnomalyDetector, read_detector_checkpoint, save_detector
+from .validation import COLUMNS as VAL_COLUMNS, holdout_indices, make_validation_set, score_validation
 from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
                     param_groups, truncate_jsonl,
                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
@@ -291,11 +292,14 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
         from .data import build_dataset
 
         dataset = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
-    train = list(dataset.train)[: cfg.data.max_train] if cfg.data.max_train is not None else list(dataset.train)
+    all_train = list(dataset.train)
+    keep, held = holdout_indices(len(all_train), f.val_fraction, f.val_max_images)  # validation slice (validation.py)
+    train = [all_train[i] for i in keep][: cfg.data.max_train]
+    held_out = [all_train[i] for i in held]
     if len(train) < 2:
         raise ValueError(f"fine-tuning needs at least 2 training images (normal and synthetic samples per batch); "
                          f"{getattr(dataset, 'name', 'the dataset')} has {len(train)} (data.max_train={cfg.data.max_train})")
-    images = load_train_images(dataset, train, cfg.data.image_size, max(1, f.num_workers), progress)
+    images = load_train_images(dataset, train + held_out, cfg.data.image_size, max(1, f.num_workers), progress)
 
     # ---- model (seeded) and the initial backbone's attention maps
     seed_everything(cfg.seed)
@@ -309,6 +313,12 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
         attentions = ckpt["attention"].numpy()
     elif f.anomaly == "attention":
         attentions = attention_maps(backbone, images, device, progress=progress)
+    att_all, n_tr = attentions, len(train)  # maps of training + held-out images, as stored in the checkpoint
+    images, val_images = images[:n_tr], images[n_tr:]
+    val_set = None if not len(val_images) else make_validation_set(
+        val_images, None if attentions is None else attentions[n_tr:], f.anomaly, sources=images, poisson=poisson,
+        blend=blend, temperature=f.attention_temperature)
+    attentions = None if attentions is None else attentions[:n_tr]
     model = build_detector(cfg, backbone).to(device)
     batches = make_batches(cfg, images, attentions)
     iters = batches.steps_per_epoch
@@ -340,11 +350,16 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
         csv.truncate_after(start)
         truncate_jsonl(out / "log.jsonl", start // iters)
     write_json(out / "config.json", {**cfg.to_dict(), "_run": {
-        "n_train": len(images), "batch_size": batches.batch_size, "iters_per_epoch": iters, "total_steps": total,
+        "n_train": len(images), "n_val_images": len(val_images), "batch_size": batches.batch_size, "iters_per_epoch": iters, "total_steps": total,
         "device": str(device), "poisson": poisson, "blend": blend, "init": f.init,
         "attention_grid": None if attentions is None else list(attentions.shape[1:])}})
 
-    att_tensor = None if attentions is None else torch.from_numpy(np.ascontiguousarray(attentions, dtype=np.float32))
+    att_tensor = None if att_all is None else torch.from_numpy(np.ascontiguousarray(att_all, dtype=np.float32))
+    val_csv = CSVLog(out / "validation.csv", VAL_COLUMNS)
+    if ckpt is None:
+        (out / "validation.csv").unlink(missing_ok=True)
+    else:
+        val_csv.truncate_after(start // iters, key="epoch")
 
     def save(step: int, done: bool, final: bool) -> None:
         """Checkpoint (every epoch end and at the stop); model.pt only where the run stops."""
@@ -390,9 +405,13 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
             flush()
         if end_of_epoch:
             secs = time.perf_counter() - epoch_t0
-            append_jsonl(out / "log.jsonl", {"epoch": epoch, "step": step + 1, "lr": lr, "time_s": secs,
-                                             **{k: float(np.mean(v)) for k, v in acc.items()},
-                                             "images_per_s": len(acc["loss"]) * batches.batch_size / max(secs, 1e-9)})
+            record = {"epoch": epoch, "step": step + 1, "lr": lr, "time_s": secs,
+                      **{k: float(np.mean(v)) for k, v in acc.items()},
+                      "images_per_s": len(acc["loss"]) * batches.batch_size / max(secs, 1e-9)}
+            if val_set is not None:  # label-free validation signal (apmask_lib/validation.py)
+                record.update(score_validation(model, val_set, device, f, autocast=autocast))
+                val_csv.write(record)
+            append_jsonl(out / "log.jsonl", record)
             for v in acc.values():
                 v.clear()
             epoch_t0 = time.perf_counter()
