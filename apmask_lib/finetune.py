@@ -55,6 +55,7 @@ from .losses import finetune_loss
 from .models import VisionTransformer, build_backbone
 from .models.detector import SEG_MAPS, AnomalyDetector, read_detector_checkpoint, save_detector
 from .validation import COLUMNS as VAL_COLUMNS, holdout_indices, make_validation_set, score_validation
+from .utils import accelerated, autocast_context
 from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
                     param_groups, truncate_jsonl,
                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
@@ -131,7 +132,7 @@ def attention_maps(backbone: VisionTransformer, images: np.ndarray, device: torc
                    progress: bool = True) -> np.ndarray:
     """Mean [CLS] attention (Eq. 2) of every image under ``backbone``: float32 (N, h, w)."""
     backbone.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_context(device)
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc="attention maps", disable=not progress, leave=False):
         x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
@@ -325,7 +326,7 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     total = f.epochs * iters
     stop = total if max_steps is None else min(total, max_steps)
     lrs = cosine_scheduler(f.lr, f.min_lr, f.epochs, iters, f.warmup_epochs, f.start_lr)
-    fused = device.type == "cuda"
+    fused = accelerated(device)
     optimizer = torch.optim.AdamW(param_groups(model), lr=f.lr, weight_decay=f.weight_decay,
                                   **({"fused": True} if fused else {}))
     start, acc = 0, {"loss": [], "loss_det": [], "loss_seg": [], "acc": []}
@@ -337,7 +338,7 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         start, acc = int(ckpt["step"]), {k: list(v) for k, v in ckpt["epoch_acc"].items()}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_context(device)
     compile_blocks(model.backbone, f.compile)  # in place, after the checkpoint load (apmask_lib/fastpath.py)
 
     # ---- files

@@ -61,6 +61,7 @@ from .models import VisionTransformer, build_backbone
 from .models.heads import ProjectionMLP, Prototypes
 from .multicrop import ImageBank, MultiCrop, cache_short_side, load_image_bank
 from .sinkhorn import sinkhorn, swapped_prediction_loss
+from .utils import accelerated, autocast_context
 from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
                     param_groups, truncate_jsonl,
                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
@@ -379,7 +380,7 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
     teacher = copy.deepcopy(student).eval()
     for prm in teacher.parameters():
         prm.requires_grad_(False)
-    fused = device.type == "cuda"
+    fused = accelerated(device)  # fused AdamW (CUDA; on the CPU only through the test seam)
     optimizer = torch.optim.AdamW(param_groups(student), lr=p.lr, fused=fused) if fused else \
         torch.optim.AdamW(param_groups(student), lr=p.lr)
     start, epoch_losses = 0, []
@@ -398,7 +399,7 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
     model = student
     if world > 1:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_context(device)
 
     # ---- files
     csv = CSVLog(out / "log.csv", CSV_COLUMNS)

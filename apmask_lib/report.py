@@ -22,7 +22,7 @@ def _copy_columns(src: Path, dst: Path, columns: tuple[str, ...]) -> bool:
 
 def collect_run(run: str | Path, name: str, results: str | Path = "results") -> dict[str, str]:
     """Copy ``run/evaluate/metrics.json`` to ``results/metrics/NAME.json`` and write
-    ``results/plots/NAME/{pretrain_loss,finetune_loss,roc}.csv``. Returns what was written."""
+    ``results/plots/NAME/{pretrain_loss,finetune_loss,finetune_validation,roc}.csv``. Returns what was written."""
     import numpy as np
 
     from .metrics import roc_curve
@@ -41,6 +41,10 @@ def collect_run(run: str | Path, name: str, results: str | Path = "results") -> 
         dst = plots / f"{stage}_loss.csv"
         if _copy_columns(run / stage / "log.csv", dst, cols):
             written[f"{stage}_loss"] = str(dst)
+    dst = plots / "finetune_validation.csv"  # label-free validation signal per epoch (apmask_lib/validation.py)
+    if _copy_columns(run / "finetune" / "validation.csv", dst, ("epoch", "acc", "val_acc", "val_auroc", "val_dice",
+                                                                 "val_loss")):
+        written["finetune_validation"] = str(dst)
     scores = run / "evaluate" / "scores.csv"
     if scores.is_file():
         with scores.open(newline="") as f:

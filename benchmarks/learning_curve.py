@@ -159,11 +159,11 @@ def peer_lines(peers_json: Path = ROOT / "results" / "peers.json", category: str
 
 
 def report() -> None:
-    from apmask_lib.reference import paper_value
+    from apmask_lib.reference import OURS, paper_value
     from apmask_lib.viz.curves import learning_curve_figure
 
     data = json.loads(JSON.read_text())
-    paper = {k: paper_value(1, "APMask (ours)", "bottle", k) for k in METRICS}
+    paper = {k: paper_value(1, OURS, "bottle", k) for k in METRICS}
     peers = peer_lines()
     PNG.parent.mkdir(parents=True, exist_ok=True)
     learning_curve_figure(data["curves"], paper, peers, PNG)
