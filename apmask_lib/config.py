@@ -92,7 +92,8 @@ class FinetuneConfig:
     num_workers: int = 2
     blend: str = "auto"              # Poisson mode: auto (mixed for nih and MVTec textures, else normal) | normal | mixed
     attention_temperature: float = 1.0  # T in softmax(standardised attention / T) for where to cut/paste; larger = more uniform
-    hflip: float = 0.5               # probability of flipping a normal image before anomalies are made (0 for X-rays/orientation-sensitive data)
+    hflip: Optional[float] = None    # probability of flipping a normal image before anomalies are made; None = by dataset: 0 for nih (a chest
+                                     # X-ray's left and right differ: the heart), 0.5 otherwise (finetune.resolve_hflip)
     normal_jitter: float = 0.05      # colour-jitter strength applied to normal images before anomalies are made
     dice: str = "batch"              # Dice reduction: batch (jointly over the batch; defined with empty masks) | mean (per image)
     seg_transform: str = "log"       # attention maps fed to the segmentation: log(N*a) | linear (N*a)

@@ -7,7 +7,8 @@ L = det_weight · BCE + seg_weight · Dice (0.95 / 0.05; :func:`~apmask_lib.loss
 
 One step, for a batch of B training images (``finetune.batch_size``):
 
-1. Every image is augmented (horizontal flip with probability ``hflip``, colour jitter
+1. Every image is augmented (horizontal flip with probability ``hflip``, by default 0 for chest X-rays
+   and 0.5 otherwise, :func:`resolve_hflip`; colour jitter
    ``normal_jitter``); ``round(anomaly_fraction · B)`` randomly chosen ones then become synthetic
    anomalies of kind ``finetune.anomaly``; the others stay normal (label 0, all-zero mask).
    For the paper's kind ``attention`` the paste distribution is the mean [CLS] attention of the
@@ -90,6 +91,17 @@ def resolve_blend(cfg: Config) -> str:
     if v not in ("normal", "mixed"):
         raise ValueError(f"finetune.blend must be auto, normal or mixed, got {v!r}")
     return v
+
+
+def resolve_hflip(cfg: Config) -> float:
+    """``finetune.hflip``, or by dataset when None: 0 for chest X-rays (``data.dataset == "nih"``; a
+    mirrored X-ray puts the heart on the wrong side, an anomaly the test set never shows), 0.5 otherwise."""
+    h = cfg.finetune.hflip
+    if h is None:
+        return 0.0 if cfg.data.dataset == "nih" else 0.5
+    if not 0.0 <= float(h) <= 1.0:
+        raise ValueError(f"finetune.hflip must be a probability in [0, 1] or null (by dataset), got {h!r}")
+    return float(h)
 
 
 def initial_backbone(cfg: Config) -> VisionTransformer:
@@ -218,7 +230,7 @@ def batch_loader(batches: SyntheticBatches, start: int, stop: int, num_workers: 
 
 def make_batches(cfg: Config, images: np.ndarray, attentions: Optional[np.ndarray]) -> SyntheticBatches:
     f = cfg.finetune
-    return SyntheticBatches(images, attentions, min(f.batch_size, len(images)), cfg.seed, kind=f.anomaly, fraction=f.anomaly_fraction, hflip=f.hflip,
+    return SyntheticBatches(images, attentions, min(f.batch_size, len(images)), cfg.seed, kind=f.anomaly, fraction=f.anomaly_fraction, hflip=resolve_hflip(cfg),
                             normal_jitter=f.normal_jitter, poisson=resolve_poisson(cfg), blend=resolve_blend(cfg),
                             temperature=f.attention_temperature)
 
@@ -352,7 +364,7 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
         truncate_jsonl(out / "log.jsonl", start // iters)
     write_json(out / "config.json", {**cfg.to_dict(), "_run": {
         "n_train": len(images), "n_val_images": len(val_images), "batch_size": batches.batch_size, "iters_per_epoch": iters, "total_steps": total,
-        "device": str(device), "poisson": poisson, "blend": blend, "init": f.init,
+        "device": str(device), "poisson": poisson, "blend": blend, "hflip": resolve_hflip(cfg), "init": f.init,
         "attention_grid": None if attentions is None else list(attentions.shape[1:])}})
 
     att_tensor = None if att_all is None else torch.from_numpy(np.ascontiguousarray(att_all, dtype=np.float32))
@@ -425,6 +437,6 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     return out
 
 
-__all__ = ["CSV_COLUMNS", "resolve_poisson", "resolve_blend", "initial_backbone", "build_detector", "param_groups",
+__all__ = ["CSV_COLUMNS", "resolve_poisson", "resolve_blend", "resolve_hflip", "initial_backbone", "build_detector", "param_groups",
            "load_train_images", "attention_maps", "SyntheticBatches", "batch_loader", "make_batches", "train_step",
            "run_finetune"]
