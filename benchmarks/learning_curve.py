@@ -132,6 +132,38 @@ def run_curve(args) -> dict:
     return {"points": points}
 
 
+def run_untrained(args) -> None:
+    """Epoch 0 of the ``dino`` curve, one test scale at a time: the detector before any fine-tuning
+    (segmentation = the backbone's last-layer [CLS] attention, log of the heads' geometric mean; detection
+    head random). Does that attention carry the defects at some scale? Stored under curve ``untrained``."""
+    from apmask_lib.config import replace
+    from apmask_lib.evaluate import run_evaluate
+    from apmask_lib.finetune import build_detector, initial_backbone
+    from apmask_lib.models.detector import save_detector
+    from apmask_lib.utils import seed_everything
+
+    base = ROOT / args.runs / f"{args.category}_seed{args.seed}"
+    cfg = curve_config(args, base / "untrained", args.backbone)
+    seed_everything(cfg.seed)
+    path = base / "untrained" / "model_e0.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_detector(path, build_detector(cfg, initial_backbone(cfg)), cfg.to_dict(), meta={"step": 0, "done": False})
+    points = []
+    for s_ in args.untrained_scales:
+        load0 = os.getloadavg()
+        t0 = time.perf_counter()
+        m = run_evaluate(replace(cfg, out_dir=str(base / f"untrained_eval_{s_}"), evaluate={"scales": (s_,)}),
+                         model_path=path)
+        points.append({"epoch": 0, "steps": 0, "scales": [s_], **{k: (None if m.get(k) is None else 100 * m[k])
+                                                                   for k in METRICS},
+                       "train_acc": None, "val_acc": None, "val_auroc": None, "val_dice": None, "finetune_s": 0.0,
+                       "evaluate_s": time.perf_counter() - t0, "load_start": list(load0),
+                       "load_end": list(os.getloadavg())})
+        print(f"untrained, scale {s_}: " + " / ".join(f"{points[-1][k]:.2f}" for k in METRICS), flush=True)
+        args.curve = "untrained"
+        save_curve(args, points, {}, 0, cfg)
+
+
 def save_curve(args, points, times, iters, cfg) -> None:
     data = json.loads(JSON.read_text()) if JSON.is_file() else {"curves": {}}
     cmd = "nice -n 5 .venv/bin/python benchmarks/learning_curve.py " + " ".join(shlex.quote(a) for a in args.argv)
@@ -176,8 +208,10 @@ def report() -> None:
              "(warm-up, cosine) is that of the whole run.", ""]
     for name, c in data["curves"].items():
         s = c["setting"]
-        lines += [f"## {name}: " + ("fine-tuned from the backbone, no pre-training (paper's 'DINO' setting)"
-                                    if name == "dino" else f"APMask pre-training {s['pretrain_epochs']} epoch(s), then fine-tuned"),
+        title = {"dino": "fine-tuned from the backbone, no pre-training (paper's 'DINO' setting)",
+                 "apmask": f"APMask pre-training {s['pretrain_epochs']} epoch(s), then fine-tuned",
+                 "untrained": "the detector before fine-tuning (backbone attention as the map), one scale per row"}[name]
+        lines += [f"## {name}: {title}",
                   "", f"Command: `{c['command']}`  ", f"Machine: {c['machine']}; {c['versions']}; {c['date']}.  ",
                   f"Setting: seed {s['seed']}, {s['epochs']} fine-tuning epochs in the run ({c['iters_per_epoch']} steps "
                   f"of 16 per epoch), **training images capped at {s['max_train']}** (of 209; the validation slice "
@@ -220,6 +254,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--runs", default="runs/learning_curve")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--untrained-scales", type=int, nargs="+", default=None,
+                    help="instead of a curve: evaluate the detector before fine-tuning, one scale at a time")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
@@ -227,8 +263,11 @@ def main(argv=None) -> int:
     if args.report:
         report()
         return 0
+    if args.untrained_scales:
+        run_untrained(args)
+        return 0
     if not args.curve:
-        ap.error("--curve or --report")
+        ap.error("--curve, --untrained-scales or --report")
     if max(args.at) > args.epochs:
         ap.error("--at epochs must not exceed --epochs")
     run_curve(args)

@@ -72,6 +72,10 @@ def learning_curve_figure(curves: Mapping[str, Mapping], paper: Mapping[str, Opt
                 continue
             full = max(len(p["scales"]) for p in pts)
             col = colours[i % len(colours)]
+            if all(p["epoch"] == pts[0]["epoch"] for p in pts):  # one epoch, several single scales: markers only
+                for p, mk in zip(pts, "sD^v<>"):
+                    ax.plot(p["epoch"], p[m], mk, color=col, label=f"{name} {p['scales'][0]} px")
+                continue
             ax.plot([p["epoch"] for p in pts], [p[m] for p in pts], "-", color=col, label=name)
             for p in pts:
                 ax.plot(p["epoch"], p[m], "o", color=col, mfc=col if len(p["scales"]) == full else "white")
