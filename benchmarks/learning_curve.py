@@ -164,11 +164,50 @@ def run_untrained(args) -> None:
         save_curve(args, points, {}, 0, cfg)
 
 
+def run_six_scales(args) -> None:
+    """Re-evaluate the saved snapshot ``model_e<E>.pt`` of ``--curve`` at the paper's six scales (for a
+    curve whose run was stopped before its last point) and add it to the curve's points."""
+    from apmask_lib.config import replace
+    from apmask_lib.evaluate import run_evaluate
+
+    e = args.six_scales_at
+    base = ROOT / args.runs / f"{args.category}_seed{args.seed}"
+    snap = base / args.curve / "finetune" / f"model_e{e}.pt"
+    if not snap.is_file():
+        raise SystemExit(f"{snap} not found: run the curve to epoch {e} first")
+    data = json.loads(JSON.read_text())
+    curve = data["curves"][args.curve]
+    point = dict(next(p for p in curve["points"] if p["epoch"] == e))
+    init = args.backbone if args.curve == "dino" else f"file:{base / 'apmask' / 'pretrain' / 'backbone.pt'}"
+    cfg = curve_config(args, base / args.curve, init)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    m = run_evaluate(replace(cfg, out_dir=str(base / f"{args.curve}_eval_e{e}_six"), evaluate={"scales": PAPER_SCALES}),
+                     model_path=snap)
+    point.update({"scales": list(PAPER_SCALES), **{k: (None if m.get(k) is None else 100 * m[k]) for k in METRICS},
+                  "finetune_s": 0.0, "evaluate_s": time.perf_counter() - t0, "load_start": list(load0),
+                  "load_end": list(os.getloadavg())})
+    # stored as its own entry "<curve>@6": a running curve process rewrites its own entry at every point
+    data = json.loads(JSON.read_text())
+    six = data["curves"].get(f"{args.curve}@6") or {**curve, "points": [], "times": {}}
+    six["points"] = sorted([p for p in six["points"] if p["epoch"] != e] + [point], key=lambda p: p["epoch"])
+    six["command"] = "nice -n 5 .venv/bin/python benchmarks/learning_curve.py " + " ".join(
+        shlex.quote(a) for a in args.argv) + f"   (snapshot of: {curve['command']})"
+    six["date"] = dt.datetime.now().isoformat(timespec="seconds")
+    data["curves"][f"{args.curve}@6"] = six
+    atomic_write_text(JSON, json.dumps(data, indent=1))
+    print(f"{args.curve} epoch {e}, six scales: " + " / ".join(f"{point[k]:.2f}" for k in METRICS), flush=True)
+
+
 def save_curve(args, points, times, iters, cfg) -> None:
     data = json.loads(JSON.read_text()) if JSON.is_file() else {"curves": {}}
     cmd = "nice -n 5 .venv/bin/python benchmarks/learning_curve.py " + " ".join(shlex.quote(a) for a in args.argv)
+    old = data["curves"].get(args.curve, {})
+    kept = [p for p in old.get("points", []) if len(p["scales"]) == 6 and p["epoch"] not in {q["epoch"] for q in points
+                                                                                              if len(q["scales"]) == 6}]
     data["curves"][args.curve] = {
-        "command": cmd, "points": points, "times": times, "iters_per_epoch": iters,
+        "command": cmd, "extra_commands": old.get("extra_commands", []),
+        "points": sorted(points + kept, key=lambda p: (p["epoch"], len(p["scales"]))), "times": times, "iters_per_epoch": iters,
         "setting": {"category": args.category, "seed": args.seed, "epochs": args.epochs, "max_train": args.max_train,
                     "pretrain_epochs": args.pretrain_epochs if args.curve == "apmask" else 0,
                     "backbone": args.backbone, "intermediate_scales": list(args.scales),
@@ -208,11 +247,13 @@ def report() -> None:
              "(warm-up, cosine) is that of the whole run.", ""]
     for name, c in data["curves"].items():
         s = c["setting"]
-        title = {"dino": "fine-tuned from the backbone, no pre-training (paper's 'DINO' setting)",
-                 "apmask": f"APMask pre-training {s['pretrain_epochs']} epoch(s), then fine-tuned",
-                 "untrained": "the detector before fine-tuning (backbone attention as the map), one scale per row"}[name]
+        titles = {"dino": "fine-tuned from the backbone, no pre-training (paper's 'DINO' setting)",
+                  "apmask": f"APMask pre-training {s['pretrain_epochs']} epoch(s), then fine-tuned",
+                  "untrained": "the detector before fine-tuning (backbone attention as the map), one scale per row"}
+        title = titles.get(name) or f"snapshots of the {name[:-2]} curve re-evaluated at the six paper scales"
         lines += [f"## {name}: {title}",
-                  "", f"Command: `{c['command']}`  ", f"Machine: {c['machine']}; {c['versions']}; {c['date']}.  ",
+                  "", f"Command: `{c['command']}`  "] + [f"Six-scale re-evaluation of a snapshot: `{x}`  "
+                                                           for x in c.get("extra_commands", [])] + [ f"Machine: {c['machine']}; {c['versions']}; {c['date']}.  ",
                   f"Setting: seed {s['seed']}, {s['epochs']} fine-tuning epochs in the run ({c['iters_per_epoch']} steps "
                   f"of 16 per epoch), **training images capped at {s['max_train']}** (of 209; the validation slice "
                   f"val_fraction={s['val_fraction']} / ≤ {s['val_max_images']} images is held out first), "
@@ -254,6 +295,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--runs", default="runs/learning_curve")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--six-scales-at", type=int, default=None,
+                    help="with --curve: re-evaluate that curve's saved snapshot of this epoch at the six scales")
     ap.add_argument("--untrained-scales", type=int, nargs="+", default=None,
                     help="instead of a curve: evaluate the detector before fine-tuning, one scale at a time")
     args = ap.parse_args(argv)
@@ -262,6 +305,9 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.report:
         report()
+        return 0
+    if args.six_scales_at is not None:
+        run_six_scales(args)
         return 0
     if args.untrained_scales:
         run_untrained(args)

@@ -74,7 +74,8 @@ def learning_curve_figure(curves: Mapping[str, Mapping], paper: Mapping[str, Opt
             col = colours[i % len(colours)]
             if all(p["epoch"] == pts[0]["epoch"] for p in pts):  # one epoch, several single scales: markers only
                 for p, mk in zip(pts, "sD^v<>"):
-                    ax.plot(p["epoch"], p[m], mk, color=col, label=f"{name} {p['scales'][0]} px")
+                    sc = f"{p['scales'][0]} px" if len(p["scales"]) == 1 else f"{len(p['scales'])} scales"
+                    ax.plot(p["epoch"], p[m], mk, color=col, ms=8, label=f"{name} ({sc})")
                 continue
             ax.plot([p["epoch"] for p in pts], [p[m] for p in pts], "-", color=col, label=name)
             for p in pts:
