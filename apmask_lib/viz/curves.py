@@ -58,7 +58,7 @@ def learning_curve_figure(curves: Mapping[str, Mapping], paper: Mapping[str, Opt
                           peers: Sequence[Mapping], out_png: str | Path | None = None,
                           metrics: Sequence[str] = ("image_auroc", "pixel_auroc", "au_pro")):
     """One panel per metric: each curve's points (``curves[name]["points"]``: epoch + metrics in %;
-    hollow markers where a point used fewer test scales than the curve's last point), the paper's
+    hollow markers where a point used fewer than the paper's six test scales), the paper's
     figure (``paper[metric]``, %) as a black dashed line and every peer (name + metrics, %) as a
     dotted line. Returns the figure."""
     plt = _plt()
@@ -70,7 +70,7 @@ def learning_curve_figure(curves: Mapping[str, Mapping], paper: Mapping[str, Opt
             pts = [p for p in c["points"] if p.get(m) is not None]
             if not pts:
                 continue
-            full = max(len(p["scales"]) for p in pts)
+            full = 6  # the paper's six test scales; fewer = hollow marker
             col = colours[i % len(colours)]
             if all(p["epoch"] == pts[0]["epoch"] for p in pts):  # one epoch, several single scales: markers only
                 for p, mk in zip(pts, "sD^v<>"):
