@@ -146,12 +146,16 @@ class FinetuneConfig:
     num_workers: int = 2
     blend: str = "auto"              # Poisson mode: auto (mixed for nih and MVTec textures, else normal) | normal | mixed
     attention_temperature: float = 1.0  # T in softmax(standardised attention / T) for where to cut/paste; larger = more uniform
-    hflip: float = 0.5               # probability of flipping a normal image before anomalies are made (0 for X-rays/orientation-sensitive data)
+    hflip: Optional[float] = None    # probability of flipping a normal image before anomalies are made; None = by dataset: 0 for nih (a chest
+                                     # X-ray's left and right differ: the heart), 0.5 otherwise (finetune.resolve_hflip)
     normal_jitter: float = 0.05      # colour-jitter strength applied to normal images before anomalies are made
     dice: str = "batch"              # Dice reduction: batch (jointly over the batch; defined with empty masks) | mean (per image)
     seg_transform: str = "log"       # attention maps fed to the segmentation: log(N*a) | linear (N*a)
     log_every: int = 20              # steps between loss read-backs (host syncs); NaN is caught at these points and at epoch ends
     compile: str = "none"            # as pretrain.compile (apmask_lib/fastpath.py)
+    val_fraction: float = 0.1        # fraction of the normal training images held out of fine-tuning for the label-free validation signal
+                                     # (synthetic anomalies on them, scored per epoch: apmask_lib/validation.py); 0 = none, train on all
+    val_max_images: Optional[int] = 32  # cap on the held-out images (each is scored normal + anomalous every epoch); None = no cap
 
     def __post_init__(self):
         validate(self, "finetune")

@@ -7,7 +7,8 @@ L = det_weight · BCE + seg_weight · Dice (0.95 / 0.05; :func:`~apmask_lib.loss
 
 One step, for a batch of B training images (``finetune.batch_size``):
 
-1. Every image is augmented (horizontal flip with probability ``hflip``, colour jitter
+1. Every image is augmented (horizontal flip with probability ``hflip``, by default 0 for chest X-rays
+   and 0.5 otherwise, :func:`resolve_hflip`; colour jitter
    ``normal_jitter``); ``round(anomaly_fraction · B)`` randomly chosen ones then become synthetic
    anomalies of kind ``finetune.anomaly``; the others stay normal (label 0, all-zero mask).
    For the paper's kind ``attention`` the paste distribution is the mean [CLS] attention of the
@@ -57,6 +58,8 @@ from .losses import finetune_loss
 from .models import VisionTransformer, build_backbone
 from .models.detector import SEG_MAPS, AnomalyDetector, save_detector
 from . import runfolder
+from .validation import COLUMNS as VAL_COLUMNS, holdout_indices, make_validation_set, score_validation
+from .utils import accelerated, autocast_context
 from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
                     param_groups, truncate_jsonl,
                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
@@ -91,6 +94,17 @@ def resolve_blend(cfg: Config) -> str:
     if v not in ("normal", "mixed"):
         raise ValueError(f"finetune.blend must be auto, normal or mixed, got {v!r}")
     return v
+
+
+def resolve_hflip(cfg: Config) -> float:
+    """``finetune.hflip``, or by dataset when None: 0 for chest X-rays (``data.dataset == "nih"``; a
+    mirrored X-ray puts the heart on the wrong side, an anomaly the test set never shows), 0.5 otherwise."""
+    h = cfg.finetune.hflip
+    if h is None:
+        return 0.0 if cfg.data.dataset == "nih" else 0.5
+    if not 0.0 <= float(h) <= 1.0:
+        raise ValueError(f"finetune.hflip must be a probability in [0, 1] or null (by dataset), got {h!r}")
+    return float(h)
 
 
 def initial_backbone(cfg: Config) -> VisionTransformer:
@@ -133,7 +147,7 @@ def attention_maps(backbone: VisionTransformer, images: np.ndarray, device: torc
                    progress: bool = True) -> np.ndarray:
     """Mean [CLS] attention (Eq. 2) of every image under ``backbone``: float32 (N, h, w)."""
     backbone.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_context(device)
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc="attention maps", disable=not progress, leave=False):
         x = torch.from_numpy(images[i:i + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
@@ -219,7 +233,7 @@ def batch_loader(batches: SyntheticBatches, start: int, stop: int, num_workers: 
 
 def make_batches(cfg: Config, images: np.ndarray, attentions: Optional[np.ndarray]) -> SyntheticBatches:
     f = cfg.finetune
-    return SyntheticBatches(images, attentions, min(f.batch_size, len(images)), cfg.seed, kind=f.anomaly, fraction=f.anomaly_fraction, hflip=f.hflip,
+    return SyntheticBatches(images, attentions, min(f.batch_size, len(images)), cfg.seed, kind=f.anomaly, fraction=f.anomaly_fraction, hflip=resolve_hflip(cfg),
                             normal_jitter=f.normal_jitter, poisson=resolve_poisson(cfg), blend=resolve_blend(cfg),
                             temperature=f.attention_temperature)
 
@@ -300,11 +314,14 @@ def _run(cfg: Config, dataset, max_steps: Optional[int], resume: bool, progress:
         from .data import dataset_from_config
 
         dataset = dataset_from_config(cfg.data)
-    train = list(dataset.train)[: cfg.data.max_train] if cfg.data.max_train is not None else list(dataset.train)
+    all_train = list(dataset.train)
+    keep, held = holdout_indices(len(all_train), f.val_fraction, f.val_max_images)  # validation slice (validation.py)
+    train = [all_train[i] for i in keep][: cfg.data.max_train]
+    held_out = [all_train[i] for i in held]
     if len(train) < 2:
         raise ValueError(f"fine-tuning needs at least 2 training images (normal and synthetic samples per batch); "
                          f"{getattr(dataset, 'name', 'the dataset')} has {len(train)} (data.max_train={cfg.data.max_train})")
-    images = load_train_images(dataset, train, cfg.data.image_size, max(1, f.num_workers), progress)
+    images = load_train_images(dataset, train + held_out, cfg.data.image_size, max(1, f.num_workers), progress)
 
     # ---- model (seeded) and the initial backbone's attention maps
     seed_everything(cfg.seed)
@@ -318,13 +335,19 @@ def _run(cfg: Config, dataset, max_steps: Optional[int], resume: bool, progress:
         attentions = ckpt["attention"].numpy()
     elif f.anomaly == "attention":
         attentions = attention_maps(backbone, images, device, progress=progress)
+    att_all, n_tr = attentions, len(train)  # maps of training + held-out images, as stored in the checkpoint
+    images, val_images = images[:n_tr], images[n_tr:]
+    val_set = None if not len(val_images) else make_validation_set(
+        val_images, None if attentions is None else attentions[n_tr:], f.anomaly, sources=images, poisson=poisson,
+        blend=blend, temperature=f.attention_temperature)
+    attentions = None if attentions is None else attentions[:n_tr]
     model = build_detector(cfg, backbone).to(device)
     batches = make_batches(cfg, images, attentions)
     iters = batches.steps_per_epoch
     total = f.epochs * iters
     stop = total if max_steps is None else min(total, max_steps)
     lrs = cosine_scheduler(f.lr, f.min_lr, f.epochs, iters, f.warmup_epochs, f.start_lr)
-    fused = device.type == "cuda"
+    fused = accelerated(device)
     optimizer = torch.optim.AdamW(param_groups(model), lr=f.lr, weight_decay=f.weight_decay,
                                   **({"fused": True} if fused else {}))
     start, acc = 0, {"loss": [], "loss_det": [], "loss_seg": [], "acc": []}
@@ -336,7 +359,7 @@ def _run(cfg: Config, dataset, max_steps: Optional[int], resume: bool, progress:
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         start, acc = int(ckpt["step"]), {k: list(v) for k, v in ckpt["epoch_acc"].items()}
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_context(device)
     compile_blocks(model.backbone, f.compile)  # in place, after the checkpoint load (apmask_lib/fastpath.py)
 
     # ---- files
@@ -349,11 +372,16 @@ def _run(cfg: Config, dataset, max_steps: Optional[int], resume: bool, progress:
         csv.truncate_after(start)
         truncate_jsonl(out / "log.jsonl", start // iters)
     write_json(out / "config.json", {**cfg.to_dict(), "_run": {
-        "n_train": len(images), "batch_size": batches.batch_size, "iters_per_epoch": iters, "total_steps": total,
-        "device": str(device), "poisson": poisson, "blend": blend, "init": f.init,
+        "n_train": len(images), "n_val_images": len(val_images), "batch_size": batches.batch_size, "iters_per_epoch": iters, "total_steps": total,
+        "device": str(device), "poisson": poisson, "blend": blend, "hflip": resolve_hflip(cfg), "init": f.init,
         "attention_grid": None if attentions is None else list(attentions.shape[1:])}})
 
-    att_tensor = None if attentions is None else torch.from_numpy(np.ascontiguousarray(attentions, dtype=np.float32))
+    att_tensor = None if att_all is None else torch.from_numpy(np.ascontiguousarray(att_all, dtype=np.float32))
+    val_csv = CSVLog(out / "validation.csv", VAL_COLUMNS)
+    if ckpt is None:
+        (out / "validation.csv").unlink(missing_ok=True)
+    else:
+        val_csv.truncate_after(start // iters, key="epoch")
 
     def export(step: int) -> None:
         """model.pt, then done.json (last): where this call stops."""
@@ -405,9 +433,13 @@ def _run(cfg: Config, dataset, max_steps: Optional[int], resume: bool, progress:
             flush()
         if end_of_epoch:
             secs = time.perf_counter() - epoch_t0
-            append_jsonl(out / "log.jsonl", {"epoch": epoch, "step": step + 1, "lr": lr, "time_s": secs,
-                                             **{k: float(np.mean(v)) for k, v in acc.items()},
-                                             "images_per_s": len(acc["loss"]) * batches.batch_size / max(secs, 1e-9)})
+            record = {"epoch": epoch, "step": step + 1, "lr": lr, "time_s": secs,
+                      **{k: float(np.mean(v)) for k, v in acc.items()},
+                      "images_per_s": len(acc["loss"]) * batches.batch_size / max(secs, 1e-9)}
+            if val_set is not None:  # label-free validation signal (apmask_lib/validation.py)
+                record.update(score_validation(model, val_set, device, f, autocast=autocast))
+                val_csv.write(record)
+            append_jsonl(out / "log.jsonl", record)
             for v in acc.values():
                 v.clear()
             epoch_t0 = time.perf_counter()
@@ -420,6 +452,6 @@ def _run(cfg: Config, dataset, max_steps: Optional[int], resume: bool, progress:
     return out
 
 
-__all__ = ["CSV_COLUMNS", "resolve_poisson", "resolve_blend", "initial_backbone", "build_detector", "param_groups",
+__all__ = ["CSV_COLUMNS", "resolve_poisson", "resolve_blend", "resolve_hflip", "initial_backbone", "build_detector", "param_groups",
            "load_train_images", "attention_maps", "SyntheticBatches", "batch_loader", "make_batches", "train_step",
            "run_finetune"]

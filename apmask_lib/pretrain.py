@@ -55,6 +55,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from .collapse import STAT_COLUMNS, assignment_stats
 from .config import RANK_SOURCES, Config
 from .fastpath import compile_blocks
 from .masking import KINDS, attention_on_boxes, keep_indices, num_dropped
@@ -63,11 +64,12 @@ from .models.heads import ProjectionMLP, Prototypes
 from .multicrop import ImageBank, MultiCrop, cache_short_side, load_image_bank
 from . import runfolder
 from .sinkhorn import sinkhorn, swapped_prediction_loss
+from .utils import accelerated, autocast_context
 from .utils import (CSVLog, atomic_torch_save, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
                     param_groups, truncate_jsonl,
                     resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
 
-CSV_COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "step_time", "images_per_s")
+CSV_COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "step_time", "images_per_s") + STAT_COLUMNS
 # config keys that do not change the trained weights (may differ on resume)
 _RESUME_IGNORED = {("pretrain", "num_workers"), ("pretrain", "log_every"), ("pretrain", "compile"), ("device",), ("out_dir",),
                    ("finetune",), ("evaluate",), ("data", "max_test")}
@@ -223,26 +225,30 @@ def _whole_image_pass(teacher: SwAVNet, views, same: bool):
     return t_scores, g_attn, l_attn
 
 
-def pretrain_loss(student: nn.Module, teacher: SwAVNet, views, cfg_p, generator: torch.Generator) -> torch.Tensor:
-    """Eq. 1 for one batch of views (teacher pass, APMask, student pass, Sinkhorn, CE)."""
+def pretrain_loss(student: nn.Module, teacher: SwAVNet, views, cfg_p, generator: torch.Generator,
+                  stats: Optional[dict] = None) -> torch.Tensor:
+    """Eq. 1 for one batch of views (teacher pass, APMask, student pass, Sinkhorn, CE). ``stats``: a
+    dict to fill with the collapse diagnostics of :func:`~apmask_lib.collapse.assignment_stats`."""
     t_scores, groups = student_views(teacher, views, cfg_p.mask, cfg_p.mask_ratio, generator,
                                      getattr(cfg_p, "rank_source", "view"))
     s_scores = student(groups)
     q = sinkhorn(t_scores, eps=cfg_p.sinkhorn_eps, iters=cfg_p.sinkhorn_iters)
     codes = q / q.sum(dim=1, keepdim=True)  # = Q * B_global: per-sample code distributions
+    if stats is not None:
+        stats.update(assignment_stats(t_scores, codes, s_scores, cfg_p.temperature))
     return swapped_prediction_loss(codes, s_scores, cfg_p.temperature)
 
 
 def train_step(model: nn.Module, teacher: SwAVNet, optimizer: torch.optim.Optimizer, views, p,
                generator: torch.Generator, momentum: float, autocast=None,
-               freeze_prototypes: bool = False) -> torch.Tensor:
+               freeze_prototypes: bool = False, stats: Optional[dict] = None) -> torch.Tensor:
     """One optimisation step (module docstring, steps 2-5): loss under ``autocast``, backward,
     gradient clipping (``p.clip_grad``), AdamW, prototype re-normalisation, teacher EMA with
     ``momentum``. ``model`` is the student or its DDP wrapper; ``freeze_prototypes`` drops the
     prototypes' gradient (SwAV's first iterations). Returns the detached loss, still on the device."""
     student = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     with autocast if autocast is not None else contextlib.nullcontext():
-        loss = pretrain_loss(model, teacher, views, p, generator)
+        loss = pretrain_loss(model, teacher, views, p, generator, stats)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if p.clip_grad and p.clip_grad > 0:
@@ -393,7 +399,7 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
     teacher = copy.deepcopy(student).eval()
     for prm in teacher.parameters():
         prm.requires_grad_(False)
-    fused = device.type == "cuda"
+    fused = accelerated(device)  # fused AdamW (CUDA; on the CPU only through the test seam)
     optimizer = torch.optim.AdamW(param_groups(student), lr=p.lr, fused=fused) if fused else \
         torch.optim.AdamW(param_groups(student), lr=p.lr)
     start, epoch_losses = 0, []
@@ -412,7 +418,7 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
     model = student
     if world > 1:
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    autocast = autocast_context(device)
 
     # ---- files
     csv = CSVLog(out / "log.csv", CSV_COLUMNS)
@@ -453,20 +459,24 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
     def flush() -> None:
         if not pending:
             return
-        vals = torch.stack([r["loss"] for r in pending]).float()
+        keys = ("loss",) + STAT_COLUMNS
+        vals = torch.stack([torch.stack([r[k].float() for k in keys]) for r in pending])
         if world > 1:
             dist.all_reduce(vals)
             vals = vals / world
         for r, v in zip(pending, vals.cpu().tolist()):
-            check_finite(v, "pre-training loss", r["step"], checkpoint=ckpt_path)
-            r["loss"] = v
-            epoch_losses.append(v)
+            check_finite(v[0], "pre-training loss", r["step"], checkpoint=ckpt_path)
+            r.update(zip(keys, v))
+            epoch_losses.append(v[0])
+            for k, x in zip(STAT_COLUMNS, v[1:]):
+                epoch_stats.setdefault(k, []).append(x)
             if main:
                 csv.write(r)
         bar.set_postfix(loss=f"{pending[-1]['loss']:.4f}")
         pending.clear()
 
     perm, perm_epoch = None, -1
+    epoch_stats: dict[str, list[float]] = {}  # collapse diagnostics (apmask_lib/collapse.py), per epoch
     epoch_t0, epoch_steps = time.perf_counter(), 0
     t_last = time.perf_counter()
     for step in range(start, stop):
@@ -481,12 +491,13 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
                 group["weight_decay"] = wd
         gen = _step_generator(cfg.seed, rank, step)
         views = crops(bank.images[idx.to(device, non_blocking=True)], bank.sizes[idx], gen)
+        stats: dict[str, torch.Tensor] = {}
         loss = train_step(model, teacher, optimizer, views, p, gen, mom, autocast,
-                          freeze_prototypes=step < p.freeze_prototypes_iters)
+                          freeze_prototypes=step < p.freeze_prototypes_iters, stats=stats)
 
         now = time.perf_counter()
         dt, t_last = now - t_last, now
-        pending.append({"step": step, "epoch": epoch, "loss": loss, "lr": lr, "wd": wd, "momentum": mom,
+        pending.append({"step": step, "epoch": epoch, "loss": loss, **stats, "lr": lr, "wd": wd, "momentum": mom,
                         "step_time": dt, "images_per_s": gb / max(dt, 1e-9)})
         bar.update(1)
         epoch_steps += 1
@@ -497,9 +508,11 @@ def _run(cfg, dataset, max_steps, resume, progress, out, ckpt_path, backbone_pat
             if main:
                 secs = time.perf_counter() - epoch_t0
                 append_jsonl(out / "log.jsonl", {"epoch": epoch, "step": step + 1, "loss": float(np.mean(epoch_losses)),
+                                                 **{k: float(np.mean(x)) for k, x in epoch_stats.items()},
                                                  "lr": lr, "wd": wd, "momentum": mom, "time_s": secs,
                                                  "images_per_s": epoch_steps * gb / max(secs, 1e-9)})
             epoch_losses.clear()
+            epoch_stats.clear()
             epoch_t0, epoch_steps = time.perf_counter(), 0
             save(step + 1, done=step + 1 == total)
         elif step == stop - 1:

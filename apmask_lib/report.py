@@ -55,7 +55,8 @@ def collect_run(run: str | Path, name: str, results: str | Path = "results",
                 stages: tuple[str, ...] = STAGES) -> dict[str, str]:
     """Copy a run's small, deterministic results to where DVC tracks them, per stage:
     ``pretrain`` / ``finetune`` -> ``results/plots/NAME/<stage>_loss.csv`` (step and loss columns of
-    the stage's log.csv); ``evaluate`` -> the numbers of ``evaluate/metrics.json`` to
+    the stage's log.csv; ``finetune`` also ``finetune_validation.csv``, the label-free
+    validation signal per epoch, apmask_lib/validation.py); ``evaluate`` -> the numbers of ``evaluate/metrics.json`` to
     ``results/metrics/NAME.json`` (a DVC metrics file), its strings (model path, backbone, ...) to
     ``results/info/NAME.json`` and ``results/plots/NAME/roc.csv``. Each DVC stage collects its own
     part, so a stage's outputs never depend on files another stage does not declare. A missing
@@ -76,6 +77,11 @@ def collect_run(run: str | Path, name: str, results: str | Path = "results",
             if not _copy_columns(src, dst, LOSS_COLUMNS[stage]):
                 raise FileNotFoundError(f"{src} not found: run the {stage} stage for {run} first")
             written[f"{stage}_loss"] = str(dst)
+            if stage == "finetune":
+                dst = plots / "finetune_validation.csv"
+                if _copy_columns(run / "finetune" / "validation.csv", dst,
+                                 ("epoch", "acc", "val_acc", "val_auroc", "val_dice", "val_loss")):
+                    written["finetune_validation"] = str(dst)
             continue
         metrics_src = run / "evaluate" / "metrics.json"
         if not metrics_src.is_file():

@@ -24,6 +24,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+ACCELERATED_ON_CPU_ENV = "APMASK_ACCELERATED_ON_CPU"
+
+
+def accelerated(device: torch.device) -> bool:
+    """Whether the GPU configuration (bf16 autocast, fused AdamW) is used on ``device``: on CUDA always;
+    on the CPU only when the environment variable ``APMASK_ACCELERATED_ON_CPU=1`` is set, a seam that
+    lets tests run those branches on a machine without a GPU (tests/test_accelerated_path.py)."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get(ACCELERATED_ON_CPU_ENV) == "1")
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast where :func:`accelerated`, else a null context."""
+    import contextlib
+
+    return torch.autocast(device.type, dtype=torch.bfloat16) if accelerated(device) else contextlib.nullcontext()
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA); a no-op on the CPU. For timing."""
     if device.type == "cuda":

@@ -72,9 +72,13 @@ def versions() -> str:
 
 
 def scaled_warmup(stage: str, epochs: int) -> int:
-    """Warm-up epochs scaled with the shortened schedule (paper ratio, rounded)."""
+    """Warm-up epochs scaled with the shortened schedule (paper ratio, rounded), at least 1 when the
+    run has 2 or more epochs (rounding alone gave 0 for every schedule under 50 / 150 epochs, i.e. no
+    warm-up at all); 0 for a 1-epoch run, which cannot warm up and then decay."""
     paper_epochs, paper_warm = PAPER_EPOCHS[stage]
-    return int(round(epochs * paper_warm / paper_epochs))
+    if epochs < 2:
+        return 0
+    return max(1, int(round(epochs * paper_warm / paper_epochs)))
 
 
 def schedule_config(args, dataset: str, category: str, seed: int, out_dir: Path) -> Config:

@@ -117,11 +117,13 @@ def test_every_notebook_runs_at_micro_scale_on_real_bottle(tmp_path, mvtec_root)
     assert (tmp_path / "figs" / "fig1_attention_bottle.png").is_file()
     assert (tmp_path / "figs" / "fig4b_synthetic_bottle.png").is_file()
     written = collect_run(run, "bottle_s0", tmp_path / "results")
-    assert set(written) == {"metrics", "info", "pretrain_loss", "finetune_loss", "roc"}
+    assert set(written) == {"metrics", "info", "pretrain_loss", "finetune_loss", "finetune_validation", "roc"}
     numbers = json.loads(Path(written["metrics"]).read_text())
     assert numbers and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values()
                            if not isinstance(v, dict)), "DVC metrics file holds numbers only"
     assert "model_path" in json.loads(Path(written["info"]).read_text())
+    val = (tmp_path / "results" / "plots" / "bottle_s0" / "finetune_validation.csv").read_text().splitlines()
+    assert val[0] == "epoch,acc,val_acc,val_auroc,val_dice,val_loss" and len(val) >= 2
     assert project_root() == ROOT
 
 

@@ -65,7 +65,7 @@ def test_tables_ours_beside_paper_and_dashes(runs, tmp_path):
     out = tmp_path / "tables"
     with pytest.warns(UserWarning):
         written = write_tables(runs, out)
-    assert set(written) == {"table1", "table2", "table3", "table4", "runs"}
+    assert set(written) == {"table1", "table1_paper", "table2", "table3", "table4", "runs"}
     for paths in written.values():
         for p in paths.values():
             assert p.is_file() and p.stat().st_size > 0
@@ -76,21 +76,29 @@ def test_tables_ours_beside_paper_and_dashes(runs, tmp_path):
     assert bottle[2] == f"98.5 ± {se:.1f}" and bottle[3] == "99.1" and bottle[4] == "-0.6"
     assert bottle[5] == "96.5 ± 0.5" and bottle[6] == "97.8" and bottle[7] == "-1.3"
     assert bottle[8] == f"90.0 ± {DASH}"          # AU-PRO: one seed has it, one has None
-    assert t1["cable"][2] == f"90.0 ± {DASH}" and t1["cable"][3] == DASH and t1["cable"][4] == DASH
-    assert all(v == DASH for v in t1["capsule"][1:])  # never run: all dashes
+    cable_img = ref.PAPER_TABLE1_MVTEC["cable"][0]
+    assert t1["cable"][2] == f"90.0 ± {DASH}" and t1["cable"][3] == f"{cable_img:.1f}"
+    assert t1["cable"][4] == f"{90.0 - cable_img:+.1f}"
+    cap = t1["capsule"]  # never run: our columns are dashes, the paper's are filled
+    assert all(cap[i] == DASH for i in (1, 2, 4, 5, 7, 8))
+    assert (cap[3], cap[6]) == tuple(f"{v:.1f}" for v in ref.PAPER_TABLE1_MVTEC["capsule"])
     mean = [r for k, r in t1.items() if k.startswith("mean")][0]
-    assert mean[0] == "mean (2/15 categories)" and mean[3] == DASH  # paper's cable value not transcribed
+    assert mean[0] == "mean (2/15 categories)" and mean[3] == f"{(99.1 + cable_img) / 2:.1f}"  # paper's mean over the same 2
     t2 = read_csv(written["table2"]["csv"])
-    assert t2["male"][2] == f"80.0 ± {DASH}" and t2["male"][3] == DASH and t2["female"][2] == DASH
+    assert t2["male"][2] == f"80.0 ± {DASH}" and t2["male"][3] == "70.9 ± 0.5" and t2["female"][2] == DASH
+    assert t2["male: PII (paper)"][3] == "65.2 ± 0.9" and t2["male: PII (paper)"][2] == DASH
     t3 = read_csv(written["table3"]["csv"])
-    assert t3["anomaly: cutpaste"][4] == f"90.0 ± {DASH}" and t3["anomaly: cutpaste"][6] == DASH
-    assert t3["anomaly: scar"][4] == DASH
+    assert t3["anomaly: cutpaste"][4] == f"90.0 ± {DASH}" and t3["anomaly: cutpaste"][5] == "95.4 ± 0.4"
+    assert t3["anomaly: cutpaste"][6] == DASH  # Δ: our runs do not cover the 15 categories
+    assert t3["init: MSN (not implemented)"][8] == "97.8 ± 0.6" and t3["init: MSN (not implemented)"][4] == DASH
+    assert "anomaly: scar" not in t3  # neither run nor in the paper
     t4 = read_csv(written["table4"]["csv"])
-    assert t4["random, r = 0.5"][4] == f"95.0 ± {DASH}" and t4["block, r = 0.3"][4] == DASH
+    assert t4["random, r = 0.5"][4] == f"95.0 ± {DASH}" and t4["random, r = 0.5"][5] == DASH  # not in the paper
+    assert t4["random, r = 0.3"][5] == "96.6" and t4["none (no masking)"][8] == "96.2"
     tex = written["table1"]["tex"].read_text()
     assert r"\pm" in tex and r"metal\_nut" in tex and "±" not in tex
     md = (out / "tables.md").read_text()
-    assert "| bottle | 2 |" in md and "not transcribed" in md
+    assert "| bottle | 2 |" in md and "not transcribed" not in md
 
 
 def test_summarise_across_categories():
@@ -106,11 +114,44 @@ def test_summarise_across_categories():
     assert fmt_stat(Stat(None, None, 0)) == DASH
 
 
-def test_reference_holds_only_verified_paper_numbers():
+def test_reference_holds_every_paper_number():
     assert ref.PAPER_TABLE1_MVTEC["bottle"] == (99.1, 97.8)
     assert set(ref.PAPER_TABLE1_MVTEC) == set(ref.MVTEC_CATEGORIES)
-    missing = ref.missing_reference_values()
-    assert "table1['cable'][0]" in missing and not any("'bottle'" in m for m in missing)
+    assert ref.missing_reference_values() == []
+    assert len(ref.paper_rows()) == 245
+    # the NSA transistor pixel value the OCR garbled ("8.0") is the 88.0 its row mean requires
+    assert ref.paper_value(1, "NSA", "transistor", "pixel_auroc") == 88.0
+    assert ref.paper_value(1, "PaDiM", "bottle", "image_auroc") is None  # the paper gives PaDiM's image mean only
+
+
+SHARED_TABLES = Path(__file__).resolve().parents[1].parent / "shared" / "paper" / "tables.csv"
+
+
+@pytest.mark.skipif(not SHARED_TABLES.is_file(), reason=f"{SHARED_TABLES} (the paper's transcription) is not present")
+def test_every_paper_value_appears_in_the_rendered_tables(tmp_path):
+    """Each value of ../shared/paper/tables.csv is in the package copy and in the rendered table of its number
+    (Table 1: in its method's row and category column of table1_paper; Tables 2-4: as "value ± se" where the
+    paper gives an SE)."""
+    from apmask_lib.tables import to_csv, build_tables
+
+    with SHARED_TABLES.open() as f:
+        shared = list(csv.DictReader(f))
+    assert len(shared) == len(ref.paper_rows())
+    tables = {t.name: t for t in build_tables([])}
+    t1 = {(r[0], r[1]): r for r in tables["table1_paper"].rows}
+    col = {c: i for i, c in enumerate(tables["table1_paper"].columns)}
+    text = {2: to_csv(tables["table2"]), 3: to_csv(tables["table3"]), 4: to_csv(tables["table4"])}
+    label = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC"}
+    for r in shared:
+        v = float(r["value"])
+        e = ref.paper_entry(int(r["table"]), r["method"], r["category"], r["metric"], r["section"] or None)
+        assert e is not None and e.value == v and e.se == (float(r["se"]) if r["se"] else None), r
+        want = f"{v:.1f}" + (f" ± {float(r['se']):.1f}" if r["se"] else "")
+        if r["table"] == "1":
+            name = "APMask (paper)" if r["method"] == ref.OURS else f"{r['method']} (paper)"
+            assert t1[(name, label[r["metric"]])][col[r["category"]]] == want, r
+        else:
+            assert want in text[int(r["table"])], r
 
 
 def test_datasets_outside_the_paper_get_their_own_table(tmp_path):
