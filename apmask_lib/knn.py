@@ -99,29 +99,44 @@ def patch_features(backbone: torch.nn.Module, images01: torch.Tensor, layer: int
 # nearest neighbours
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, query_chunk: int = 4096,
-                  bank_chunk: int = 65536) -> torch.Tensor:
-    """Cosine distances 1 - <q, m> of each query to its ``k`` nearest bank rows, ascending.
+def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, query_chunk: int = 1024,
+                  bank_chunk: int = 32768) -> torch.Tensor:
+    """Cosine distances 1 - <q, m> of each query to its ``k`` nearest bank rows, ascending. EXACT.
 
-    queries (Q, C), bank (M, C), both l2-normalised. Returns (Q, k). Computed in blocks of
-    ``query_chunk x bank_chunk`` with a running top-k (exact: the result does not depend on the
-    chunk sizes beyond float rounding of the dot products)."""
+    queries (Q, C), bank (M, C), both l2-normalised. Returns (Q, k). Brute force as BLAS matrix
+    products in fp32, one ``query_chunk x bank_chunk`` similarity block at a time (128 MB at the
+    defaults, whatever the bank size: memory O(query_chunk * bank_chunk), time O(Q * M * C)). For
+    k = 1 each block is reduced with a row maximum (one pass, no sort); for k > 1 with ``topk`` and a
+    running merge. The result does not depend on the chunk sizes beyond float rounding of the dot
+    products (tests/test_knn.py checks both paths against scikit-learn's brute-force search).
+    Speed on the 2-core CPU: results/knn_speed.md."""
     if queries.dim() != 2 or bank.dim() != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(f"queries (Q, C) and bank (M, C) must share C, got {tuple(queries.shape)}, {tuple(bank.shape)}")
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k must lie in [1, bank size {bank.shape[0]}], got {k}")
     bank = bank.to(queries.device, queries.dtype)
-    out = []
-    for qs in range(0, queries.shape[0], max(1, query_chunk)):
-        q = queries[qs:qs + query_chunk]
-        best = None  # (q, k) largest similarities so far
-        for bs in range(0, bank.shape[0], max(1, bank_chunk)):
-            sim = q @ bank[bs:bs + bank_chunk].T
-            kk = min(k, sim.shape[1])
-            top = sim.topk(kk, dim=1).values
-            best = top if best is None else torch.cat([best, top], dim=1).topk(min(k, best.shape[1] + kk), dim=1).values
-        out.append((1.0 - best).clamp_min_(0.0))
-    return torch.cat(out)
+    qc, bc = max(1, int(query_chunk)), max(1, int(bank_chunk))
+    out = torch.empty(queries.shape[0], k, dtype=queries.dtype, device=queries.device)
+    sim = None  # one preallocated similarity block, reused
+    for qs in range(0, queries.shape[0], qc):
+        q = queries[qs:qs + qc]
+        best = None  # (q, k) largest similarities so far, descending
+        for bs in range(0, bank.shape[0], bc):
+            b = bank[bs:bs + bc]
+            if sim is None or sim.shape[0] < q.shape[0] or sim.shape[1] < b.shape[0]:
+                sim = torch.empty(q.shape[0], max(b.shape[0], min(bc, bank.shape[0])), dtype=queries.dtype,
+                                  device=queries.device)
+            block = sim[:q.shape[0], :b.shape[0]]
+            torch.mm(q, b.T, out=block)
+            if k == 1:
+                top = block.amax(dim=1, keepdim=True)
+                best = top if best is None else torch.maximum(best, top)
+            else:
+                top = block.topk(min(k, block.shape[1]), dim=1).values
+                best = top if best is None else torch.cat([best, top], dim=1).topk(
+                    min(k, best.shape[1] + top.shape[1]), dim=1).values
+        out[qs:qs + q.shape[0]] = (1.0 - best).clamp_min_(0.0)
+    return out
 
 
 def random_coreset(n: int, count: int, seed: int = 0) -> torch.Tensor:
@@ -169,7 +184,7 @@ class MemoryBank:
     seed: for the coreset; query_chunk, bank_chunk: block sizes of the distance computation."""
 
     def __init__(self, coreset: float = 1.0, coreset_method: str = "greedy", seed: int = 0,
-                 query_chunk: int = 4096, bank_chunk: int = 65536):
+                 query_chunk: int = 1024, bank_chunk: int = 32768):
         if not 0.0 < coreset <= 1.0:
             raise ValueError(f"coreset ratio must lie in (0, 1], got {coreset}")
         if coreset_method not in CORESET_METHODS:
@@ -301,7 +316,8 @@ class KnnScorer:
 
     def __init__(self, backbone: torch.nn.Module, layer: int, size: int = 448, k: int = 1, sigma: float = 4.0,
                  final_norm: bool = True, coreset: float = 1.0, coreset_method: str = "greedy", seed: int = 0,
-                 top_fraction: float = 0.01, device: torch.device | str = "cpu", sigma_at: str = "output"):
+                 top_fraction: float = 0.01, device: torch.device | str = "cpu", sigma_at: str = "output",
+                 feature_bf16: Optional[bool] = None):
         from .multiscale import snap_size
 
         if sigma_at not in SIGMA_AT:
@@ -314,6 +330,9 @@ class KnnScorer:
         self.grid = (self.size // backbone.patch_size,) * 2
         self.device = torch.device(device)
         self.bank = MemoryBank(coreset, coreset_method, seed)
+        # bf16 autocast of the backbone: default on CUDA only (an APPROXIMATION on the CPU, opt-in;
+        # its quality cost and speed: results/knn_speed.md)
+        self.feature_bf16 = self.device.type == "cuda" if feature_bf16 is None else bool(feature_bf16)
 
     def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """RGB uint8 (H_i, W_i, 3) images -> (B, 3, size, size) float in [0, 1] on the device."""
@@ -325,7 +344,7 @@ class KnnScorer:
     def features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(B, N, C) l2-normalised patch features of a batch of RGB uint8 images."""
         x = self.batch(images)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.feature_bf16):
             f = patch_features(self.backbone, x, self.layer, self.final_norm)
         return F.normalize(f.float(), dim=-1)
 

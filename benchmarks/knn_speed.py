@@ -1,0 +1,290 @@
+"""Speed and scaling of the kNN extension on a plain CPU, against anomalib's AnomalyDINO (not a test).
+
+Measures, on MVTec bottle, the wall time of *bank + inference* (images read and resized, patch
+features of every training image, memory bank, patch features + nearest-neighbour search + pixel
+maps of every test image; the metrics are computed afterwards and not timed) for
+
+* ``ours``: the kNN extension as ``evaluate.KnnExtension`` runs it with ``fusion="knn"`` (offline
+  ViT-S/14 block 7, sizes 224 + 448, k = 1, exact fp32 search, maps bilinear + Gaussian sigma 4 px
+  at the stored resolution, scores and maps averaged over the sizes), with its phases timed
+  separately (the profile);
+* ``anomalydino``: anomalib's ``AnomalyDINOModel`` exactly as ``benchmarks/peers.py`` builds it
+  (offline ViT-S/14 block 7, 252 px, k = 1, fit = training-mode forward + ``fit``, inference =
+  eval-mode forward), its images read and resized inside the timed region as ours are.
+
+Each measurement runs in a fresh child process (``--child``), so its peak resident memory
+(``ru_maxrss``) is its own. The two methods alternate in ``--rounds`` rounds and every row records
+the load averages before and after it: the CPU is shared with other jobs, so compare the ratio
+within a round, not absolute seconds across runs.
+
+Scaling (``--scaling N ...``): ours with N training images (the first N of bottle's 209; N > 209
+adds horizontally flipped copies of the training images, a larger bank of the same kind) at a
+fixed test set (the first ``--scaling-test`` test images), time and peak memory per N.
+
+Writes ``results/knn_speed.{md,json}`` (atomically). Example (2 CPU cores, ~40 min)::
+
+    .venv/bin/python benchmarks/knn_speed.py --rounds 1 --scaling 50 100 209 418 --scaling-test 20
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from apmask_lib.utils import atomic_write_text, cpu_model  # noqa: E402
+
+DATA_ROOT = "../shared/data/mvtec_ad"
+
+
+def training_images(ds, n: int) -> list:
+    """The first ``n`` training samples as (sample, flipped) pairs: n > len(train) appends
+    horizontally flipped copies (a larger bank of the same kind of patches)."""
+    base = list(ds.train)
+    if not 1 <= n <= 2 * len(base):
+        raise ValueError(f"--train/--scaling must lie in [1, {2 * len(base)}] for {len(base)} training images, got {n}")
+    return [(s, False) for s in base[:n]] + [(s, True) for s in base[:max(0, n - len(base))]]
+
+
+def load(ds, item) -> np.ndarray:
+    sample, flip = item
+    im = ds.image(sample)
+    return np.ascontiguousarray(im[:, ::-1]) if flip else im
+
+
+def batches(items: Sequence, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def run_ours(ds, train, test, sizes=(224, 448), batch_size: int = 8, feature_bf16: bool = False) -> dict[str, Any]:
+    """Bank + inference of the kNN extension; returns timings per phase, scores and maps."""
+    from apmask_lib.knn import KnnScorer, average_outputs
+    from apmask_lib.models import build_backbone
+
+    backbone = build_backbone("dinov2-s14-offline").eval()
+    t = {"train_features_s": 0.0, "fit_s": 0.0, "test_features_s": 0.0, "search_s": 0.0, "readout_s": 0.0}
+    outputs, banks = [], {}
+    t_all = time.perf_counter()
+    for size in sizes:
+        sc = KnnScorer(backbone, 7, size, feature_bf16=feature_bf16)
+        t0 = time.perf_counter()
+        feats = [sc.features([load(ds, it) for it in chunk]) for chunk in batches(train, batch_size)]
+        t["train_features_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sc.fit(feats)
+        del feats
+        t["fit_s"] += time.perf_counter() - t0
+        banks[sc.size] = len(sc.bank)
+        outs = []
+        for chunk in batches(test, batch_size):
+            images = [load(ds, (s, False)) for s in chunk]
+            t0 = time.perf_counter()
+            f = sc.features(images)
+            t1 = time.perf_counter()
+            d = sc.bank.score(f, sc.k)
+            t2 = time.perf_counter()
+            outs.append(sc.readout(d, [im.shape[:2] for im in images]))
+            t["test_features_s"] += t1 - t0
+            t["search_s"] += t2 - t1
+            t["readout_s"] += time.perf_counter() - t2
+        outputs.append(outs)
+        del sc
+    merged = [average_outputs([o[j] for o in outputs]) for j in range(len(outputs[0]))]
+    t["total_s"] = time.perf_counter() - t_all
+    t["other_s"] = t["total_s"] - sum(v for k, v in t.items() if k != "total_s")  # image reading and resizing
+    scores = np.concatenate([m.scores for m in merged])
+    maps = [mp for m in merged for mp in m.maps]
+    return {"timings": t, "bank_patches": banks, "scores": scores, "maps": maps}
+
+
+def run_anomalydino(ds, train, test, size: int = 252, batch_size: int = 8) -> dict[str, Any]:
+    """Bank + inference of anomalib's AnomalyDINO as benchmarks/peers.py configures it."""
+    from peers import build_anomalydino
+
+    peer = build_anomalydino(7, size)
+    t_all = time.perf_counter()
+    with torch.no_grad():
+        peer.model.train()
+        for chunk in batches(train, batch_size):
+            peer.model(peer.preprocess([load(ds, it) for it in chunk]))
+        peer.finish_fit()
+        t_fit = time.perf_counter() - t_all
+        peer.model.eval()
+        scores, maps = [], []
+        for s in test:  # one image at a time, as peers.py (the (patches x bank) matrix per image)
+            out = peer.model(peer.preprocess([load(ds, (s, False))]))
+            scores.append(float(out.pred_score.reshape(-1)[0]))
+            maps.append(out.anomaly_map.reshape(out.anomaly_map.shape[-2:]).float().numpy())
+    total = time.perf_counter() - t_all
+    return {"timings": {"fit_s": t_fit, "inference_s": total - t_fit, "total_s": total},
+            "bank_patches": {size: int(peer.model.memory_bank.shape[0])}, "scores": np.array(scores), "maps": maps}
+
+
+def quality(ds, test, scores, maps, method: str) -> dict[str, float]:
+    """Image AUROC / pixel AUROC / AU-PRO (%) as knn_readout.py (ours) and peers.py (anomalib) score them."""
+    from apmask_lib.config import Config
+    from apmask_lib.evaluate import pixel_ground_truth
+    from apmask_lib.metrics import PixelMetrics, image_auroc
+
+    labels = np.array([s.label for s in test])
+    if method == "anomalydino":
+        from peers import peer_metrics
+
+        shapes = [ds.image(s).shape[:2] for s in test]
+        m = peer_metrics(type("Sub", (), {"test": test})(), scores, maps, shapes)
+        return {k: m[k] for k in ("image_auroc", "pixel_auroc", "au_pro")}
+    pix = PixelMetrics(bins=Config().evaluate.pixel_bins, value_range=(0.0, 2.0))
+    for s, mp in zip(test, maps):
+        gt = pixel_ground_truth(ds, s, mp.shape)
+        if gt is not None:
+            pix.update(mp, gt)
+    img = image_auroc(scores, labels) if 0 < labels.sum() < len(labels) else float("nan")
+    return {"image_auroc": 100 * img, "pixel_auroc": 100 * pix.pixel_auroc(), "au_pro": 100 * pix.au_pro()}
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement in this (fresh) process; ``spec``: method, train, test, metrics, feature_bf16."""
+    from apmask_lib.data import build_dataset
+
+    ds = build_dataset("mvtec", DATA_ROOT, "bottle")
+    train = training_images(ds, spec["train"])
+    test = list(ds.test)[:spec["test"]] if spec.get("test") else list(ds.test)
+    load_before = os.getloadavg()
+    if spec["method"] == "ours":
+        res = run_ours(ds, train, test, feature_bf16=spec.get("feature_bf16", False))
+    else:
+        res = run_anomalydino(ds, train, test)
+    row = {**spec, "n_train": len(train), "n_test": len(test), "timings": res["timings"],
+           "bank_patches": res["bank_patches"], "load_before": load_before, "load_after": os.getloadavg(),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+           "torch_threads": torch.get_num_threads()}
+    if spec.get("metrics"):
+        row["quality"] = quality(ds, test, res["scores"], res["maps"], spec["method"])
+    return row
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run :func:`child` in a fresh process (own peak memory); returns its row."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-4000:]}")
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps({k: row[k] for k in ("method", "n_train", "n_test", "timings", "peak_rss_mb", "load_before",
+                                          "load_after")} | ({"quality": row["quality"]} if "quality" in row else {})),
+          flush=True)
+    return row
+
+
+def fmt_load(row) -> str:
+    return f"{row['load_before'][0]:.1f} → {row['load_after'][0]:.1f}"
+
+
+def render(res: dict[str, Any], cmd: str, machine: str) -> str:
+    lines = ["# kNN extension: speed and scaling on the CPU", "",
+             f"Generated {res['date']} by `benchmarks/knn_speed.py` (total {res['total_s']:.0f} s).", "",
+             f"Command: `{cmd}`", "", f"Machine: {machine}.", "",
+             "Bank + inference = wall time of reading and resizing the images, patch features of every training "
+             "image, the memory bank, and features + nearest-neighbour search + pixel maps of every test image "
+             "(metrics afterwards, not timed). Each row is a fresh process (peak memory = its `ru_maxrss`). "
+             "The CPU is shared with other jobs: load averages (1 min, before → after) are given per row and "
+             "ratios are taken within a round (the two methods run back to back).", ""]
+    if res["rounds"]:
+        lines += ["## Ours vs AnomalyDINO (anomalib), bottle, 209 training images, 83 test images", "",
+                  "| round | method | bank + inference | ratio ours / AnomalyDINO | image AUROC | pixel AUROC | AU-PRO | "
+                  "peak memory | load |", "|---|---|---|---|---|---|---|---|---|"]
+        for i, rnd in enumerate(res["rounds"], 1):
+            ad = next(r for r in rnd if r["method"] == "anomalydino")
+            for r in rnd:
+                q = r.get("quality", {})
+                ratio = r["timings"]["total_s"] / ad["timings"]["total_s"]
+                name = ("AnomalyDINO (anomalib 2.7, 252 px)" if r["method"] == "anomalydino" else
+                        "ours (224 + 448 px, exact fp32" + (", bf16 features)" if r.get("feature_bf16") else ")"))
+                lines.append(f"| {i} | {name} | {r['timings']['total_s']:.0f} s | {ratio:.2f} | "
+                             f"{q.get('image_auroc', float('nan')):.2f} | {q.get('pixel_auroc', float('nan')):.2f} | "
+                             f"{q.get('au_pro', float('nan')):.2f} | {r['peak_rss_mb']:.0f} MB | {fmt_load(r)} |")
+        lines += ["", "Profile of ours (seconds per phase, from the rows above):", "",
+                  "| round | train features | bank fit | test features | NN search | maps | image I/O + resize | total |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for i, rnd in enumerate(res["rounds"], 1):
+            for r in rnd:
+                if r["method"] == "ours":
+                    t = r["timings"]
+                    lines.append(f"| {i}{' (bf16 features)' if r.get('feature_bf16') else ''} | "
+                                 f"{t['train_features_s']:.0f} | {t['fit_s']:.1f} | {t['test_features_s']:.0f} | "
+                                 f"{t['search_s']:.0f} | {t['readout_s']:.0f} | {t['other_s']:.0f} | {t['total_s']:.0f} |")
+        lines.append("")
+    if res["scaling"]:
+        n_test = res["scaling"][0]["n_test"]
+        lines += [f"## Scaling of ours with the number of training images (fixed test set: first {n_test} test images)",
+                  "", "| training images | bank patches (224 / 448 px) | bank + inference | per training image | "
+                  "NN search | peak memory | load |", "|---|---|---|---|---|---|---|"]
+        for r in res["scaling"]:
+            t = r["timings"]
+            banks = " / ".join(str(v) for v in r["bank_patches"].values())
+            lines.append(f"| {r['n_train']}{' (209 + flips)' if r['n_train'] > 209 else ''} | {banks} | "
+                         f"{t['total_s']:.0f} s | {t['total_s'] / r['n_train']:.2f} s | {t['search_s']:.1f} s | "
+                         f"{r['peak_rss_mb']:.0f} MB | {fmt_load(r)} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of ours vs AnomalyDINO (full bottle)")
+    ap.add_argument("--train", type=int, default=209, help="training images in the rounds (subset: first N)")
+    ap.add_argument("--bf16-features", action="store_true", help="also run ours with bf16 autocast features per round")
+    ap.add_argument("--scaling", nargs="*", type=int, default=[], help="training-set sizes for the scaling table")
+    ap.add_argument("--scaling-test", type=int, default=20, help="fixed number of test images in the scaling table")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "knn_speed.md")
+    args = ap.parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(child(json.loads(args.child)), default=float))
+        return 0
+    t_start = time.perf_counter()
+    cmd = "cd " + str(ROOT) + " && .venv/bin/python benchmarks/knn_speed.py " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device cpu"
+    res: dict[str, Any] = {"rounds": [], "scaling": []}
+
+    def write():
+        res.update(date=dt.datetime.now().isoformat(timespec="seconds"), total_s=time.perf_counter() - t_start,
+                   command=cmd, machine=machine)
+        atomic_write_text(args.out.with_suffix(".json"), json.dumps(res, indent=2, default=float) + "\n")
+        atomic_write_text(args.out, render(res, cmd, machine))
+
+    for i in range(args.rounds):
+        specs = [{"method": "anomalydino", "train": args.train, "metrics": True},
+                 {"method": "ours", "train": args.train, "metrics": True}]
+        if args.bf16_features:
+            specs.append({"method": "ours", "train": args.train, "metrics": True, "feature_bf16": True})
+        if i % 2:
+            specs.reverse()
+        res["rounds"].append([measure(s) for s in specs])
+        write()
+    for n in args.scaling:
+        res["scaling"].append(measure({"method": "ours", "train": n, "test": args.scaling_test}))
+        write()
+    print(render(res, cmd, machine))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
