@@ -300,7 +300,8 @@ def distance_map(dists: torch.Tensor, grid: tuple[int, int], size: tuple[int, in
 # --------------------------------------------------------------------------------------------
 @dataclass
 class KnnOutput:
-    """One batch. dists: (B, N) patch distances on the (h, w) grid; scores: (B,) top-1 % means;
+    """One batch. dists: (B, N) patch distances on the (h, w) grid (a list of (N_i,) when the
+    images' grids differ, ``aspect="keep"``); scores: (B,) top-1 % means;
     maps: list of (H_i, W_i) float32 pixel maps at each image's original size."""
 
     dists: torch.Tensor
@@ -308,62 +309,126 @@ class KnnOutput:
     maps: list[np.ndarray]
 
 
+ASPECTS = ("square", "keep")
+
+
+def input_shape(hw: tuple[int, int], size: int, patch: int, aspect: str = "square") -> tuple[int, int]:
+    """Network input (h, w) for an image stored at ``hw`` (H, W).
+
+    ``"square"``: (s, s) with s = ``size`` snapped to the patch grid (every image is stretched to a
+    square, AnomalyDINO's and PatchCore's convention). ``"keep"``: the image's own aspect ratio at
+    about the same pixel count, h = snap(size * sqrt(H / W)), w = snap(size * sqrt(W / H)) (no
+    distortion up to the snapping to whole patches; about as many patches as the square input)."""
+    from .multiscale import snap_size
+
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
+    if aspect == "square":
+        s = snap_size(int(size), int(patch))
+        return s, s
+    h, w = int(hw[0]), int(hw[1])
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image size must be positive, got {hw}")
+    r = math.sqrt(h / w)
+    return snap_size(round(size * r), int(patch)), snap_size(round(size / r), int(patch))
+
+
 class KnnScorer:
-    """kNN anomaly scoring of RGB uint8 images with ``backbone``'s block-``layer`` patch tokens at a
-    square input ``size`` (snapped to the patch grid), a :class:`MemoryBank` and the AnomalyDINO
-    read-out (module docstring). The caller loops over batches: :meth:`features` for the training
-    images, :meth:`fit` on them, then :meth:`predict` per test batch."""
+    """kNN anomaly scoring of RGB uint8 images with ``backbone``'s block-``layer`` patch tokens at
+    input ``size`` (snapped to the patch grid; square, or each image's own aspect ratio with
+    ``aspect="keep"``, :func:`input_shape`), a :class:`MemoryBank` and the AnomalyDINO read-out
+    (module docstring). The caller loops over batches: :meth:`features` (or :meth:`features_list`)
+    for the training images, :meth:`fit` on them, then :meth:`predict` per test batch."""
 
     def __init__(self, backbone: torch.nn.Module, layer: int, size: int = 448, k: int = 1, sigma: float = 4.0,
                  final_norm: bool = True, coreset: float = 1.0, coreset_method: str = "greedy", seed: int = 0,
                  top_fraction: float = 0.01, device: torch.device | str = "cpu", sigma_at: str = "output",
-                 feature_bf16: Optional[bool] = None):
+                 feature_bf16: Optional[bool] = None, aspect: str = "square"):
         from .multiscale import snap_size
 
         if sigma_at not in SIGMA_AT:
             raise ValueError(f"sigma_at must be one of {SIGMA_AT}, got {sigma_at!r}")
+        if aspect not in ASPECTS:
+            raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
         self.backbone = backbone
         self.layer, self.k, self.sigma, self.final_norm = int(layer), int(k), float(sigma), bool(final_norm)
-        self.sigma_at = sigma_at
+        self.sigma_at, self.aspect = sigma_at, aspect
         self.top_fraction = float(top_fraction)
-        self.size = snap_size(int(size), int(backbone.patch_size))
-        self.grid = (self.size // backbone.patch_size,) * 2
+        self.patch = int(backbone.patch_size)
+        self.size = snap_size(int(size), self.patch)
+        self.grid = (self.size // self.patch,) * 2  # the square grid (aspect="keep": per image, grid_of)
         self.device = torch.device(device)
         self.bank = MemoryBank(coreset, coreset_method, seed)
         # bf16 autocast of the backbone: default on CUDA only (an APPROXIMATION on the CPU, opt-in;
         # its quality cost and speed: results/knn_speed.md)
         self.feature_bf16 = self.device.type == "cuda" if feature_bf16 is None else bool(feature_bf16)
 
-    def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 (H_i, W_i, 3) images -> (B, 3, size, size) float in [0, 1] on the device."""
-        from .multiscale import to_batch
+    def input_of(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """Network input (h, w) of an image stored at ``hw`` (:func:`input_shape`)."""
+        return input_shape(hw, self.size, self.patch, self.aspect)
 
-        return to_batch(images, self.size, self.device)
+    def grid_of(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid (h / p, w / p) of an image stored at ``hw``."""
+        h, w = self.input_of(hw)
+        return h // self.patch, w // self.patch
+
+    def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """RGB uint8 (H_i, W_i, 3) images sharing one input shape -> (B, 3, h, w) float in [0, 1]."""
+        from .data.images import resize_image
+
+        shapes = {self.input_of(im.shape[:2]) for im in images}
+        if len(shapes) != 1:
+            raise ValueError(f"aspect='keep': these images need different input shapes {sorted(shapes)}; "
+                             "batch them with features_list() / predict(), which group them by shape")
+        hw = shapes.pop()
+        arr = np.stack([resize_image(im, hw) for im in images])
+        return torch.from_numpy(arr).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
 
     @torch.no_grad()
     def features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """(B, N, C) l2-normalised patch features of a batch of RGB uint8 images."""
+        """(B, N, C) l2-normalised patch features of a batch of RGB uint8 images (one input shape)."""
         x = self.batch(images)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.feature_bf16):
             f = patch_features(self.backbone, x, self.layer, self.final_norm)
         return F.normalize(f.float(), dim=-1)
+
+    def features_list(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """[(N_i, C)] patch features of images of any sizes, in order; images sharing an input shape
+        go through the backbone together."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(self.input_of(im.shape[:2]), []).append(i)
+        out: list[Optional[torch.Tensor]] = [None] * len(images)
+        for idx in groups.values():
+            for i, f in zip(idx, self.features([images[i] for i in idx])):
+                out[i] = f
+        return out  # type: ignore[return-value]
 
     def fit(self, features: torch.Tensor | Sequence[torch.Tensor]) -> "KnnScorer":
         """Fit the memory bank (on this scorer's device) on training patch features."""
         self.bank.fit(features, device=self.device)
         return self
 
-    def readout(self, dists: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> KnnOutput:
-        """Patch distances (B, N) -> image scores and pixel maps at ``shapes`` (H_i, W_i)."""
-        scores = top_fraction_mean(dists, self.top_fraction).double().cpu().numpy()
-        maps = [distance_map(dists[i:i + 1], self.grid, tuple(hw), self.sigma, self.sigma_at,
-                             (self.size, self.size))[0].cpu().numpy()
-                for i, hw in enumerate(shapes)]
+    def readout(self, dists: torch.Tensor | Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]]) -> KnnOutput:
+        """Patch distances ((B, N), or one (N_i,) per image) -> image scores and pixel maps at
+        ``shapes`` (H_i, W_i), each on its image's grid (:meth:`grid_of`)."""
+        rows = list(dists) if not torch.is_tensor(dists) else [dists[i] for i in range(dists.shape[0])]
+        if len(rows) != len(shapes):
+            raise ValueError(f"{len(rows)} distance rows for {len(shapes)} image shapes")
+        scores = np.array([float(top_fraction_mean(d[None], self.top_fraction)[0]) for d in rows], dtype=np.float64)
+        maps = [distance_map(d[None], self.grid_of(hw), tuple(hw), self.sigma, self.sigma_at,
+                             self.input_of(hw))[0].cpu().numpy()
+                for d, hw in zip(rows, shapes)]
         return KnnOutput(dists=dists, scores=scores, maps=maps)
 
     def predict(self, images: Sequence[np.ndarray], bank: Optional[MemoryBank] = None) -> KnnOutput:
-        """Score a batch of RGB uint8 images against ``bank`` (default: the fitted one)."""
-        dists = (bank or self.bank).score(self.features(images), self.k)
+        """Score a batch of RGB uint8 images (any sizes) against ``bank`` (default: the fitted one)."""
+        bank = bank or self.bank
+        feats = self.features_list(images)
+        if len({f.shape for f in feats}) == 1:  # one search for the whole batch
+            dists = bank.score(torch.stack(feats), self.k)
+        else:
+            dists = [bank.score(f, self.k) for f in feats]
         return self.readout(dists, [im.shape[:2] for im in images])
 
 
@@ -445,5 +510,5 @@ def squash(z):
 
 
 __all__ = ["CORESET_METHODS", "patch_features", "knn_distances", "random_coreset", "greedy_coreset", "MemoryBank",
-           "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "SIGMA_AT", "distance_map", "KnnOutput", "KnnScorer", "average_outputs",
+           "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "SIGMA_AT", "distance_map", "KnnOutput", "ASPECTS", "input_shape", "KnnScorer", "average_outputs",
            "holdout_indices", "RunningStats", "standardise", "logit", "squash"]
