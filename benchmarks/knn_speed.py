@@ -151,8 +151,12 @@ def quality(ds, test, scores, maps, method: str) -> dict[str, float]:
     if method == "anomalydino":
         from peers import peer_metrics
 
+        import copy
+
         shapes = [ds.image(s).shape[:2] for s in test]
-        m = peer_metrics(type("Sub", (), {"test": test})(), scores, maps, shapes)
+        sub = copy.copy(ds)
+        sub.test = list(test)
+        m = peer_metrics(sub, scores, maps, shapes)
         return {k: m[k] for k in ("image_auroc", "pixel_auroc", "au_pro")}
     pix = PixelMetrics(bins=Config().evaluate.pixel_bins, value_range=(0.0, 2.0))
     for s, mp in zip(test, maps):
