@@ -41,9 +41,20 @@ the demo textures but costs bottle 0.09 AU-PRO; the paper's six test scales (224
 224 + 448 reach 98.94-98.95 pixel AUROC on bottle but lose 0.6 on demo grass; blocks 6 + 7 + 8 averaged
 lose 1.4 on grass. None helps on all three data sets, so the defaults stay (output, 224 + 448, block 7).
 
-Memory: :meth:`MemoryBank.score` computes distances in (query chunk x bank chunk) blocks and keeps
-a running top-k, so memory is O(query_chunk * bank_chunk) whatever the bank size (209 bottle
-training images at 448 px = 214k patches x 384 dims = 330 MB for the bank itself).
+Search and memory: :func:`knn_distances` is an EXACT brute-force search as fp32 BLAS matrix
+products, one (query chunk x bank chunk) similarity block at a time (1024 x 32768 = 128 MB, reused)
+with a row maximum for k = 1, so its time is linear in the bank size and its working memory bounded
+whatever the bank size (209 bottle training images at 448 px = 214k patches x 384 dims = 330 MB for
+the bank itself). On the 2-core CPU the feature extraction at 448 px, not the search, dominates the
+run time (profile and scaling table: results/knn_speed.md, ``benchmarks/knn_speed.py``); bf16
+similarities were rejected (their error, up to 5e-3, is a third of bottle's median nearest-neighbour
+distance 0.015). ``KnnScorer(feature_bf16=True)`` runs the backbone under bf16 autocast on the CPU:
+an opt-in approximation, off by default.
+
+Aspect ratio (``KnnScorer(aspect=...)``): ``"square"`` (default, AnomalyDINO / PatchCore) stretches
+every image to size x size; ``"keep"`` feeds each image at its own aspect ratio with about the same
+number of patches (:func:`input_shape`), images of different shapes in separate backbone passes, each
+map read out on its own grid (results/knn_aspect.md).
 
 Coreset (:func:`greedy_coreset`, :func:`random_coreset`): optional subsampling of the bank to a
 ``ratio`` of its patches. ``greedy`` is PatchCore's approximate greedy coreset (iterative
