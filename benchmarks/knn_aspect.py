@@ -118,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--demo-root", default="/tmp/apmask_demo")
     ap.add_argument("--root", type=Path, default=Path("/tmp/apmask_grey_nonsquare"))
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "knn_aspect.md")
+    ap.add_argument("--keep-previous", action="store_true",
+                    help="keep the rows of categories not run now from the existing JSON (with their command)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     backbone = build_backbone("dinov2-s14-offline").eval()
@@ -137,12 +139,20 @@ def main(argv=None) -> int:
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
     cmd = "cd " + str(ROOT) + " && .venv/bin/python benchmarks/knn_aspect.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    for r in rows.values():
+        r["command"] = cmd
+    commands = [cmd]
+    if args.keep_previous and args.out.with_suffix(".json").is_file():
+        prev = json.loads(args.out.with_suffix(".json").read_text())
+        kept = {c: r for c, r in prev["rows"].items() if c not in rows}
+        rows = {**kept, **rows}
+        commands = list(dict.fromkeys([r["command"] for r in rows.values()]))
     res = {"date": dt.datetime.now().isoformat(timespec="seconds"), "total_s": time.perf_counter() - t0,
-           "command": cmd, "rows": rows, "sizes": args.sizes}
+           "command": "; ".join(commands), "rows": rows, "sizes": args.sizes}
     variants = ("RGB square", "grey, stretched", "grey, own aspect")
     lines = ["# kNN extension: small grey non-square images", "",
              f"Generated {res['date']} by `benchmarks/knn_aspect.py` (total {res['total_s']:.0f} s).", "",
-             f"Command: `{cmd}`", "", f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads "
+             "Command(s) (each row's in results/knn_aspect.json): `" + "`; `".join(commands) + "`", "", f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads "
              f"{torch.get_num_threads()}, device cpu.", "",
              "Data: each demo category cropped to seeded random non-square windows (112-256 px per side, aspect "
              "ratio >= 1.4, portrait or landscape) and converted to grey (benchmarks/knn_aspect.py docstring). "
