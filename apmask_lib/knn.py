@@ -47,7 +47,7 @@ with a row maximum for k = 1, so its time is linear in the bank size and its wor
 whatever the bank size (209 bottle training images at 448 px = 214k patches x 384 dims = 330 MB for
 the bank itself). On the 2-core CPU the feature extraction at 448 px, not the search, dominates the
 run time (profile and scaling table: results/knn_speed.md, ``benchmarks/knn_speed.py``); bf16
-similarities were rejected (their error, up to 5e-3, is a third of bottle's median nearest-neighbour
+similarities were rejected (their error, up to 4.7e-3, is a third of bottle's median nearest-neighbour
 distance 0.015). ``KnnScorer(feature_bf16=True)`` runs the backbone under bf16 autocast on the CPU:
 an opt-in approximation, off by default.
 
