@@ -267,8 +267,8 @@ def fmt_load(row) -> str:
 
 def render(res: dict[str, Any], cmd: str, machine: str) -> str:
     lines = ["# kNN extension: speed and scaling on the CPU", "",
-             f"Generated {res['date']} by `benchmarks/knn_speed.py` (total {res['total_s']:.0f} s).", "",
-             f"Command: `{cmd}`", "", f"Machine: {machine}.", "",
+             f"Generated {res['date']} by `benchmarks/knn_speed.py` (total {res['total_s']:.0f} s for the last command).", "",
+             f"Command(s), in order (each round's row records its own): `{cmd}`", "", f"Machine: {machine}.", "",
              "Bank + inference = wall time of reading and resizing the images, patch features of every training "
              "image, the memory bank, and features + nearest-neighbour search + pixel maps of every test image "
              "(metrics afterwards, not timed). Each row is a fresh process (peak memory = its `ru_maxrss`). "
@@ -336,6 +336,9 @@ def main(argv=None) -> int:
     ap.add_argument("--scaling-test", type=int, default=20, help="fixed number of test images in the scaling table")
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "knn_speed", help="scaling feature cache folder")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "knn_speed.md")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the rounds (and, unless --scaling is given, the scaling rows) of the existing JSON and "
+                         "add this run's rounds after them (odd-numbered rounds run ours first)")
     args = ap.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child)), default=float))
@@ -345,21 +348,29 @@ def main(argv=None) -> int:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     machine = f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device cpu"
     res: dict[str, Any] = {"rounds": [], "scaling": []}
+    commands = [cmd]
+    if args.append and args.out.with_suffix(".json").is_file():
+        prev = json.loads(args.out.with_suffix(".json").read_text())
+        res["rounds"] = prev["rounds"]
+        if not args.scaling:
+            res["scaling"], res["scaling_features"] = prev["scaling"], prev.get("scaling_features")
+        commands = prev.get("commands", [prev["command"]]) + [cmd]
 
     def write():
         res.update(date=dt.datetime.now().isoformat(timespec="seconds"), total_s=time.perf_counter() - t_start,
-                   command=cmd, machine=machine)
+                   command=cmd, commands=commands, machine=machine)
         atomic_write_text(args.out.with_suffix(".json"), json.dumps(res, indent=2, default=float) + "\n")
-        atomic_write_text(args.out, render(res, cmd, machine))
+        atomic_write_text(args.out, render(res, "`; `".join(commands), machine))
 
-    for i in range(args.rounds):
+    for _ in range(args.rounds):
+        i = len(res["rounds"])
         specs = [{"method": "anomalydino", "train": args.train, "metrics": True},
                  {"method": "ours", "train": args.train, "metrics": True}]
         if args.bf16_features:
             specs.append({"method": "ours", "train": args.train, "metrics": True, "feature_bf16": True})
         if i % 2:
             specs.reverse()
-        res["rounds"].append([measure(s) for s in specs])
+        res["rounds"].append([dict(measure(s), command=cmd) for s in specs])
         write()
     if args.scaling:
         cache = str(args.cache / "bottle_scaling.pt")
@@ -375,7 +386,8 @@ def main(argv=None) -> int:
             t["total_s"] = t["train_features_s"] + test_s + t["fit_s"] + t["search_s"] + t["readout_s"]
             res["scaling"].append(row)
             write()
-    print(render(res, cmd, machine))
+    write()
+    print(render(res, "`; `".join(commands), machine))
     return 0
 
 
