@@ -41,9 +41,20 @@ the demo textures but costs bottle 0.09 AU-PRO; the paper's six test scales (224
 224 + 448 reach 98.94-98.95 pixel AUROC on bottle but lose 0.6 on demo grass; blocks 6 + 7 + 8 averaged
 lose 1.4 on grass. None helps on all three data sets, so the defaults stay (output, 224 + 448, block 7).
 
-Memory: :meth:`MemoryBank.score` computes distances in (query chunk x bank chunk) blocks and keeps
-a running top-k, so memory is O(query_chunk * bank_chunk) whatever the bank size (209 bottle
-training images at 448 px = 214k patches x 384 dims = 330 MB for the bank itself).
+Search and memory: :func:`knn_distances` is an EXACT brute-force search as fp32 BLAS matrix
+products, one (query chunk x bank chunk) similarity block at a time (1024 x 32768 = 128 MB, reused)
+with a row maximum for k = 1, so its time is linear in the bank size and its working memory bounded
+whatever the bank size (209 bottle training images at 448 px = 214k patches x 384 dims = 330 MB for
+the bank itself). On the 2-core CPU the feature extraction at 448 px, not the search, dominates the
+run time (profile and scaling table: results/knn_speed.md, ``benchmarks/knn_speed.py``); bf16
+similarities were rejected (their error, up to 4.7e-3, is a third of bottle's median nearest-neighbour
+distance 0.015). ``KnnScorer(feature_bf16=True)`` runs the backbone under bf16 autocast on the CPU:
+an opt-in approximation, off by default.
+
+Aspect ratio (``KnnScorer(aspect=...)``): ``"square"`` (default, AnomalyDINO / PatchCore) stretches
+every image to size x size; ``"keep"`` feeds each image at its own aspect ratio with about the same
+number of patches (:func:`input_shape`), images of different shapes in separate backbone passes, each
+map read out on its own grid (results/knn_aspect.md).
 
 Coreset (:func:`greedy_coreset`, :func:`random_coreset`): optional subsampling of the bank to a
 ``ratio`` of its patches. ``greedy`` is PatchCore's approximate greedy coreset (iterative
@@ -99,29 +110,44 @@ def patch_features(backbone: torch.nn.Module, images01: torch.Tensor, layer: int
 # nearest neighbours
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, query_chunk: int = 4096,
-                  bank_chunk: int = 65536) -> torch.Tensor:
-    """Cosine distances 1 - <q, m> of each query to its ``k`` nearest bank rows, ascending.
+def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, query_chunk: int = 1024,
+                  bank_chunk: int = 32768) -> torch.Tensor:
+    """Cosine distances 1 - <q, m> of each query to its ``k`` nearest bank rows, ascending. EXACT.
 
-    queries (Q, C), bank (M, C), both l2-normalised. Returns (Q, k). Computed in blocks of
-    ``query_chunk x bank_chunk`` with a running top-k (exact: the result does not depend on the
-    chunk sizes beyond float rounding of the dot products)."""
+    queries (Q, C), bank (M, C), both l2-normalised. Returns (Q, k). Brute force as BLAS matrix
+    products in fp32, one ``query_chunk x bank_chunk`` similarity block at a time (128 MB at the
+    defaults, whatever the bank size: memory O(query_chunk * bank_chunk), time O(Q * M * C)). For
+    k = 1 each block is reduced with a row maximum (one pass, no sort); for k > 1 with ``topk`` and a
+    running merge. The result does not depend on the chunk sizes beyond float rounding of the dot
+    products (tests/test_knn.py checks both paths against scikit-learn's brute-force search).
+    Speed on the 2-core CPU: results/knn_speed.md."""
     if queries.dim() != 2 or bank.dim() != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(f"queries (Q, C) and bank (M, C) must share C, got {tuple(queries.shape)}, {tuple(bank.shape)}")
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k must lie in [1, bank size {bank.shape[0]}], got {k}")
     bank = bank.to(queries.device, queries.dtype)
-    out = []
-    for qs in range(0, queries.shape[0], max(1, query_chunk)):
-        q = queries[qs:qs + query_chunk]
-        best = None  # (q, k) largest similarities so far
-        for bs in range(0, bank.shape[0], max(1, bank_chunk)):
-            sim = q @ bank[bs:bs + bank_chunk].T
-            kk = min(k, sim.shape[1])
-            top = sim.topk(kk, dim=1).values
-            best = top if best is None else torch.cat([best, top], dim=1).topk(min(k, best.shape[1] + kk), dim=1).values
-        out.append((1.0 - best).clamp_min_(0.0))
-    return torch.cat(out)
+    qc, bc = max(1, int(query_chunk)), max(1, int(bank_chunk))
+    out = torch.empty(queries.shape[0], k, dtype=queries.dtype, device=queries.device)
+    sim = None  # one preallocated similarity block, reused
+    for qs in range(0, queries.shape[0], qc):
+        q = queries[qs:qs + qc]
+        best = None  # (q, k) largest similarities so far, descending
+        for bs in range(0, bank.shape[0], bc):
+            b = bank[bs:bs + bc]
+            if sim is None or sim.shape[0] < q.shape[0] or sim.shape[1] < b.shape[0]:
+                sim = torch.empty(q.shape[0], max(b.shape[0], min(bc, bank.shape[0])), dtype=queries.dtype,
+                                  device=queries.device)
+            block = sim[:q.shape[0], :b.shape[0]]
+            torch.mm(q, b.T, out=block)
+            if k == 1:
+                top = block.amax(dim=1, keepdim=True)
+                best = top if best is None else torch.maximum(best, top)
+            else:
+                top = block.topk(min(k, block.shape[1]), dim=1).values
+                best = top if best is None else torch.cat([best, top], dim=1).topk(
+                    min(k, best.shape[1] + top.shape[1]), dim=1).values
+        out[qs:qs + q.shape[0]] = (1.0 - best).clamp_min_(0.0)
+    return out
 
 
 def random_coreset(n: int, count: int, seed: int = 0) -> torch.Tensor:
@@ -169,7 +195,7 @@ class MemoryBank:
     seed: for the coreset; query_chunk, bank_chunk: block sizes of the distance computation."""
 
     def __init__(self, coreset: float = 1.0, coreset_method: str = "greedy", seed: int = 0,
-                 query_chunk: int = 4096, bank_chunk: int = 65536):
+                 query_chunk: int = 1024, bank_chunk: int = 32768):
         if not 0.0 < coreset <= 1.0:
             raise ValueError(f"coreset ratio must lie in (0, 1], got {coreset}")
         if coreset_method not in CORESET_METHODS:
@@ -285,7 +311,8 @@ def distance_map(dists: torch.Tensor, grid: tuple[int, int], size: tuple[int, in
 # --------------------------------------------------------------------------------------------
 @dataclass
 class KnnOutput:
-    """One batch. dists: (B, N) patch distances on the (h, w) grid; scores: (B,) top-1 % means;
+    """One batch. dists: (B, N) patch distances on the (h, w) grid (a list of (N_i,) when the
+    images' grids differ, ``aspect="keep"``); scores: (B,) top-1 % means;
     maps: list of (H_i, W_i) float32 pixel maps at each image's original size."""
 
     dists: torch.Tensor
@@ -293,58 +320,126 @@ class KnnOutput:
     maps: list[np.ndarray]
 
 
+ASPECTS = ("square", "keep")
+
+
+def input_shape(hw: tuple[int, int], size: int, patch: int, aspect: str = "square") -> tuple[int, int]:
+    """Network input (h, w) for an image stored at ``hw`` (H, W).
+
+    ``"square"``: (s, s) with s = ``size`` snapped to the patch grid (every image is stretched to a
+    square, AnomalyDINO's and PatchCore's convention). ``"keep"``: the image's own aspect ratio at
+    about the same pixel count, h = snap(size * sqrt(H / W)), w = snap(size * sqrt(W / H)) (no
+    distortion up to the snapping to whole patches; about as many patches as the square input)."""
+    from .multiscale import snap_size
+
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
+    if aspect == "square":
+        s = snap_size(int(size), int(patch))
+        return s, s
+    h, w = int(hw[0]), int(hw[1])
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image size must be positive, got {hw}")
+    r = math.sqrt(h / w)
+    return snap_size(round(size * r), int(patch)), snap_size(round(size / r), int(patch))
+
+
 class KnnScorer:
-    """kNN anomaly scoring of RGB uint8 images with ``backbone``'s block-``layer`` patch tokens at a
-    square input ``size`` (snapped to the patch grid), a :class:`MemoryBank` and the AnomalyDINO
-    read-out (module docstring). The caller loops over batches: :meth:`features` for the training
-    images, :meth:`fit` on them, then :meth:`predict` per test batch."""
+    """kNN anomaly scoring of RGB uint8 images with ``backbone``'s block-``layer`` patch tokens at
+    input ``size`` (snapped to the patch grid; square, or each image's own aspect ratio with
+    ``aspect="keep"``, :func:`input_shape`), a :class:`MemoryBank` and the AnomalyDINO read-out
+    (module docstring). The caller loops over batches: :meth:`features` (or :meth:`features_list`)
+    for the training images, :meth:`fit` on them, then :meth:`predict` per test batch."""
 
     def __init__(self, backbone: torch.nn.Module, layer: int, size: int = 448, k: int = 1, sigma: float = 4.0,
                  final_norm: bool = True, coreset: float = 1.0, coreset_method: str = "greedy", seed: int = 0,
-                 top_fraction: float = 0.01, device: torch.device | str = "cpu", sigma_at: str = "output"):
+                 top_fraction: float = 0.01, device: torch.device | str = "cpu", sigma_at: str = "output",
+                 feature_bf16: Optional[bool] = None, aspect: str = "square"):
         from .multiscale import snap_size
 
         if sigma_at not in SIGMA_AT:
             raise ValueError(f"sigma_at must be one of {SIGMA_AT}, got {sigma_at!r}")
+        if aspect not in ASPECTS:
+            raise ValueError(f"aspect must be one of {ASPECTS}, got {aspect!r}")
         self.backbone = backbone
         self.layer, self.k, self.sigma, self.final_norm = int(layer), int(k), float(sigma), bool(final_norm)
-        self.sigma_at = sigma_at
+        self.sigma_at, self.aspect = sigma_at, aspect
         self.top_fraction = float(top_fraction)
-        self.size = snap_size(int(size), int(backbone.patch_size))
-        self.grid = (self.size // backbone.patch_size,) * 2
+        self.patch = int(backbone.patch_size)
+        self.size = snap_size(int(size), self.patch)
+        self.grid = (self.size // self.patch,) * 2  # the square grid (aspect="keep": per image, grid_of)
         self.device = torch.device(device)
         self.bank = MemoryBank(coreset, coreset_method, seed)
+        # bf16 autocast of the backbone: default on CUDA only (an APPROXIMATION on the CPU, opt-in;
+        # its quality cost and speed: results/knn_speed.md)
+        self.feature_bf16 = self.device.type == "cuda" if feature_bf16 is None else bool(feature_bf16)
+
+    def input_of(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """Network input (h, w) of an image stored at ``hw`` (:func:`input_shape`)."""
+        return input_shape(hw, self.size, self.patch, self.aspect)
+
+    def grid_of(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid (h / p, w / p) of an image stored at ``hw``."""
+        h, w = self.input_of(hw)
+        return h // self.patch, w // self.patch
 
     def batch(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 (H_i, W_i, 3) images -> (B, 3, size, size) float in [0, 1] on the device."""
-        from .multiscale import to_batch
+        """RGB uint8 (H_i, W_i, 3) images sharing one input shape -> (B, 3, h, w) float in [0, 1]."""
+        from .data.images import resize_image
 
-        return to_batch(images, self.size, self.device)
+        shapes = {self.input_of(im.shape[:2]) for im in images}
+        if len(shapes) != 1:
+            raise ValueError(f"aspect='keep': these images need different input shapes {sorted(shapes)}; "
+                             "batch them with features_list() / predict(), which group them by shape")
+        hw = shapes.pop()
+        arr = np.stack([resize_image(im, hw) for im in images])
+        return torch.from_numpy(arr).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
 
     @torch.no_grad()
     def features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """(B, N, C) l2-normalised patch features of a batch of RGB uint8 images."""
+        """(B, N, C) l2-normalised patch features of a batch of RGB uint8 images (one input shape)."""
         x = self.batch(images)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.feature_bf16):
             f = patch_features(self.backbone, x, self.layer, self.final_norm)
         return F.normalize(f.float(), dim=-1)
+
+    def features_list(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        """[(N_i, C)] patch features of images of any sizes, in order; images sharing an input shape
+        go through the backbone together."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(self.input_of(im.shape[:2]), []).append(i)
+        out: list[Optional[torch.Tensor]] = [None] * len(images)
+        for idx in groups.values():
+            for i, f in zip(idx, self.features([images[i] for i in idx])):
+                out[i] = f
+        return out  # type: ignore[return-value]
 
     def fit(self, features: torch.Tensor | Sequence[torch.Tensor]) -> "KnnScorer":
         """Fit the memory bank (on this scorer's device) on training patch features."""
         self.bank.fit(features, device=self.device)
         return self
 
-    def readout(self, dists: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> KnnOutput:
-        """Patch distances (B, N) -> image scores and pixel maps at ``shapes`` (H_i, W_i)."""
-        scores = top_fraction_mean(dists, self.top_fraction).double().cpu().numpy()
-        maps = [distance_map(dists[i:i + 1], self.grid, tuple(hw), self.sigma, self.sigma_at,
-                             (self.size, self.size))[0].cpu().numpy()
-                for i, hw in enumerate(shapes)]
+    def readout(self, dists: torch.Tensor | Sequence[torch.Tensor], shapes: Sequence[tuple[int, int]]) -> KnnOutput:
+        """Patch distances ((B, N), or one (N_i,) per image) -> image scores and pixel maps at
+        ``shapes`` (H_i, W_i), each on its image's grid (:meth:`grid_of`)."""
+        rows = list(dists) if not torch.is_tensor(dists) else [dists[i] for i in range(dists.shape[0])]
+        if len(rows) != len(shapes):
+            raise ValueError(f"{len(rows)} distance rows for {len(shapes)} image shapes")
+        scores = np.array([float(top_fraction_mean(d[None], self.top_fraction)[0]) for d in rows], dtype=np.float64)
+        maps = [distance_map(d[None], self.grid_of(hw), tuple(hw), self.sigma, self.sigma_at,
+                             self.input_of(hw))[0].cpu().numpy()
+                for d, hw in zip(rows, shapes)]
         return KnnOutput(dists=dists, scores=scores, maps=maps)
 
     def predict(self, images: Sequence[np.ndarray], bank: Optional[MemoryBank] = None) -> KnnOutput:
-        """Score a batch of RGB uint8 images against ``bank`` (default: the fitted one)."""
-        dists = (bank or self.bank).score(self.features(images), self.k)
+        """Score a batch of RGB uint8 images (any sizes) against ``bank`` (default: the fitted one)."""
+        bank = bank or self.bank
+        feats = self.features_list(images)
+        if len({f.shape for f in feats}) == 1:  # one search for the whole batch
+            dists = bank.score(torch.stack(feats), self.k)
+        else:
+            dists = [bank.score(f, self.k) for f in feats]
         return self.readout(dists, [im.shape[:2] for im in images])
 
 
@@ -426,5 +521,5 @@ def squash(z):
 
 
 __all__ = ["CORESET_METHODS", "patch_features", "knn_distances", "random_coreset", "greedy_coreset", "MemoryBank",
-           "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "SIGMA_AT", "distance_map", "KnnOutput", "KnnScorer", "average_outputs",
+           "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "SIGMA_AT", "distance_map", "KnnOutput", "ASPECTS", "input_shape", "KnnScorer", "average_outputs",
            "holdout_indices", "RunningStats", "standardise", "logit", "squash"]

@@ -49,6 +49,24 @@ def test_chunking_gives_identical_results():
     assert (whole[:, 1:] >= whole[:, :-1]).all()  # ascending
 
 
+def test_exact_search_agrees_with_a_brute_force_reference_for_any_chunking():
+    """k = 1 (row-maximum pass) and k = 5 (running top-k) against the full similarity matrix, with
+    chunk sizes that do not divide the query / bank counts and the defaults."""
+    g = torch.Generator().manual_seed(5)
+    bank, q = unit(torch.randn(1031, 48, generator=g)), unit(torch.randn(203, 48, generator=g))
+    full = (1.0 - (q.double() @ bank.double().T)).sort(dim=1).values
+    for k in (1, 5):
+        ref = full[:, :k].clamp_min(0.0).float()
+        for qc, bc in ((1024, 32768), (64, 100), (203, 1031), (7, 1030), (1, 1)):
+            got = knn.knn_distances(q, bank, k=k, query_chunk=qc, bank_chunk=bc)
+            assert got.shape == (203, k)
+            torch.testing.assert_close(got, ref, atol=2e-6, rtol=0)
+    with pytest.raises(ValueError, match="k must"):
+        knn.knn_distances(q, bank, k=0)
+    with pytest.raises(ValueError, match="share C"):
+        knn.knn_distances(q, bank[:, :5])
+
+
 def test_identical_patch_scores_zero_and_bank_rows_are_normalised():
     g = torch.Generator().manual_seed(2)
     raw = torch.randn(50, 16, generator=g) * 5.0
@@ -133,6 +151,66 @@ def test_patch_features_equal_the_backbone_forward():
     torch.testing.assert_close(normed, unit(bb.norm(ref)), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="layer"):
         knn.patch_features(bb, x, 4)
+
+
+def test_input_shape_keeps_the_aspect_ratio():
+    assert knn.input_shape((300, 500), 224, 14) == (224, 224)  # square: stretched
+    h, w = knn.input_shape((300, 500), 224, 14, "keep")
+    assert h % 14 == 0 and w % 14 == 0 and abs(w / h - 500 / 300) < 0.1
+    assert abs(h * w - 224 * 224) / (224 * 224) < 0.1  # about the square's patch count
+    assert knn.input_shape((512, 512), 448, 14, "keep") == (448, 448)
+    assert knn.input_shape((40, 400), 224, 14, "keep")[0] >= 14  # at least one patch per side
+    with pytest.raises(ValueError, match="aspect"):
+        knn.input_shape((3, 4), 224, 14, "crop")
+
+
+def grey_texture(h: int, w: int, seed: int) -> np.ndarray:
+    """A smooth random grey texture as RGB uint8 (three equal channels, as read_image returns grey files)."""
+    rng = np.random.default_rng(seed)
+    g = gaussian_filter(rng.random((h, w)), 2.0)
+    g = (255 * (g - g.min()) / (np.ptp(g) + 1e-9)).astype(np.uint8)
+    return np.repeat(g[:, :, None], 3, axis=2)
+
+
+def test_non_square_grey_images_at_their_own_aspect_ratio():
+    """aspect="keep": images of different non-square sizes in one batch, each on its own grid, maps at
+    the stored sizes; a square image gives exactly the square mode's result; features() refuses a
+    batch of mixed input shapes with a pointer to features_list()."""
+    bb = build_backbone("random:vit_tiny16", seed=0).eval()
+    sizes = [(48, 80), (80, 48), (64, 64), (50, 90)]
+    train = [grey_texture(h, w, i) for i, (h, w) in enumerate(sizes)]
+    keep = knn.KnnScorer(bb, 1, 64, aspect="keep")
+    feats = keep.features_list(train)
+    assert [tuple(f.shape) for f in feats] == [(keep.grid_of(hw)[0] * keep.grid_of(hw)[1], 96) for hw in sizes]
+    assert keep.grid_of((48, 80)) == (3, 5) and keep.grid_of((80, 48)) == (5, 3) and keep.grid_of((64, 64)) == (4, 4)
+    keep.fit(feats)
+    test = [grey_texture(h, w, 10 + i) for i, (h, w) in enumerate(sizes)]
+    out = keep.predict(test)
+    assert [m.shape for m in out.maps] == sizes and out.scores.shape == (4,) and np.isfinite(out.scores).all()
+    with pytest.raises(ValueError, match="features_list"):
+        keep.features(test)
+    square = knn.KnnScorer(bb, 1, 64)
+    square.fit(square.features(train))  # square mode stretches every image to 64 x 64
+    sq_out = square.predict(test)
+    assert [m.shape for m in sq_out.maps] == sizes
+    # on a square image the two modes agree exactly (same input, same grid), given the same bank
+    one_keep = keep.predict([test[2]], bank=square.bank)
+    one_sq = square.predict([test[2]])
+    np.testing.assert_array_equal(one_keep.maps[0], one_sq.maps[0])
+    assert one_keep.scores[0] == one_sq.scores[0]
+
+
+def test_non_square_grey_defect_is_localised(offline_backbone):
+    """A bright blob on a non-square grey texture is found at its place with aspect="keep" (real
+    offline ViT-S/14, block 7, 112 px)."""
+    sc = knn.KnnScorer(offline_backbone, 7, 112, aspect="keep")
+    sc.fit(sc.features_list([grey_texture(96, 160, i) for i in range(6)]))
+    img = grey_texture(96, 160, 99)
+    img[40:64, 110:134] = 255
+    m = sc.predict([img]).maps[0]
+    assert m.shape == (96, 160)
+    y, x = np.unravel_index(np.argmax(m), m.shape)
+    assert 30 <= y < 74 and 100 <= x < 144, (y, x)
 
 
 def test_fusion_helpers():
