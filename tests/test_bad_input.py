@@ -454,7 +454,8 @@ def test_nan_loss_is_one_line_naming_step_terms_and_checkpoint(data_root, tmp_pa
 
     monkeypatch.setattr(ft, "finetune_loss", bad)
     with pytest.raises(SystemExit) as e:
-        main(["finetune", *tiny_args(data_root, tmp_path)])
+        # no validation slice: all 8 images train, so the run has the steps the NaN is planted in
+        main(["finetune", *tiny_args(data_root, tmp_path), "-S", "finetune.val_fraction=0"])
     assert e.value.code != 0
     out = capsys.readouterr().err  # progress bars, then the error
     assert "Traceback" not in out and out.count("apmask finetune: error") == 1

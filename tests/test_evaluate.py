@@ -154,6 +154,9 @@ def test_end_to_end_on_real_bottle_images(tmp_path, mvtec_root):
     assert {"total_s", "inference_s"} <= set(m["timings"]) and m["seed"] == 0
     assert m["backbone"] == "random:vit_tiny16" and m["machine"]["device"] == "cpu"
     assert m["finetune_init"] == "random:vit_tiny16"
+    on_disk = json.loads((out / "metrics.json").read_text())   # equal results give equal files: no wall clock
+    assert "timings" not in on_disk and "machine" not in on_disk and on_disk["image_auroc"] == m["image_auroc"]
+    assert json.loads((out.parent / "evaluate_timings.json").read_text())["timings"]["total_s"] > 0
     feats = np.load(out / "features.npz")
     assert feats["cls"].shape == (8, 96) and feats["labels"].sum() == 6
     rows = read_scores(out / "scores.csv")
