@@ -69,10 +69,16 @@ def cmd_collect(args) -> None:
 def cmd_drop_resume_state(args) -> None:
     """Delete ``checkpoint.pt`` (optimizer, student, teacher: the resume state, ~5x the weights) from
     finished stage folders, so DVC caches only the exported weights and logs. A folder whose run
-    did not finish keeps it (it is what resumes), unless ``--all``."""
+    did not finish keeps it (it is what resumes), unless ``--all``, which also removes the folder's
+    ``done.json``: the stage then starts afresh (DVC has already removed the declared outputs). A
+    finished folder without its resume state is not re-trained by a later run outside DVC without
+    ``--force`` (README, "Reliability")."""
+    from . import runfolder
     from .utils import load_checkpoint
 
     for folder in args.folders:
+        if args.all:
+            runfolder.clear_marker(folder)
         ckpt = Path(folder) / "checkpoint.pt"
         if not ckpt.is_file():
             continue

@@ -198,6 +198,23 @@ def test_cli_force_flag(data_root, tmp_path, capsys):
     assert (tmp_path / "pretrain" / "checkpoint.pt").is_file()
 
 
+def test_a_dvc_rerun_starts_afresh_after_the_resume_state_was_dropped(data_root, tmp_path):
+    """The DVC stage's sequence: run, drop the resume state (finished run: done.json stays, so a later
+    run outside DVC is refused as above); on the next `dvc repro` DVC removes the declared outputs and
+    the stage's `drop-resume-state --all` clears the marker, so the stage trains instead of refusing."""
+    cfg = tiny_cfg(data_root, tmp_path)
+    out = run_pretrain(cfg)
+    main(["drop-resume-state", str(out)])
+    assert not (out / "checkpoint.pt").exists() and (out / "done.json").is_file()
+    with pytest.raises(FileExistsError, match="--force"):
+        run_pretrain(cfg)
+    (out / "backbone.pt").unlink()          # what dvc repro does to the stage's outs
+    main(["drop-resume-state", "--all", str(out)])
+    assert not (out / "done.json").exists()
+    run_pretrain(cfg)
+    assert (out / "backbone.pt").is_file() and (out / "done.json").is_file()
+
+
 # ============================================================================ 4. kill -9 during the last save
 def test_kill_during_the_last_save_is_repaired_on_resume(data_root, tmp_path):
     """The child dies (SIGKILL) between writing the final checkpoint and exporting backbone.pt,
