@@ -24,7 +24,10 @@ from .config import Config, load_params
 
 
 def _cfg(args) -> Config:
-    """``--params FILE`` must exist when named; without it, ``params.yaml`` is read if present here."""
+    """``--params FILE`` must exist when named (``--params ''``: no file, the built-in defaults); without
+    it, ``params.yaml`` is read if present here."""
+    if args.params == "":
+        return load_params(None, args.set)
     if args.params is not None:
         if not Path(args.params).is_file():
             raise SystemExit(f"apmask {args.command}: error: params file not found: {args.params} "
@@ -246,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         sp = sub.add_parser(name, help=help_, description=help_, formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog=f"example:\n  {example}" if example else None)
         sp.add_argument("--params", default=None,
-                        help="params file; must exist when given (default: ./params.yaml if present, else built-in defaults)")
+                        help="params file; must exist when given; '' = none, the built-in defaults "
+                             "(default: ./params.yaml if present, else the built-in defaults)")
         sp.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override, e.g. -S pretrain.epochs=2 (repeatable)")
         sp.set_defaults(fn=fn)

@@ -25,7 +25,8 @@ COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagrap
 # ``None`` is allowed exactly where the field is Optional.
 CONSTRAINTS: dict[str, Any] = {
     "seed": "int>=0",
-    "data.dataset": ("mvtec", "nih", "demo"),
+    "data.dataset": ("mvtec", "nih", "demo", "folder"),
+    "data.normal_test_split": "[0,1)", "data.normal_val_split": "[0,1)", "data.split_seed": "int>=0",
     "data.image_size": "int>0", "data.max_train": "int>0", "data.max_test": "int>0",
     "pretrain.epochs": "int>0", "pretrain.batch_size": "int>0",
     "pretrain.mask": ("apmask", "random", "block", "none"), "pretrain.mask_ratio": "[0,1)",
@@ -53,6 +54,9 @@ CONSTRAINTS: dict[str, Any] = {
     "evaluate.knn_layer": "int>=0", "evaluate.knn_backbone": ("init", "finetuned"), "evaluate.knn_sizes": "sizes>0",
     "evaluate.knn_k": "int>0", "evaluate.knn_coreset": "(0,1]", "evaluate.knn_sigma": "num>=0",
     "evaluate.knn_sigma_at": ("output", "input"), "evaluate.fusion": ("knn", "fused"), "evaluate.knn_holdout": "[0,1)",
+    "finetune.val_fraction": "[0,1)", "finetune.val_max_images": "int>0",
+    "evaluate.threshold_on": ("auto", "val", "test"), "evaluate.threshold_quantile": "[0,1]",
+    "evaluate.pixel_threshold_quantile": "[0,1]",
 }
 
 # keys added after runs were written, with the value that reproduces the older behaviour: left out of

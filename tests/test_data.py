@@ -196,7 +196,9 @@ def test_size_mismatched_mask_is_named(tmp_path):
 
 
 def test_unknown_category_and_wrong_layout(tmp_path):
-    root = _tiny_mvtec(tmp_path, "bottle")
+    # one level below tmp_path, so "one folder too high" searches this test's folder only (pytest's common
+    # temp root holds other tests' MVTec trees)
+    root = _tiny_mvtec(tmp_path / "mvtec", "bottle")
     with pytest.raises(ValueError, match=r"unknown category 'botle' \(did you mean 'bottle'\?\)"):
         build_dataset("mvtec", root, "botle")
     with pytest.raises(ValueError, match="unknown dataset"):
