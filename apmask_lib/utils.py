@@ -8,7 +8,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -109,37 +109,32 @@ def _temp_beside(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename): readers see the old file
-    or the new one, never a part. Mode as a plain ``open`` (umask respected)."""
+def _atomic_write(path: str | Path, write: Callable[[Any], None]) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``:
+    readers see the old file or the new one, never a part. Mode as a plain ``open`` (umask respected)."""
     path = Path(path)
     fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`_atomic_write`)."""
+    _atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
-    """``torch.save(obj, path)`` atomically (as :func:`atomic_write_bytes`)."""
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    try:
-        # through the file object: torch.save(obj, <path>) names the archive's records after the
-        # (random) temporary file, so equal checkpoints would differ in bytes (and in dvc.lock)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save(obj, path)`` atomically (:func:`_atomic_write`). Through the file object:
+    ``torch.save(obj, <path>)`` names the archive's records after the (random) temporary file, so
+    equal checkpoints would differ in bytes (and in dvc.lock)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
