@@ -137,7 +137,7 @@ def main(argv=None) -> int:
             m = rows[cat][name]
             print(f"{cat:8s} {name:18s} {m['image_auroc']:6.2f} {m['pixel_auroc']:6.2f} {m['au_pro']:6.2f} "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
-    cmd = "cd " + str(ROOT) + " && .venv/bin/python benchmarks/knn_aspect.py " + " ".join(
+    cmd = ".venv/bin/python benchmarks/knn_aspect.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     for r in rows.values():
         r["command"] = cmd

@@ -199,7 +199,7 @@ def main(argv=None) -> int:
            "datasets": args.datasets, "variants": per_variant, "default": default, "no_worse": no_worse,
            "seconds": seconds, "backbone": args.backbone, "layer_sets": layer_sets, "pixel_bins": bins,
            "versions": versions()}
-    cmd = "cd " + str(ROOT) + " && .venv/bin/python benchmarks/knn_readout.py " + " ".join(
+    cmd = ".venv/bin/python benchmarks/knn_readout.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     machine = (f"{cpu_model()}, {os.cpu_count()} cores, torch threads "
                f"{torch.get_num_threads()}, device {device}")

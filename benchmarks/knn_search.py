@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     err = float(((q[:2048].bfloat16() @ bank.bfloat16().T).float() - sim32).abs().max())
     nn = float((1.0 - sim32.amax(dim=1)).median())
     del sim32
-    cmd = "cd " + str(ROOT) + " && .venv/bin/python benchmarks/knn_search.py " + " ".join(
+    cmd = ".venv/bin/python benchmarks/knn_search.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     lines = ["# Exact kNN search: previous vs current implementation", "",
              f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by `benchmarks/knn_search.py`.", "",

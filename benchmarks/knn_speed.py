@@ -344,7 +344,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(json.loads(args.child)), default=float))
         return 0
     t_start = time.perf_counter()
-    cmd = "cd " + str(ROOT) + " && .venv/bin/python benchmarks/knn_speed.py " + " ".join(
+    cmd = ".venv/bin/python benchmarks/knn_speed.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     machine = f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device cpu"
     res: dict[str, Any] = {"rounds": [], "scaling": []}

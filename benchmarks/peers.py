@@ -447,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     require_anomalib()
     t0 = time.perf_counter()
-    command = "cd " + shlex.quote(str(ROOT)) + " && .venv/bin/python benchmarks/peers.py " + \
+    command = ".venv/bin/python benchmarks/peers.py " + \
         " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     machine = f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device {args.device}"
     jobs = [f"{pid} {s} px" if pid.startswith("anomalydino") else pid

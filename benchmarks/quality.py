@@ -242,7 +242,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     device = resolve_device(args.device)
-    cmd = "cd " + shlex.quote(str(ROOT)) + " && .venv/bin/python " + " ".join(shlex.quote(a) for a in
+    cmd = ".venv/bin/python " + " ".join(shlex.quote(a) for a in
                                                                               [sys.argv[0]] + sys.argv[1:])
     machine = (f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device {device}"
                + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
