@@ -5,8 +5,8 @@ APMask ranks the N patches of a view by the [CLS]->patch attention of the last l
 (ascending sort, Eq. 3-4); the dropped tokens are removed from the student's sequence
 (``VisionTransformer.forward(keep_idx=...)``), so the student also gets cheaper.
 
-Where the scores come from (a choice of this implementation, made in
-:mod:`apmask_lib.pretrain`): the **EMA teacher's** last-layer [CLS] attention on the
+Where the scores come from (a choice of this implementation, :func:`student_views`, called by
+:func:`apmask_lib.pretrain.pretrain_loss`): the **EMA teacher's** last-layer [CLS] attention on the
 *same* student view, computed under ``torch.no_grad()``. The teacher is the slowly moving,
 stabler network (its attention is the "semantic" map the paper shows), and computing the
 ranking without gradient keeps the mask a pure data augmentation (no gradient flows
@@ -31,9 +31,11 @@ result is moved to ``scores.device``, so a fixed seed gives the same masks on an
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+
+from .config import RANK_SOURCES
 
 KINDS = ("apmask", "random", "block", "none")
 
@@ -181,6 +183,108 @@ def attention_on_boxes(att_map: torch.Tensor, image_sizes: torch.Tensor, boxes: 
     return out.reshape(out.shape[0], -1)
 
 
+# ----------------------------------------------------------------------------- view selection (pre-training)
+def _keep(scores: Optional[torch.Tensor], n_views: int, grid: tuple[int, int], kind: str, ratio: float,
+          generator: torch.Generator, device: torch.device) -> Optional[torch.Tensor]:
+    n = grid[0] * grid[1]
+    if kind == "none" or num_dropped(n, ratio) == 0:
+        return None
+    if scores is None:  # random / block only need the shape
+        scores = torch.zeros(n_views, n, device=device)
+    return keep_indices(scores, ratio, kind, generator, grid)
+
+
+def _grid_boxes(boxes: torch.Tensor, flip: Optional[torch.Tensor], view_hw: Sequence[int], grid: tuple[int, int],
+                patch: int) -> torch.Tensor:
+    """The part of each crop box (x1, y1, x2, y2, image pixels) a view's patch grid covers: the
+    patch embedding drops the last ``view % patch`` rows/columns of the view (of the mirrored
+    crop where ``flip``, i.e. its left side). The whole box when the view size is a multiple
+    of the patch size."""
+    fy, fx = grid[0] * patch / view_hw[0], grid[1] * patch / view_hw[1]
+    if fx == 1.0 and fy == 1.0:
+        return boxes
+    x1, y1, x2, y2 = boxes.unbind(1)
+    cw, ch = (x2 - x1) * fx, (y2 - y1) * fy
+    left = x1 if flip is None else torch.where(flip.to(boxes.device), x2 - cw, x1)
+    return torch.stack([left, y1, left + cw, y1 + ch], dim=1)
+
+
+def _image_rank_scores(att: torch.Tensor, bb, views, size: int, boxes: torch.Tensor, flip: Optional[torch.Tensor],
+                       view_hw: Sequence[int]) -> torch.Tensor:
+    """Scores (M, N) for the views with crop ``boxes``, from the teacher's (B, h*w) attention
+    ``att`` on the whole images resized to ``size`` (:func:`attention_on_boxes`)."""
+    if boxes is None or views.sizes is None:
+        raise ValueError("pretrain.rank_source='image' needs the views' crop boxes and image sizes "
+                         "(MultiCropViews from MultiCrop)")
+    B = att.shape[0]
+    h, w = bb.grid_size(size, size)
+    sizes = views.sizes.to(att.device, non_blocking=True).float()
+    span = torch.stack([sizes[:, 0] * (h * bb.patch_size / size), sizes[:, 1] * (w * bb.patch_size / size)], dim=1)
+    grid = bb.grid_size(*view_hw)
+    index = torch.arange(B, device=att.device).repeat(boxes.shape[0] // B)
+    return attention_on_boxes(att.reshape(B, h, w), span, _grid_boxes(boxes, flip, view_hw, grid, bb.patch_size),
+                              index, flip, grid)
+
+
+def student_views(teacher, views, mask: str, ratio: float, generator: torch.Generator,
+                  rank_source: str = "view"):
+    """Teacher pass (no grad) and token selection (``teacher``: the EMA
+    :class:`~apmask_lib.models.swav.SwAVNet`; ``views``: :class:`~apmask_lib.multicrop.MultiCropViews`).
+    Returns (teacher scores (B, K), [(student global, keep_idx), (locals, keep_idx)]) -- the keep_idx come from the teacher's
+    last-layer [CLS] attention for ``mask="apmask"``: on the student views themselves
+    (``rank_source="view"``), or on the whole images, resampled onto each view's crop box
+    (``rank_source="image"``; with ``teacher_view="same"`` the student global view still uses
+    the teacher pass's own attention, which costs nothing)."""
+    if rank_source not in RANK_SOURCES:
+        raise ValueError(f"rank_source must be one of {RANK_SOURCES}, got {rank_source!r}")
+    bb = teacher.backbone
+    B = views.teacher.shape[0]
+    need_attn = mask == "apmask"
+    same = views.student_global is views.teacher
+    with torch.no_grad():
+        if need_attn and rank_source == "image":
+            t_scores, g_attn, l_attn = _whole_image_pass(teacher, views, same)
+        else:
+            if same or not need_attn:
+                out = bb(views.teacher, attn="cls" if (need_attn and same) else None)
+                t_scores = teacher.head(out.cls)
+                g_attn = out.cls_attention() if (need_attn and same) else None
+            else:
+                out = bb(torch.cat([views.teacher, views.student_global]), attn="cls")
+                t_scores = teacher.head(out.cls[:B])
+                g_attn = out.cls_attention()[B:]
+            l_attn = None
+            if need_attn and views.local.shape[0]:
+                l_attn = bb(views.local, attn="cls").cls_attention()
+    dev = views.teacher.device
+    g_grid = bb.grid_size(*views.student_global.shape[-2:])
+    groups = [(views.student_global, _keep(g_attn, B, g_grid, mask, ratio, generator, dev))]
+    if views.local.shape[0]:
+        l_grid = bb.grid_size(*views.local.shape[-2:])
+        groups.append((views.local, _keep(l_attn, views.local.shape[0], l_grid, mask, ratio, generator, dev)))
+    return t_scores, groups
+
+
+def _whole_image_pass(teacher, views, same: bool):
+    """The teacher pass of :func:`student_views` for ``rank_source="image"`` (under its no_grad):
+    ONE forward of the teacher views and the whole images (both at the global size, 2B images; B
+    when ``same`` and no locals). Returns (teacher scores (B, K), student-global ranking scores,
+    local ranking scores or None)."""
+    bb = teacher.backbone
+    B = views.teacher.shape[0]
+    G = views.teacher.shape[-1]
+    n_loc = views.local.shape[0]
+    whole = views.whole_image(G) if (not same or n_loc) else None
+    out = bb(views.teacher if whole is None else torch.cat([views.teacher, whole]), attn="cls")
+    t_scores = teacher.head(out.cls[:B])
+    att = out.cls_attention()
+    g_attn = att[:B] if same else _image_rank_scores(att[B:], bb, views, G, views.student_global_boxes,
+                                                     views.student_global_flip, views.student_global.shape[-2:])
+    l_attn = _image_rank_scores(att[B:], bb, views, G, views.local_boxes, views.local_flip,
+                                views.local.shape[-2:]) if n_loc else None
+    return t_scores, g_attn, l_attn
+
+
 def dropped_mask(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
     """(B, N) bool, True where a patch was dropped (for figures and tests)."""
     mask = torch.ones(keep_idx.shape[0], n, dtype=torch.bool, device=keep_idx.device)
@@ -188,4 +292,4 @@ def dropped_mask(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
     return mask
 
 
-__all__ = ["KINDS", "num_dropped", "keep_indices", "attention_on_boxes", "dropped_mask"]
+__all__ = ["KINDS", "num_dropped", "keep_indices", "attention_on_boxes", "student_views", "dropped_mask"]

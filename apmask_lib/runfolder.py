@@ -14,15 +14,26 @@ when it is finished, and what is never overwritten. Used by both stages, so they
   but no checkpoint to resume from (deleted, or ``resume=False``) is refused unless ``force``.
 * **No stale temporaries** (:func:`sweep_temporaries`): ``*.tmp`` files left by killed atomic
   writes are removed when a run takes the folder (under its lock, so never a live run's).
+* **Resume only what the configuration still describes** (:class:`RunFolder`): the checkpoint stores
+  the run's configuration fingerprint (the config without the keys in :func:`resume_ignored`, which do
+  not change the weights) and a resume with another fingerprint is refused, naming the differing keys.
+  On resume the logs are cut back to the checkpoint's step; a fresh run deletes them.
+
+Layout of ``<out_dir>/<stage>`` (:class:`RunFolder`): ``checkpoint.pt`` (resume state), the stage's
+exports (``backbone.pt`` / ``model.pt``), ``log.csv`` (per step), ``log.jsonl`` (per epoch), any
+per-epoch CSV (``validation.csv``), ``config.json`` (the config plus the run's derived sizes under
+``_run``), ``done.json`` and ``.lock``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import socket
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 log = logging.getLogger("apmask")
 
@@ -192,5 +203,130 @@ def guard(folder: str | Path, exports: Iterable[str], force: bool) -> None:
             (folder / n).unlink(missing_ok=True)
 
 
+#: config keys that never change a stage's weights, whatever the stage (compared on resume without them)
+ALWAYS_IGNORED = frozenset({("device",), ("out_dir",), ("evaluate",), ("data", "max_test")})
+#: keys of a training section that change speed or logging only
+NO_WEIGHT_KEYS = ("num_workers", "log_every", "compile")
+
+
+def resume_ignored(*sections: str, whole: Sequence[str] = ()) -> set[tuple[str, ...]]:
+    """Config key paths a resume may change: :data:`ALWAYS_IGNORED`, :data:`NO_WEIGHT_KEYS` of the
+    training ``sections`` (e.g. "pretrain", "finetune") and the ``whole`` sections (a stage that never
+    reads them)."""
+    return set(ALWAYS_IGNORED) | {(s, k) for s in sections for k in NO_WEIGHT_KEYS} | {(w,) for w in whole}
+
+
+class RunFolder:
+    """``<out_dir>/<stage>`` of one training stage: its files (module docstring), lock, resume check,
+    logs, ``config.json``, checkpoint and ``done.json``. ``exports``: the weights files the stage writes
+    besides ``checkpoint.pt`` (``done.json`` vouches for both); ``ignored``: :func:`resume_ignored`;
+    ``main``: whether this process writes files (rank 0 under DDP)."""
+
+    CHECKPOINT = "checkpoint.pt"
+
+    def __init__(self, out_dir: str | Path, stage: str, exports: Sequence[str], ignored: Iterable[tuple[str, ...]],
+                 main: bool = True):
+        self.path = Path(out_dir) / stage
+        self.stage = stage
+        self.exports = tuple(exports)
+        self.outputs = (self.CHECKPOINT, *self.exports)
+        self.ignored = set(ignored)
+        self.main = main
+        self.checkpoint = self.path / self.CHECKPOINT
+        self.fingerprint: Optional[dict[str, Any]] = None
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator["RunFolder"]:
+        """Hold the folder's :class:`RunLock` (main process only) and sweep stale temporaries."""
+        if not self.main:
+            yield self
+            return
+        with RunLock(self.path):
+            sweep_temporaries(self.path)
+            yield self
+
+    def open(self, cfg: Any, resume: bool, force: bool, max_steps: Optional[int]) -> tuple[Optional[dict], bool]:
+        """Before training: ``(checkpoint or None, finished)``. Resumes from ``checkpoint.pt`` when
+        ``resume`` and it exists (refused when written with another configuration fingerprint);
+        ``finished`` when ``done.json`` still vouches for the outputs and covers this call. Starting
+        afresh over finished outputs is refused unless ``force`` (:func:`guard`). Unless finished, the
+        marker is removed before anything in the folder changes."""
+        from .utils import config_fingerprint, load_resume_checkpoint
+
+        self.fingerprint = config_fingerprint(cfg, self.ignored)
+        ckpt = None
+        if resume and self.checkpoint.is_file():
+            ckpt = load_resume_checkpoint(self.checkpoint, self.fingerprint)
+            if finished(read_marker(self.path, self.outputs), max_steps):
+                return ckpt, True
+            # not finished, or its exports do not match done.json (e.g. killed between the checkpoint and the
+            # export): go on from the checkpoint; when it already covers this call, no step runs and the
+            # exports are re-derived from it
+        elif self.main:
+            guard(self.path, self.exports, force)
+        if self.main:
+            clear_marker(self.path)
+        return ckpt, False
+
+    def start_logs(self, step_columns: Sequence[str], start: Optional[int], iters_per_epoch: int,
+                   epoch_csvs: Mapping[str, Sequence[str]] = {}) -> dict[str, Any]:
+        """The logs: ``log.csv`` (per step, ``step_columns``), ``log.jsonl`` and the per-epoch CSVs
+        ``epoch_csvs`` (name -> columns, rows keyed by "epoch"). A fresh run (``start`` None) deletes old
+        ones; a resumed one cuts them back to the checkpoint's ``start`` step. Returns the
+        :class:`~apmask_lib.utils.CSVLog` objects by file name."""
+        from .utils import CSVLog, truncate_jsonl
+
+        logs = {"log.csv": CSVLog(self.path / "log.csv", step_columns)}
+        logs.update({name: CSVLog(self.path / name, cols) for name, cols in epoch_csvs.items()})
+        if not self.main:
+            return logs
+        self.path.mkdir(parents=True, exist_ok=True)
+        if start is None:
+            for name in (*logs, "log.jsonl"):
+                (self.path / name).unlink(missing_ok=True)
+        else:
+            logs["log.csv"].truncate_after(start)
+            truncate_jsonl(self.path / "log.jsonl", start // iters_per_epoch)
+            for name in epoch_csvs:
+                logs[name].truncate_after(start // iters_per_epoch, key="epoch")
+        return logs
+
+    def write_config(self, cfg: Any, run: Mapping[str, Any]) -> None:
+        """``config.json``: the full config plus what the run derived from it (``_run``: sizes, device ...)."""
+        from .utils import write_json
+
+        if self.main:
+            write_json(self.path / "config.json", {**cfg.to_dict(), "_run": dict(run)})
+
+    def check_resume(self, ckpt: Mapping[str, Any], iters_per_epoch: int) -> None:
+        """A checkpoint is resumed with the same number of iterations per epoch only."""
+        if ckpt["iters_per_epoch"] != iters_per_epoch:
+            raise ValueError(f"{self.checkpoint}: {ckpt['iters_per_epoch']} iterations per epoch, now {iters_per_epoch} "
+                             "(training set or batch size changed); use another out_dir")
+
+    def save_checkpoint(self, **state: Any) -> None:
+        """``checkpoint.pt`` (atomic; main process only): ``state`` (modules/optimisers as state dicts,
+        ``step``, ``iters_per_epoch``, ``done`` and the stage's own entries), with the configuration
+        fingerprint under ``config`` and the RNG state under ``rng`` (stored right after ``done``)."""
+        from .utils import rng_state, save_checkpoint
+
+        if not self.main:
+            return
+        items = list(state.items())
+        cut = [k for k, _ in items].index("done") + 1
+        save_checkpoint(self.checkpoint, **dict(items[:cut]), config=json.dumps(self.fingerprint), rng=rng_state(),
+                        **dict(items[cut:]))
+
+    def mark(self, step: int, total_steps: int) -> None:
+        """``done.json`` (last): where this call stops, vouching for the checkpoint and the exports."""
+        if self.main:
+            write_marker(self.path, self.outputs, stage=self.stage, step=step, total_steps=total_steps,
+                         done=step >= total_steps)
+
+
 __all__ = ["RunLock", "RunLocked", "sweep_temporaries", "write_marker", "read_marker", "clear_marker", "finished",
-           "guard", "file_sha256", "LOCK_NAME", "MARKER_NAME"]
+           "guard", "file_sha256", "LOCK_NAME", "MARKER_NAME", "RunFolder", "resume_ignored", "ALWAYS_IGNORED",
+           "NO_WEIGHT_KEYS"]

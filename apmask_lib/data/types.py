@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -75,3 +75,11 @@ class AnomalyDataset:
         n_abn = sum(s.label for s in self.test)
         return (f"{self.name}: train {len(self.train)}, test {len(self.test)} "
                 f"({len(self.test) - n_abn} normal, {n_abn} anomalous; {len(self.test_pixel_gt)} with pixel GT)")
+
+
+def cap_train(samples: Sequence[Sample], max_train: Optional[int]) -> list[Sample]:
+    """The training images a run uses: the first ``max_train`` of ``samples`` (``data.max_train``, for
+    micro runs and tests), all of them when None. Every stage caps the same way (pre-training, fine-tuning
+    after its validation hold-out, the kNN extension's memory bank)."""
+    samples = list(samples)
+    return samples if max_train is None else samples[:max_train]
