@@ -40,9 +40,8 @@ without ``force``; the same rules as pre-training).
 from __future__ import annotations
 
 import contextlib
-import json
-import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -53,22 +52,20 @@ from tqdm.auto import tqdm
 
 from .anomalies import KINDS, anomaly_batch
 from .config import Config
+from .data.types import cap_train
 from .fastpath import compile_blocks
 from .losses import finetune_loss
 from .models import VisionTransformer, build_backbone
 from .models.detector import SEG_MAPS, AnomalyDetector, save_detector
-from . import runfolder
-from .validation import COLUMNS as VAL_COLUMNS, holdout_indices, make_validation_set, score_validation
-from .utils import accelerated, autocast_context
-from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
-                    param_groups, truncate_jsonl,
-                    resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
+from .runfolder import RunFolder, resume_ignored
+from .training import BAR, TrainLoop, progress_mode
+from .utils import (accelerated, autocast_context, cosine_scheduler, param_groups, resolve_device, seed_everything,
+                    set_rng_state)
+from .validation import COLUMNS as VAL_COLUMNS, ValidationSet, holdout_indices, make_validation_set, score_validation
 
 CSV_COLUMNS = ("step", "epoch", "loss", "loss_det", "loss_seg", "lr", "step_time", "images_per_s")
 # config keys that do not change the trained weights (may differ on resume)
-_RESUME_IGNORED = {("finetune", "num_workers"), ("finetune", "log_every"), ("finetune", "compile"),
-                   ("pretrain", "compile"), ("pretrain", "num_workers"),
-                   ("pretrain", "log_every"), ("device",), ("out_dir",), ("evaluate",), ("data", "max_test")}
+_RESUME_IGNORED = resume_ignored("finetune", "pretrain")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -247,7 +244,7 @@ def train_step(model: AnomalyDetector, optimizer: torch.optim.Optimizer, batch: 
     x = batch["images"].to(device, non_blocking=True).float().div_(255.0)
     masks = batch["masks"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
-    with autocast if autocast is not None else contextlib.nullcontext():
+    with autocast or contextlib.nullcontext():
         o = model(x)
     loss, l_det, l_seg = finetune_loss(o.logit, o.seg_logits, labels, masks, f.det_weight, f.seg_weight, f.dice)
     optimizer.zero_grad(set_to_none=True)
@@ -259,7 +256,68 @@ def train_step(model: AnomalyDetector, optimizer: torch.optim.Optimizer, batch: 
     return {"loss": loss.detach(), "loss_det": l_det.detach(), "loss_seg": l_seg.detach(), "acc": acc}
 
 
-_OUTPUTS = ("checkpoint.pt", "model.pt")  # the files done.json vouches for
+# ----------------------------------------------------------------------------- the state
+@dataclass
+class FinetuneState:
+    """What a fine-tuning run trains (:func:`build_finetune_state`)."""
+
+    images: np.ndarray                 # uint8 (N, S, S, 3) training images at data.image_size
+    attentions: Optional[np.ndarray]   # (N + M, h, w) initial-backbone maps of training + held-out images, or None
+    val_set: Optional[ValidationSet]   # the held-out images and their synthetic anomalies (validation.py), or None
+    n_val_images: int
+    model: AnomalyDetector
+    batches: SyntheticBatches
+    iters: int                         # steps per epoch
+    total: int                         # steps of the whole schedule
+    lrs: np.ndarray                    # per-step learning rate
+    optimizer: torch.optim.Optimizer
+
+
+def build_finetune_state(cfg: Config, dataset=None, device: torch.device | str = "cpu", progress: bool = False,
+                         attentions: Optional[np.ndarray] = None) -> FinetuneState:
+    """Data, model, batches, schedule and optimiser of a fine-tuning run, before any checkpoint is
+    loaded: the training split without the validation hold-out (:func:`~apmask_lib.validation.holdout_indices`),
+    capped at ``data.max_train``, decoded once; the detector on :func:`initial_backbone` (seeded by
+    ``cfg.seed``); for ``anomaly="attention"`` the initial backbone's attention maps of the training and
+    held-out images (``attentions``: the ones stored in a checkpoint, reused); the validation set;
+    :class:`SyntheticBatches`; the LR schedule; AdamW (fused where :func:`~apmask_lib.utils.accelerated`)."""
+    f = cfg.finetune
+    device = torch.device(device)
+    if dataset is None:
+        from .data import dataset_from_config
+
+        dataset = dataset_from_config(cfg.data)
+    all_train = list(dataset.train)
+    keep, held = holdout_indices(len(all_train), f.val_fraction, f.val_max_images)  # validation slice (validation.py)
+    train = cap_train([all_train[i] for i in keep], cfg.data.max_train)
+    held_out = [all_train[i] for i in held]
+    if len(train) < 2:
+        raise ValueError(f"fine-tuning needs at least 2 training images (normal and synthetic samples per batch); "
+                         f"{getattr(dataset, 'name', 'the dataset')} has {len(train)} (data.max_train={cfg.data.max_train})")
+    images = load_train_images(dataset, train + held_out, cfg.data.image_size, max(1, f.num_workers), progress)
+
+    seed_everything(cfg.seed)
+    backbone = initial_backbone(cfg)
+    if cfg.data.image_size % backbone.patch_size:
+        raise ValueError(f"data.image_size={cfg.data.image_size} is not a multiple of the backbone's patch size "
+                         f"{backbone.patch_size}")
+    backbone = backbone.to(device)
+    if attentions is None and f.anomaly == "attention":
+        attentions = attention_maps(backbone, images, device, progress=progress)
+    n_tr = len(train)
+    images, val_images = images[:n_tr], images[n_tr:]
+    val_set = None if not len(val_images) else make_validation_set(
+        val_images, None if attentions is None else attentions[n_tr:], f.anomaly, sources=images,
+        poisson=resolve_poisson(cfg), blend=resolve_blend(cfg), temperature=f.attention_temperature)
+    model = build_detector(cfg, backbone).to(device)
+    batches = make_batches(cfg, images, None if attentions is None else attentions[:n_tr])
+    iters = batches.steps_per_epoch
+    lrs = cosine_scheduler(f.lr, f.min_lr, f.epochs, iters, f.warmup_epochs, f.start_lr)
+    fused = accelerated(device)
+    optimizer = torch.optim.AdamW(param_groups(model), lr=f.lr, weight_decay=f.weight_decay,
+                                  **({"fused": True} if fused else {}))
+    return FinetuneState(images, attentions, val_set, len(val_images), model, batches, iters, f.epochs * iters, lrs,
+                         optimizer)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -277,15 +335,16 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
                checking ``done.json``); False starts afresh -- refused, like a missing checkpoint,
                where the folder holds finished outputs, unless ``force``.
     force:     discard what the folder holds (checkpoint, model.pt, logs) and train from scratch.
+    progress:  a bar on a terminal, one line per epoch elsewhere (:mod:`apmask_lib.training`).
     A second run in the same folder is refused (:class:`~apmask_lib.runfolder.RunLocked`).
     """
-    out = Path(cfg.out_dir) / "finetune"
-    with runfolder.RunLock(out):
-        runfolder.sweep_temporaries(out)
-        return _run(cfg, dataset, max_steps, resume and not force, progress, force, out)
+    run = RunFolder(cfg.out_dir, "finetune", ("model.pt",), _RESUME_IGNORED)
+    with run.locked():
+        return _run(cfg, run, dataset, max_steps, resume and not force, force, progress)
 
 
-def _run(cfg: Config, dataset, max_steps: Optional[int], resume: bool, progress: bool, force: bool, out: Path) -> Path:
+def _run(cfg: Config, run: RunFolder, dataset, max_steps: Optional[int], resume: bool, force: bool,
+         progress: bool) -> Path:
     f = cfg.finetune
     if f.anomaly not in KINDS:
         raise ValueError(f"finetune.anomaly must be one of {KINDS}, got {f.anomaly!r}")
@@ -294,164 +353,70 @@ def _run(cfg: Config, dataset, max_steps: Optional[int], resume: bool, progress:
     if not 0.0 <= f.anomaly_fraction <= 1.0:
         raise ValueError(f"finetune.anomaly_fraction must lie in [0, 1], got {f.anomaly_fraction}")
     poisson, blend = resolve_poisson(cfg), resolve_blend(cfg)
-    ckpt_path, model_path = out / "checkpoint.pt", out / "model.pt"
-    fingerprint = config_fingerprint(cfg, _RESUME_IGNORED)
     device = resolve_device(cfg.device)
-
-    ckpt = None
-    if resume and ckpt_path.is_file():
-        ckpt = load_resume_checkpoint(ckpt_path, fingerprint)
-        if runfolder.finished(runfolder.read_marker(out, _OUTPUTS), max_steps):
-            return out
-        # otherwise go on from the checkpoint; where it already covers this call no step runs and
-        # model.pt is re-derived from it below
-    else:
-        runfolder.guard(out, ("model.pt",), force)
-    runfolder.clear_marker(out)  # before anything in the folder changes
-
-    # ---- data
-    if dataset is None:
-        from .data import dataset_from_config
-
-        dataset = dataset_from_config(cfg.data)
-    all_train = list(dataset.train)
-    keep, held = holdout_indices(len(all_train), f.val_fraction, f.val_max_images)  # validation slice (validation.py)
-    train = [all_train[i] for i in keep][: cfg.data.max_train]
-    held_out = [all_train[i] for i in held]
-    if len(train) < 2:
-        raise ValueError(f"fine-tuning needs at least 2 training images (normal and synthetic samples per batch); "
-                         f"{getattr(dataset, 'name', 'the dataset')} has {len(train)} (data.max_train={cfg.data.max_train})")
-    images = load_train_images(dataset, train + held_out, cfg.data.image_size, max(1, f.num_workers), progress)
-
-    # ---- model (seeded) and the initial backbone's attention maps
-    seed_everything(cfg.seed)
-    backbone = initial_backbone(cfg)
-    if cfg.data.image_size % backbone.patch_size:
-        raise ValueError(f"data.image_size={cfg.data.image_size} is not a multiple of the backbone's patch size "
-                         f"{backbone.patch_size}")
-    backbone = backbone.to(device)
-    attentions = None
-    if ckpt is not None and ckpt.get("attention") is not None:
-        attentions = ckpt["attention"].numpy()
-    elif f.anomaly == "attention":
-        attentions = attention_maps(backbone, images, device, progress=progress)
-    att_all, n_tr = attentions, len(train)  # maps of training + held-out images, as stored in the checkpoint
-    images, val_images = images[:n_tr], images[n_tr:]
-    val_set = None if not len(val_images) else make_validation_set(
-        val_images, None if attentions is None else attentions[n_tr:], f.anomaly, sources=images, poisson=poisson,
-        blend=blend, temperature=f.attention_temperature)
-    attentions = None if attentions is None else attentions[:n_tr]
-    model = build_detector(cfg, backbone).to(device)
-    batches = make_batches(cfg, images, attentions)
-    iters = batches.steps_per_epoch
-    total = f.epochs * iters
-    stop = total if max_steps is None else min(total, max_steps)
-    lrs = cosine_scheduler(f.lr, f.min_lr, f.epochs, iters, f.warmup_epochs, f.start_lr)
-    fused = accelerated(device)
-    optimizer = torch.optim.AdamW(param_groups(model), lr=f.lr, weight_decay=f.weight_decay,
-                                  **({"fused": True} if fused else {}))
-    start, acc = 0, {"loss": [], "loss_det": [], "loss_seg": [], "acc": []}
+    ckpt, finished = run.open(cfg, resume, force, max_steps)
+    if finished:
+        return run.path
+    stored = None if ckpt is None or ckpt.get("attention") is None else ckpt["attention"].numpy()
+    st = build_finetune_state(cfg, dataset, device, progress_mode(progress) == BAR, attentions=stored)
+    model, optimizer, iters = st.model, st.optimizer, st.iters
+    stop = st.total if max_steps is None else min(st.total, max_steps)
+    start, means = 0, {}
     if ckpt is not None:
-        if ckpt["iters_per_epoch"] != iters:
-            raise ValueError(f"{ckpt_path}: {ckpt['iters_per_epoch']} iterations per epoch, now {iters} "
-                             "(training set or batch size changed); use another out_dir")
+        run.check_resume(ckpt, iters)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        start, acc = int(ckpt["step"]), {k: list(v) for k, v in ckpt["epoch_acc"].items()}
+        start, means = int(ckpt["step"]), ckpt["epoch_acc"]
     autocast = autocast_context(device)
     compile_blocks(model.backbone, f.compile)  # in place, after the checkpoint load (apmask_lib/fastpath.py)
 
-    # ---- files
-    out.mkdir(parents=True, exist_ok=True)
-    csv = CSVLog(out / "log.csv", CSV_COLUMNS)
-    if ckpt is None:
-        for p in (out / "log.csv", out / "log.jsonl"):
-            p.unlink(missing_ok=True)
-    else:
-        csv.truncate_after(start)
-        truncate_jsonl(out / "log.jsonl", start // iters)
-    write_json(out / "config.json", {**cfg.to_dict(), "_run": {
-        "n_train": len(images), "n_val_images": len(val_images), "batch_size": batches.batch_size, "iters_per_epoch": iters, "total_steps": total,
-        "device": str(device), "poisson": poisson, "blend": blend, "hflip": resolve_hflip(cfg), "init": f.init,
-        "attention_grid": None if attentions is None else list(attentions.shape[1:])}})
-
-    att_tensor = None if att_all is None else torch.from_numpy(np.ascontiguousarray(att_all, dtype=np.float32))
-    val_csv = CSVLog(out / "validation.csv", VAL_COLUMNS)
-    if ckpt is None:
-        (out / "validation.csv").unlink(missing_ok=True)
-    else:
-        val_csv.truncate_after(start // iters, key="epoch")
+    logs = run.start_logs(CSV_COLUMNS, None if ckpt is None else start, iters, {"validation.csv": VAL_COLUMNS})
+    run.write_config(cfg, {
+        "n_train": len(st.images), "n_val_images": st.n_val_images, "batch_size": st.batches.batch_size,
+        "iters_per_epoch": iters, "total_steps": st.total, "device": str(device), "poisson": poisson, "blend": blend,
+        "hflip": resolve_hflip(cfg), "init": f.init,
+        "attention_grid": None if st.attentions is None else list(st.attentions.shape[1:])})
+    att_tensor = None if st.attentions is None else torch.from_numpy(np.ascontiguousarray(st.attentions, dtype=np.float32))
 
     def export(step: int) -> None:
         """model.pt, then done.json (last): where this call stops."""
-        save_detector(model_path, model, cfg.to_dict(), meta={"step": step, "total_steps": total, "done": step >= total})
-        runfolder.write_marker(out, _OUTPUTS, stage="finetune", step=step, total_steps=total, done=step >= total)
+        save_detector(run / "model.pt", model, cfg.to_dict(), meta={"step": step, "total_steps": st.total,
+                                                                      "done": step >= st.total})
+        run.mark(step, st.total)
 
     def save(step: int, done: bool, final: bool) -> None:
         """Checkpoint (every epoch end and at the stop); model.pt and done.json only where the run stops."""
-        save_checkpoint(ckpt_path, model=model, optimizer=optimizer, step=step, iters_per_epoch=iters, done=done,
-                        config=json.dumps(fingerprint), rng=rng_state(), attention=att_tensor,
-                        epoch_acc={k: list(v) for k, v in acc.items()})
+        run.save_checkpoint(model=model, optimizer=optimizer, step=step, iters_per_epoch=iters, done=done,
+                            attention=att_tensor, epoch_acc={k: list(v) for k, v in loop.means.items()})
         if final:
             export(step)
 
-    pending: list[dict[str, Any]] = []
-    bar = tqdm(total=stop, initial=start, desc="finetune", disable=not progress, dynamic_ncols=True)
+    def epoch_record(loop: TrainLoop, epoch: int, step: int, secs: float) -> dict:
+        record = {"epoch": epoch, "step": step, "lr": loop.last["lr"], "time_s": secs, **loop.epoch_means(),
+                  "images_per_s": len(loop.means["loss"]) * st.batches.batch_size / max(secs, 1e-9)}
+        if st.val_set is not None:  # label-free validation signal (apmask_lib/validation.py)
+            record.update(score_validation(model, st.val_set, device, f, autocast=autocast))
+            logs["validation.csv"].write(record)
+        return record
 
-    def flush() -> None:
-        if not pending:
-            return
-        vals = torch.stack([torch.stack([r["loss"], r["loss_det"], r["loss_seg"], r["acc"]]) for r in pending])
-        for r, (lo, ld, ls, ac) in zip(pending, vals.float().cpu().tolist()):
-            check_finite(lo, "fine-tuning loss", r["step"], terms={"loss": lo, "loss_det": ld, "loss_seg": ls},
-                         checkpoint=ckpt_path)
-            r.update(loss=lo, loss_det=ld, loss_seg=ls, acc=ac)
-            for k in acc:
-                acc[k].append(r[k])
-            csv.write(r)
-        bar.set_postfix(loss=f"{pending[-1]['loss']:.4f}")
-        pending.clear()
-
+    loop = TrainLoop(run, start=start, stop=stop, total=st.total, iters=iters, keys=("loss", "loss_det", "loss_seg", "acc"),
+                     log=logs["log.csv"], log_every=f.log_every, what="fine-tuning loss", epoch_record=epoch_record,
+                     save=save, progress=progress, means=means, terms=("loss", "loss_det", "loss_seg"))
     model.train()
-    epoch_t0 = t_last = time.perf_counter()
-    loader = batch_loader(batches, start, stop, f.num_workers, pin_memory=device.type == "cuda")
-    for step, batch in zip(range(start, stop), loader):
-        epoch, it = divmod(step, iters)
-        lr = float(lrs[step])
+    loader = batch_loader(st.batches, start, stop, f.num_workers, pin_memory=device.type == "cuda")
+    for step, batch in loop.steps(loader):
+        lr = float(st.lrs[step])
         for group in optimizer.param_groups:
             group["lr"] = lr
         losses = train_step(model, optimizer, batch, f, device, autocast)
-
-        now = time.perf_counter()
-        dt, t_last = now - t_last, now
-        pending.append({"step": step, "epoch": epoch, **losses, "lr": lr, "step_time": dt,
-                        "images_per_s": len(batch["labels"]) / max(dt, 1e-9)})
-        bar.update(1)
-        end_of_epoch = it == iters - 1
-        if len(pending) >= max(1, f.log_every) or end_of_epoch or step == stop - 1:
-            flush()
-        if end_of_epoch:
-            secs = time.perf_counter() - epoch_t0
-            record = {"epoch": epoch, "step": step + 1, "lr": lr, "time_s": secs,
-                      **{k: float(np.mean(v)) for k, v in acc.items()},
-                      "images_per_s": len(acc["loss"]) * batches.batch_size / max(secs, 1e-9)}
-            if val_set is not None:  # label-free validation signal (apmask_lib/validation.py)
-                record.update(score_validation(model, val_set, device, f, autocast=autocast))
-                val_csv.write(record)
-            append_jsonl(out / "log.jsonl", record)
-            for v in acc.values():
-                v.clear()
-            epoch_t0 = time.perf_counter()
-            save(step + 1, done=step + 1 == total, final=step == stop - 1)
-        elif step == stop - 1:
-            save(step + 1, done=False, final=True)
-    bar.close()
+        loop.record(step, losses, len(batch["labels"]), lr=lr)
+    loop.close()
     if start >= stop:  # nothing to train: the checkpoint covers this call; re-derive model.pt from it
         export(start)
-    return out
+    return run.path
 
 
-__all__ = ["CSV_COLUMNS", "resolve_poisson", "resolve_blend", "resolve_hflip", "initial_backbone", "build_detector", "param_groups",
-           "load_train_images", "attention_maps", "SyntheticBatches", "batch_loader", "make_batches", "train_step",
-           "run_finetune"]
+__all__ = ["CSV_COLUMNS", "resolve_poisson", "resolve_blend", "resolve_hflip", "initial_backbone", "build_detector",
+           "param_groups", "load_train_images", "attention_maps", "SyntheticBatches", "batch_loader", "make_batches",
+           "train_step", "FinetuneState", "build_finetune_state", "run_finetune"]

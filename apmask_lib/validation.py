@@ -108,7 +108,7 @@ def score_validation(model, val: ValidationSet, device: torch.device, f, batch_s
     try:
         for i in range(0, len(val), batch_size):
             x = val.images[i:i + batch_size].to(device).float().div_(255.0)
-            with autocast if autocast is not None else contextlib.nullcontext():
+            with autocast or contextlib.nullcontext():
                 o = model(x)
             logits.append(o.logit.float().cpu())
             probs.append(torch.sigmoid(o.seg_logits.float()).cpu())
