@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import resize_image
-from .utils import accelerated
+from .utils import autocast_context
 
 DECISION_THRESHOLD = 0.5
 
@@ -133,7 +133,7 @@ def predict_multiscale(model: nn.Module, images: Sequence[np.ndarray], sizes: Se
     cls = None
     for j, s in enumerate(sizes):
         x = to_batch(images, int(s), device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=accelerated(device)):
+        with autocast_context(device):
             out = model(x)
         seg = torch.sigmoid(out.seg_logits.float())
         if seg.shape[-2:] != x.shape[-2:]:

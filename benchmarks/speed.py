@@ -37,8 +37,6 @@ device kind and size) and rendered to ``results/benchmarks.md``, with the comman
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
 import datetime as dt
 import json
 import os
@@ -61,10 +59,9 @@ from apmask_lib import pretrain as PT  # noqa: E402
 from apmask_lib.config import Config, replace  # noqa: E402
 from apmask_lib.data import dataset_from_config  # noqa: E402
 from apmask_lib.fastpath import COMPILE_MODES, compile_blocks  # noqa: E402
-from apmask_lib.multicrop import MultiCrop, cache_short_side, load_image_bank  # noqa: E402
 from apmask_lib.multiscale import predict_multiscale, scale_sizes  # noqa: E402
 from apmask_lib.sinkhorn import sinkhorn, swapped_prediction_loss  # noqa: E402
-from apmask_lib.utils import atomic_write_text, cpu_model, resolve_device, synchronize as sync  # noqa: E402
+from apmask_lib.utils import atomic_write_text, autocast_context, cpu_model, resolve_device, synchronize as sync  # noqa: E402
 
 # dense (no sparsity) bf16 tensor-core peak, FLOP/s, from the vendors' data sheets
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "L4": 121e12,
@@ -147,14 +144,8 @@ def make_config(args, data: tuple[str, str, str]) -> Config:
 
 # ----------------------------------------------------------------------------- pre-training
 def bench_pretrain(cfg: Config, dataset, device: torch.device, args) -> dict:
-    p = cfg.pretrain
-    train = list(dataset.train)
-    bank = load_image_bank(dataset, train, cache_short_side(p.global_size), max(1, p.num_workers),
-                           progress=False).to(device)
-    crops = MultiCrop.from_config(p)
-    B = min(p.batch_size, len(bank))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    out: dict = {"n_train": len(bank), "batch": B, "iters_per_epoch": len(bank) // B}
+    autocast = autocast_context(device)
+    bank = None  # the run's own setup (pretrain.build_pretrain_state) per variant; the images are decoded once
 
     def views_for(i: int):
         g = torch.Generator().manual_seed(i)
@@ -164,14 +155,12 @@ def bench_pretrain(cfg: Config, dataset, device: torch.device, args) -> dict:
     steps: dict = {}
     variants = {k: v for k, v in PRETRAIN_VARIANTS.items() if k != "apmask_image" or args.rank_image}
     for name, over in variants.items():
-        pm = replace(cfg, pretrain=over).pretrain
+        vcfg = replace(cfg, pretrain=over)
+        pm = vcfg.pretrain
         mask = pm.mask
-        torch.manual_seed(0)
-        student = PT.build_student(cfg).to(device)
-        teacher = copy.deepcopy(student).eval()
-        for prm in teacher.parameters():
-            prm.requires_grad_(False)
-        opt = torch.optim.AdamW(PT.param_groups(student), lr=1e-5, **({"fused": True} if device.type == "cuda" else {}))
+        state = PT.build_pretrain_state(vcfg, dataset, device, bank=bank)
+        student, teacher, opt = state.student, state.teacher, state.optimizer
+        bank, crops, B = state.bank, state.crops, state.global_batch  # the same for every variant
 
         def full_step(i: int, student=student, teacher=teacher, opt=opt, pm=pm) -> None:
             views, g = views_for(i)  # the training loop's step, as run_pretrain runs it
@@ -210,6 +199,7 @@ def bench_pretrain(cfg: Config, dataset, device: torch.device, args) -> dict:
                        "kept_global_tokens": (int(pre[0][0][0][1].shape[1]) if pre[0][0][0][1] is not None
                                               else int(pre[0][0][0][0].shape[-1] // student.backbone.patch_size) ** 2)}
 
+    out: dict = {"n_train": len(bank), "batch": B, "iters_per_epoch": state.iters}
     # timed in alternating rounds (none, apmask, none, ...) so drifts in machine load hit both alike;
     # the median of the round means is reported
     rounds = max(1, args.rounds)
@@ -237,15 +227,9 @@ def bench_pretrain(cfg: Config, dataset, device: torch.device, args) -> dict:
 # ----------------------------------------------------------------------------- fine-tuning
 def bench_finetune(cfg: Config, dataset, device: torch.device, args) -> dict:
     f = cfg.finetune
-    train = list(dataset.train)
-    images = FT.load_train_images(dataset, train, cfg.data.image_size, max(1, f.num_workers), progress=False)
-    torch.manual_seed(0)
-    backbone = FT.initial_backbone(cfg).to(device)
-    attentions = FT.attention_maps(backbone, images, device, progress=False)
-    model = FT.build_detector(cfg, backbone).to(device)
-    batches = FT.make_batches(cfg, images, attentions)
-    opt = torch.optim.AdamW(FT.param_groups(model), lr=1e-6, **({"fused": True} if device.type == "cuda" else {}))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    state = FT.build_finetune_state(cfg, dataset, device)  # the run's own setup (validation hold-out included)
+    model, batches, opt = state.model, state.batches, state.optimizer
+    autocast = autocast_context(device)
 
     # data pipeline alone (CPU workers), batches/s
     n_data = max(args.steps, 2 * max(1, f.num_workers))
