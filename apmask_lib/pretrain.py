@@ -36,7 +36,9 @@ global batch, split across ranks; only rank 0 writes files). Outputs in
 ``<out_dir>/pretrain``: checkpoint.pt, backbone.pt (EMA-teacher backbone state dict, loadable with
 ``build_backbone("file:...")``), log.csv (per step), log.jsonl (per epoch), config.json, and done.json
 written last where the run stops (:mod:`apmask_lib.runfolder`: lock, done marker, no overwriting
-without ``force``).
+without ``force``; the loop, logs and progress lines: :mod:`apmask_lib.training`, shared with
+fine-tuning). The network is :class:`~apmask_lib.models.swav.SwAVNet`; the teacher pass and token
+selection of steps 2-3 are :func:`~apmask_lib.masking.student_views`.
 """
 from __future__ import annotations
 
