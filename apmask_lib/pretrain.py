@@ -353,6 +353,6 @@ def _run(cfg: Config, run: RunFolder, dataset, max_steps, resume: bool, force: b
     return run.path
 
 
-__all__ = ["SwAVHead", "SwAVNet", "build_student", "param_groups", "ema_update", "student_views",
+__all__ = ["build_student", "param_groups", "ema_update",
            "pretrain_loss", "train_step", "schedules", "PretrainState", "build_pretrain_state", "run_pretrain",
            "CSV_COLUMNS"]

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from apmask_lib import masking as M
 from apmask_lib import pretrain as P
 from apmask_lib.config import Config, replace
 from apmask_lib.masking import keep_indices
@@ -167,7 +168,7 @@ def test_masking_scores_come_from_the_teacher_on_the_student_views(mvtec_root):
     teacher = P.build_student(cfg).eval()
     imgs = torch.randint(0, 256, (2, 3, 74, 74), dtype=torch.uint8)
     views = MultiCrop.from_config(cfg.pretrain)(imgs, torch.tensor([[74, 74]] * 2), torch.Generator().manual_seed(0))
-    _, groups = P.student_views(teacher, views, "apmask", 0.3, torch.Generator())
+    _, groups = M.student_views(teacher, views, "apmask", 0.3, torch.Generator())
     with torch.no_grad():
         g_attn = teacher.backbone(views.student_global, attn="cls").cls_attention()
         l_attn = teacher.backbone(views.local, attn="cls").cls_attention()
@@ -175,9 +176,9 @@ def test_masking_scores_come_from_the_teacher_on_the_student_views(mvtec_root):
     assert torch.equal(groups[0][1], keep_indices(g_attn, 0.3))  # 16 patches -> 11 kept
     assert torch.equal(groups[1][1], keep_indices(l_attn, 0.3))  # 4 patches -> 2 kept
     assert groups[0][1].shape == (2, 11) and groups[1][1].shape == (4, 2)
-    _, groups = P.student_views(teacher, views, "none", 0.3, torch.Generator())
+    _, groups = M.student_views(teacher, views, "none", 0.3, torch.Generator())
     assert groups[0][1] is None and groups[1][1] is None
-    _, groups = P.student_views(teacher, views, "random", 0.3, torch.Generator().manual_seed(0))
+    _, groups = M.student_views(teacher, views, "random", 0.3, torch.Generator().manual_seed(0))
     assert groups[0][1].shape == (2, 11)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from apmask_lib import multicrop as mc
+from apmask_lib import masking as M
 from apmask_lib import pretrain as P
 from apmask_lib.config import Config, load_params, replace
 from apmask_lib.masking import attention_on_boxes, dropped_mask, keep_indices
@@ -110,9 +111,9 @@ def test_views_record_boxes_and_flips_that_match_their_pixels(monkeypatch):
                            (v.local_boxes, v.local_flip, v.local)):
         gh, gw = bb.grid_size(*x.shape[-2:])
         own = F.avg_pool2d(mc.grayscale(x)[..., :gh * 16, :gw * 16], 16).flatten(1)
-        got = P._image_rank_scores(att, bb, v, 128, boxes, flip, x.shape[-2:])
+        got = M._image_rank_scores(att, bb, v, 128, boxes, flip, x.shape[-2:])
         assert (got - own).abs().max() < 5e-3
-        wrong = P._image_rank_scores(att, bb, v, 128, boxes, ~flip, x.shape[-2:])
+        wrong = M._image_rank_scores(att, bb, v, 128, boxes, ~flip, x.shape[-2:])
         assert ((wrong - own).abs().mean(1) > 0.05).all()
 
 
@@ -162,7 +163,7 @@ def test_config_validation_and_resume_fingerprint():
     assert config_fingerprint(image, ())["pretrain"]["rank_source"] == "image"
     _, _, teacher, views = tiny_setup()
     with pytest.raises(ValueError, match="rank_source"):
-        P.student_views(teacher, views, "apmask", 0.3, torch.Generator(), "whole")
+        M.student_views(teacher, views, "apmask", 0.3, torch.Generator(), "whole")
 
 
 # ----------------------------------------------------------------------------- passes
@@ -182,20 +183,20 @@ def _record_teacher_passes(teacher):
 def test_image_ranking_is_one_teacher_pass_at_the_global_size(teacher_view):
     _, _, teacher, views = tiny_setup(teacher_view)
     calls = _record_teacher_passes(teacher)
-    P.student_views(teacher, views, "apmask", 0.3, torch.Generator(), "view")
+    M.student_views(teacher, views, "apmask", 0.3, torch.Generator(), "view")
     first = 8 if teacher_view == "second" else 4  # teacher view (+ student global view) at 64 px
     assert calls == [((first, 3, 64, 64), "cls"), ((12, 3, 32, 32), "cls")]  # + 3 local views of 4 images
     calls.clear()
-    t_scores, groups = P.student_views(teacher, views, "apmask", 0.3, torch.Generator(), "image")
+    t_scores, groups = M.student_views(teacher, views, "apmask", 0.3, torch.Generator(), "image")
     # one pass: the 4 teacher views and the 4 whole images; none on the local views
     assert calls == [((8, 3, 64, 64), "cls")]
     assert groups[0][1].shape == (4, 11) and groups[1][1].shape == (12, 2)
     calls.clear()
-    t_ref, _ = P.student_views(teacher, views, "none", 0.3, torch.Generator(), "image")
+    t_ref, _ = M.student_views(teacher, views, "none", 0.3, torch.Generator(), "image")
     assert calls == [((4, 3, 64, 64), None)]  # mask != apmask: rank_source plays no part
     torch.testing.assert_close(t_scores, t_ref, rtol=0, atol=1e-5)
     if teacher_view == "same":  # the student global view keeps the teacher pass's own attention
-        _, g_view = P.student_views(teacher, views, "apmask", 0.3, torch.Generator(), "view")
+        _, g_view = M.student_views(teacher, views, "apmask", 0.3, torch.Generator(), "view")
         assert torch.equal(groups[0][1], g_view[0][1])
 
 
@@ -203,7 +204,7 @@ def test_image_ranking_reads_the_whole_image_attention():
     """The keep indices are keep_indices() of the teacher's attention on views.whole_image(),
     resampled onto the recorded boxes (an independent re-statement of the pipeline)."""
     _, _, teacher, views = tiny_setup()
-    _, groups = P.student_views(teacher, views, "apmask", 0.3, torch.Generator(), "image")
+    _, groups = M.student_views(teacher, views, "apmask", 0.3, torch.Generator(), "image")
     with torch.no_grad():
         att = teacher.backbone(views.whole_image(64), attn="cls").cls_attention().view(4, 4, 4)
     for (x, keep), boxes, flip in zip(groups, (views.student_global_boxes, views.local_boxes),
