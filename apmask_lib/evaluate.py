@@ -82,7 +82,9 @@ from .data import AnomalyDataset, Sample, dataset_from_config
 from .metrics import PixelMetrics, f1_max, image_auroc, roc_curve
 from .threshold import THRESHOLD_FILE, choose_threshold, confusion_at, normal_pixel_sample
 from .multiscale import MultiScaleOutput, model_patch_size, predict_multiscale, scale_sizes
-from .utils import atomic_write_bytes, atomic_write_text, resolve_device, seed_everything, write_json
+from .devices import resolve_device
+from .files import atomic_write_bytes, atomic_write_text, write_json
+from .rng import seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +252,7 @@ class KnnExtension:
         if ecfg.knn_backbone == "finetuned":
             backbone = model.backbone
         else:
-            from .models import build_backbone
+            from .weights import build_backbone
 
             backbone = build_backbone(cfg.backbone, seed=cfg.seed).to(device).eval()
         scorers: dict[int, KnnScorer] = {}
@@ -368,11 +370,11 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
 
     t0 = time.perf_counter()
     if model is None:
-        from .models.detector import load_detector
+        from .weights import load_detector
 
         model = load_detector(model_path, map_location="cpu")
     else:
-        from .models.detector import check_finite_weights
+        from .weights import check_finite_weights
 
         model_path = Path("<in-memory model>")
         check_finite_weights(model, model_path)

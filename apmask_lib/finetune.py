@@ -20,7 +20,7 @@ One step, for a batch of B training images (``finetune.batch_size``):
    ``finetune.blend`` "auto" = MIXED_CLONE for X-rays and MVTec textures, NORMAL_CLONE otherwise.
 3. AdamW (no weight decay on biases, norms, position embedding, [CLS] token), learning rate
    linear warm-up ``start_lr -> lr`` over ``warmup_epochs`` then cosine to ``min_lr``
-   (:func:`~apmask_lib.utils.cosine_scheduler`, as pre-training), gradient clipping, bf16 autocast
+   (:func:`~apmask_lib.optim.cosine_scheduler`, as pre-training), gradient clipping, bf16 autocast
    on CUDA.
 
 Batches are made on the CPU by :class:`SyntheticBatches`, in ``num_workers`` DataLoader workers
@@ -32,7 +32,7 @@ Engineering as pre-training: checkpoint (atomic) at every epoch end and when sto
 resume (model, optimiser, step, RNG state, attention maps), a configuration check on resume,
 progress bar, log.csv per step (losses read back every ``log_every`` steps), log.jsonl per epoch,
 NaN/inf -> clear error, a finished run is not retrained. Outputs in ``<out_dir>/finetune``:
-checkpoint.pt, model.pt (:func:`~apmask_lib.models.detector.save_detector`, written where the run
+checkpoint.pt, model.pt (:func:`~apmask_lib.weights.save_detector`, written where the run
 stops; its ``meta`` holds step, total_steps and done), log.csv, log.jsonl, config.json, and done.json
 written last where the run stops (:mod:`apmask_lib.runfolder`: lock, done marker, no overwriting
 without ``force``; the same rules as pre-training).
@@ -55,14 +55,18 @@ from .anomalies import KINDS, anomaly_batch
 from .config import Config
 from .fastpath import compile_blocks
 from .losses import finetune_loss
-from .models import VisionTransformer, build_backbone
-from .models.detector import SEG_MAPS, AnomalyDetector, save_detector
+from .models import VisionTransformer
+from .weights import build_backbone
+from .models.detector import SEG_MAPS, AnomalyDetector
+from .weights import save_detector
 from . import runfolder
 from .validation import COLUMNS as VAL_COLUMNS, holdout_indices, make_validation_set, score_validation
-from .utils import accelerated, autocast_context
-from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
-                    param_groups, truncate_jsonl,
-                    resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
+from .devices import accelerated, autocast_context, resolve_device
+from .files import append_jsonl, CSVLog, save_checkpoint, truncate_jsonl, write_json
+from .fingerprint import config_fingerprint, load_resume_checkpoint
+from .nonfinite import check_finite
+from .optim import cosine_scheduler, param_groups
+from .rng import rng_state, seed_everything, set_rng_state
 
 CSV_COLUMNS = ("step", "epoch", "loss", "loss_det", "loss_seg", "lr", "step_time", "images_per_s")
 # config keys that do not change the trained weights (may differ on resume)

@@ -123,7 +123,7 @@ def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = 
                         kernel_name="python3")
     import nbformat
 
-    from .utils import atomic_write_text
+    from .files import atomic_write_text
 
     node = normalize_executed(nbformat.read(tmp, as_version=4), root)
     node.metadata.get("papermill", {})["output_path"] = str(out).replace(str(root) + "/", "")
@@ -203,7 +203,7 @@ def paper_figures(cfg: Config, figures_dir: str | Path, n_images: int = 4) -> li
     from .anomalies import KINDS
     from .data import dataset_from_config, read_image
     from .finetune import resolve_blend, resolve_poisson
-    from .models import build_backbone
+    from .weights import build_backbone
     from .viz.synthetic import fig_attention_panel, fig_synthetic_grid
 
     ds = dataset_from_config(cfg.data)

@@ -51,7 +51,9 @@ from apmask_lib.evaluate import run_evaluate  # noqa: E402
 from apmask_lib.finetune import run_finetune  # noqa: E402
 from apmask_lib.metrics import aggregate_seeds  # noqa: E402
 from apmask_lib.pretrain import run_pretrain  # noqa: E402
-from apmask_lib.utils import atomic_write_text, cpu_model, resolve_device  # noqa: E402
+from apmask_lib.devices import resolve_device  # noqa: E402
+from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.machine import cpu_model  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from apmask_lib.utils import cpu_model  # noqa: E402
+from apmask_lib.machine import cpu_model  # noqa: E402
 from apmask_lib import pretrain as P  # noqa: E402
 from apmask_lib.config import Config, replace  # noqa: E402
 from apmask_lib.multicrop import MultiCropViews  # noqa: E402
-from apmask_lib.utils import resolve_device, synchronize as sync  # noqa: E402
+from apmask_lib.devices import resolve_device, synchronize as sync  # noqa: E402
 
 
 

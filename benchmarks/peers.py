@@ -60,7 +60,10 @@ from apmask_lib.config import EvaluateConfig  # noqa: E402
 from apmask_lib.data import AnomalyDataset, build_dataset  # noqa: E402
 from apmask_lib.evaluate import pixel_ground_truth  # noqa: E402
 from apmask_lib.metrics import PixelMetrics, image_auroc  # noqa: E402
-from apmask_lib.utils import atomic_write_text, cpu_model, resolve_device, seed_everything, write_json  # noqa: E402
+from apmask_lib.devices import resolve_device  # noqa: E402
+from apmask_lib.files import atomic_write_text, write_json  # noqa: E402
+from apmask_lib.machine import cpu_model  # noqa: E402
+from apmask_lib.rng import seed_everything  # noqa: E402
 
 PEERS = ("patchcore", "anomalydino7", "anomalydino_last")
 INSTALL_HINT = "pip install -e '.[peers]'"
@@ -220,7 +223,7 @@ def build_anomalydino(block: int, size: int = 252, num_neighbours: int = 1) -> P
     """anomalib AnomalyDINO on the offline DINOv2 ViT-S/14, patch tokens of block ``block`` (0-based)."""
     from anomalib.models.image.anomaly_dino.torch_model import AnomalyDINOModel
 
-    from apmask_lib.models.weights import build_backbone
+    from apmask_lib.weights import build_backbone
 
     if not 0 <= block < DINO_DEPTH:
         raise ValueError(f"block must be in [0, {DINO_DEPTH - 1}], got {block}")

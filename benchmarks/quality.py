@@ -44,14 +44,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from apmask_lib.utils import cpu_model  # noqa: E402
+from apmask_lib.machine import cpu_model  # noqa: E402
 from apmask_lib.config import Config, replace  # noqa: E402
 from apmask_lib.evaluate import run_evaluate  # noqa: E402
 from apmask_lib.finetune import run_finetune  # noqa: E402
 from apmask_lib.metrics import aggregate_seeds  # noqa: E402
 from apmask_lib.pretrain import run_pretrain  # noqa: E402
 from apmask_lib.reference import PAPER_TABLE1_MVTEC  # noqa: E402
-from apmask_lib.utils import atomic_write_text, resolve_device  # noqa: E402
+from apmask_lib.devices import resolve_device  # noqa: E402
+from apmask_lib.files import atomic_write_text  # noqa: E402
 
 PAPER_EPOCHS = {"pretrain": (300, 10), "finetune": (100, 10)}  # (epochs, warm-up epochs) in the paper
 METRICS = ("image_auroc", "pixel_auroc", "au_pro")

@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=None, help="Markdown report (default: print only)")
     args = ap.parse_args()
-    from apmask_lib.utils import cpu_model
+    from apmask_lib.machine import cpu_model
 
     load = os.getloadavg()
     rows = []

@@ -24,7 +24,7 @@ from apmask_lib.config import Config, replace
 from apmask_lib.fastpath import COMPILE_MODES, compile_blocks
 from apmask_lib.multicrop import MultiCrop
 from apmask_lib.sinkhorn import sinkhorn
-from apmask_lib.utils import load_checkpoint
+from apmask_lib.files import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .random")
 

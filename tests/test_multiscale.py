@@ -108,7 +108,7 @@ def test_patch_size_lookup():
 
 def test_real_detector_multiscale_shapes():
     """The real AnomalyDetector (tiny random backbone) through the multi-scale path."""
-    from apmask_lib.models import build_backbone
+    from apmask_lib.weights import build_backbone
     from apmask_lib.models.detector import AnomalyDetector
 
     with pytest.warns(UserWarning, match="random weights"):

@@ -15,7 +15,8 @@ from apmask_lib import multicrop as mc
 from apmask_lib import pretrain as P
 from apmask_lib.config import Config, load_params, replace
 from apmask_lib.masking import attention_on_boxes, dropped_mask, keep_indices
-from apmask_lib.utils import config_fingerprint, load_checkpoint
+from apmask_lib.files import load_checkpoint
+from apmask_lib.fingerprint import config_fingerprint
 
 import test_fastpath as fp
 from test_fastpath import TINY
