@@ -66,8 +66,6 @@ import csv
 import io
 import logging
 import math
-import os
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -83,6 +81,7 @@ from .metrics import PixelMetrics, f1_max, image_auroc, roc_curve
 from .threshold import THRESHOLD_FILE, choose_threshold, confusion_at, normal_pixel_sample
 from .multiscale import MultiScaleOutput, model_patch_size, predict_multiscale, scale_sizes
 from .devices import resolve_device
+from .machine import machine_info
 from .files import atomic_write_bytes, atomic_write_text, write_json
 from .rng import seed_everything
 
@@ -175,14 +174,6 @@ def finite_or_none(obj: Any) -> Any:
     if isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
         return None
     return obj
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:

@@ -121,7 +121,7 @@ def run_ours(ds, train, test, sizes=(224, 448), batch_size: int = 8, feature_bf1
 
 def run_anomalydino(ds, train, test, size: int = 252, batch_size: int = 8) -> dict[str, Any]:
     """Bank + inference of anomalib's AnomalyDINO as benchmarks/peers.py configures it."""
-    from peers import build_anomalydino
+    from benchmarks.peers import build_anomalydino
 
     peer = build_anomalydino(7, size)
     t_all = time.perf_counter()
@@ -150,7 +150,7 @@ def quality(ds, test, scores, maps, method: str) -> dict[str, float]:
 
     labels = np.array([s.label for s in test])
     if method == "anomalydino":
-        from peers import peer_metrics
+        from benchmarks.peers import peer_metrics
 
         import copy
 

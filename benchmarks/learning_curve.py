@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import METRICS, scaled_warmup, versions  # noqa: E402
+from benchmarks.common import METRICS, scaled_warmup, versions  # noqa: E402
 
 from apmask_lib.config import load_params  # noqa: E402
 from apmask_lib.devices import resolve_device  # noqa: E402
