@@ -87,10 +87,6 @@ from .rng import seed_everything
 
 log = logging.getLogger(__name__)
 
-IMAGE_SCORES = ("det_mean", "map_max")
-FUSIONS = ("knn", "fused")          # extension outputs: kNN alone | kNN + fused
-KNN_BACKBONES = ("init", "finetuned")
-THRESHOLD_ON = ("auto", "val", "test")
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,15 +223,9 @@ class KnnExtension:
 
     def __init__(self, cfg: Config, dataset: AnomalyDataset, model: torch.nn.Module, sizes: Sequence[int],
                  device: torch.device):
-        from .knn import SIGMA_AT, KnnScorer, MemoryBank, RunningStats, average_outputs, holdout_indices, logit
+        from .knn import KnnScorer, MemoryBank, RunningStats, average_outputs, holdout_indices, logit
 
         ecfg = cfg.evaluate
-        if ecfg.fusion not in FUSIONS:
-            raise ValueError(f"evaluate.fusion must be one of {FUSIONS}, got {ecfg.fusion!r}")
-        if ecfg.knn_backbone not in KNN_BACKBONES:
-            raise ValueError(f"evaluate.knn_backbone must be one of {KNN_BACKBONES}, got {ecfg.knn_backbone!r}")
-        if ecfg.knn_sigma_at not in SIGMA_AT:
-            raise ValueError(f"evaluate.knn_sigma_at must be one of {SIGMA_AT}, got {ecfg.knn_sigma_at!r}")
         if not ecfg.knn_sizes:
             raise ValueError("evaluate.knn_sizes is empty; give at least one input size, e.g. [448]")
         self.fusion, self.score = ecfg.fusion, ecfg.score
@@ -342,10 +332,6 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     split of ``dataset`` (default: built from ``cfg.data``); returns the metrics dict (also written).
     ``model``: an in-memory detector to use instead of loading one (notebooks, tests)."""
     ecfg = cfg.evaluate
-    if ecfg.score not in IMAGE_SCORES:
-        raise ValueError(f"evaluate.score must be one of {IMAGE_SCORES}, got {ecfg.score!r}")
-    if ecfg.threshold_on not in THRESHOLD_ON:
-        raise ValueError(f"evaluate.threshold_on must be one of {THRESHOLD_ON}, got {ecfg.threshold_on!r}")
     t_start = time.perf_counter()
     out_dir = Path(cfg.out_dir) / "evaluate"
     model_path = Path(model_path) if model_path is not None else Path(cfg.out_dir) / "finetune" / "model.pt"
@@ -606,6 +592,6 @@ def write_figures(out_dir: Path, fig_items, rows, labels, pix: PixelMetrics, fea
     return figures
 
 
-__all__ = ["run_evaluate", "score_split", "write_threshold", "THRESHOLD_ON", "KnnExtension", "method_metrics", "paper_image_score", "FUSIONS", "KNN_BACKBONES",
+__all__ = ["run_evaluate", "score_split", "write_threshold", "KnnExtension", "method_metrics", "paper_image_score",
            "cap_per_defect", "has_pixel_gt", "pixel_ground_truth", "pick_figure_samples",
            "per_defect_auroc", "safe_auroc", "finite_or_none", "write_figures"]

@@ -1,6 +1,9 @@
 """Writing and reading files safely: atomic writes (bytes, text, JSON, torch archives), checkpoints
 read with ``weights_only=True`` only, append-only training logs (CSV, JSON lines) that can be cut
-back to the checkpoint a run resumes from, and the cache folder."""
+back to the checkpoint a run resumes from, and the cache folder.
+
+torch is imported by the two functions that need it only, so that the data layer and the table
+writers (which use the atomic writes) start without it."""
 from __future__ import annotations
 
 import csv
@@ -8,10 +11,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def cache_dir() -> Path:
@@ -67,6 +72,8 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
     """``torch.save(obj, path)`` atomically (:func:`_atomic_write`). Through the file object:
     ``torch.save(obj, <path>)`` names the archive's records after the (random) temporary file, so
     equal checkpoints would differ in bytes (and in dvc.lock)."""
+    import torch
+
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -101,6 +108,8 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint", map_location: An
     """``torch.load(path, weights_only=True)``; any failure is a ValueError that names the file and
     says it is not a valid checkpoint. PyTorch's own message is not repeated: it advises re-running
     with ``weights_only=False``, which would execute whatever code a hostile file carries."""
+    import torch
+
     path = Path(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)

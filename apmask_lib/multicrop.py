@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
+from .config import TEACHER_VIEWS
+
 # DINO's photometric settings (main_dino.py, DataAugmentationDINO)
 FLIP_P = 0.5
 JITTER_P = 0.8
@@ -307,8 +309,8 @@ class MultiCrop:
     teacher_view: str = "second"  # second | same
 
     def __post_init__(self):
-        if self.teacher_view not in ("second", "same"):
-            raise ValueError(f"teacher_view must be 'second' or 'same', got {self.teacher_view!r}")
+        if self.teacher_view not in TEACHER_VIEWS:
+            raise ValueError(f"teacher_view must be one of {', '.join(TEACHER_VIEWS)}, got {self.teacher_view!r}")
         if self.n_local < 0:
             raise ValueError(f"n_local must be >= 0, got {self.n_local}")
 

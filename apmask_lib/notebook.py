@@ -8,7 +8,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from .anomalies import KINDS
 from .config import Config, load_params
+from .data import dataset_from_config, read_image
+from .files import atomic_write_text
+from .finetune import resolve_blend, resolve_poisson
+from .viz.synthetic import fig_attention_panel, fig_synthetic_grid
+from .viz.tsne import fig_tsne
+from .weights import build_backbone
 
 # tqdm.auto in a kernel without ipywidgets warns "IProgress not found" (with the venv's absolute path)
 # and falls back to the text bar, which is what we want: say nothing
@@ -123,8 +130,6 @@ def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = 
                         kernel_name="python3")
     import nbformat
 
-    from .files import atomic_write_text
-
     node = normalize_executed(nbformat.read(tmp, as_version=4), root)
     node.metadata.get("papermill", {})["output_path"] = str(out).replace(str(root) + "/", "")
     atomic_write_text(out, nbformat.writes(node) + "\n")
@@ -182,8 +187,6 @@ def tsne_from_run(run: str | Path, perplexity: float | None = None, seed: int = 
     ``runs/adhoc/figures/fig5_tsne__<run>.png`` (never into the run folder, a pipeline output)."""
     import numpy as np
 
-    from .viz.tsne import fig_tsne
-
     feats = Path(run) / "evaluate" / "features.npz"
     if not feats.is_file():
         raise FileNotFoundError(f"{feats} not found: run the evaluation (03_evaluate / apmask evaluate) first")
@@ -198,14 +201,6 @@ def tsne_from_run(run: str | Path, perplexity: float | None = None, seed: int = 
 def paper_figures(cfg: Config, figures_dir: str | Path, n_images: int = 4) -> list[Path]:
     """Fig. 1 (input | attention | APMask | attention-guided anomaly) and Fig. 4b (grid of
     synthetic anomalies of every kind) on ``n_images`` training images of the configured data."""
-    import warnings
-
-    from .anomalies import KINDS
-    from .data import dataset_from_config, read_image
-    from .finetune import resolve_blend, resolve_poisson
-    from .weights import build_backbone
-    from .viz.synthetic import fig_attention_panel, fig_synthetic_grid
-
     ds = dataset_from_config(cfg.data)
     step = max(len(ds.train) // max(n_images, 1), 1)
     images = [read_image(s.path) for s in ds.train[::step][:n_images]]

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 from .collapse import STAT_COLUMNS, assignment_stats
 from .config import RANK_SOURCES, Config
 from .fastpath import compile_blocks
-from .masking import KINDS, attention_on_boxes, keep_indices, num_dropped
+from .masking import attention_on_boxes, keep_indices, num_dropped
 from .models import VisionTransformer
 from .weights import build_backbone
 from .models.heads import ProjectionMLP, Prototypes
@@ -339,8 +339,6 @@ def run_pretrain(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     A second run in the same folder is refused (:class:`~apmask_lib.runfolder.RunLocked`).
     """
     p = cfg.pretrain
-    if p.mask not in KINDS:
-        raise ValueError(f"pretrain.mask must be one of {KINDS}, got {p.mask!r}")
     out = Path(cfg.out_dir) / "pretrain"
     ckpt_path, backbone_path = out / "checkpoint.pt", out / "backbone.pt"
     rank, world, device, created_pg = _dist_setup(cfg)

@@ -1,21 +1,13 @@
 """Multi-scale inference: sizes, voting, and maps at the original resolution averaged over scales."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from apmask_lib.multiscale import (majority_vote, model_patch_size, predict_multiscale, scale_sizes, snap_size)
-
-
-@dataclass
-class FakeOutput:
-    logit: torch.Tensor
-    seg_logits: torch.Tensor
-    cls: torch.Tensor
+from helpers import FakeOutput
 
 
 class ConstantPerScale(nn.Module):

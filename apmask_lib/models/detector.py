@@ -31,11 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import SEG_MAPS, SEG_TRANSFORMS
 from .heads import ProjectionMLP
 from .vit import VisionTransformer
 
-SEG_MAPS = ("heads", "heads_full", "tokens")
-SEG_TRANSFORMS = ("log", "linear")
 
 
 @dataclass
