@@ -8,14 +8,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from .anomalies import KINDS
 from .config import Config, load_params
-from .data import dataset_from_config, read_image
 from .files import atomic_write_text
-from .finetune import resolve_blend, resolve_poisson
-from .viz.synthetic import fig_attention_panel, fig_synthetic_grid
-from .viz.tsne import fig_tsne
-from .weights import build_backbone
+
+# Every notebook imports this module, so its module-level imports run in every DVC stage (and are
+# dependencies of each): the figure helpers at the bottom import the training and figure code they
+# need where they use it, so that a change there re-runs only the stages that draw those figures.
 
 # tqdm.auto in a kernel without ipywidgets warns "IProgress not found" (with the venv's absolute path)
 # and falls back to the text bar, which is what we want: say nothing
@@ -187,6 +185,8 @@ def tsne_from_run(run: str | Path, perplexity: float | None = None, seed: int = 
     ``runs/adhoc/figures/fig5_tsne__<run>.png`` (never into the run folder, a pipeline output)."""
     import numpy as np
 
+    from .viz.tsne import fig_tsne
+
     feats = Path(run) / "evaluate" / "features.npz"
     if not feats.is_file():
         raise FileNotFoundError(f"{feats} not found: run the evaluation (03_evaluate / apmask evaluate) first")
@@ -201,6 +201,12 @@ def tsne_from_run(run: str | Path, perplexity: float | None = None, seed: int = 
 def paper_figures(cfg: Config, figures_dir: str | Path, n_images: int = 4) -> list[Path]:
     """Fig. 1 (input | attention | APMask | attention-guided anomaly) and Fig. 4b (grid of
     synthetic anomalies of every kind) on ``n_images`` training images of the configured data."""
+    from .anomalies import KINDS
+    from .data import dataset_from_config, read_image
+    from .finetune import resolve_blend, resolve_poisson
+    from .viz.synthetic import fig_attention_panel, fig_synthetic_grid
+    from .weights import build_backbone
+
     ds = dataset_from_config(cfg.data)
     step = max(len(ds.train) // max(n_images, 1), 1)
     images = [read_image(s.path) for s in ds.train[::step][:n_images]]
