@@ -39,6 +39,7 @@ from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
 from .config import TEACHER_VIEWS
+from .data import resize_image
 
 # DINO's photometric settings (main_dino.py, DataAugmentationDINO)
 FLIP_P = 0.5
@@ -77,8 +78,6 @@ def load_image_bank(dataset, samples: Sequence, short_side: int, num_workers: in
                     progress: bool = True) -> ImageBank:
     """Decode ``samples`` once with ``dataset.image`` and resize each (aspect kept) so its short
     side is ``short_side`` pixels. Decoding runs in ``num_workers`` threads (OpenCV releases the GIL)."""
-    from .data import resize_image
-
     if not samples:
         raise ValueError("no training images to cache (dataset.train is empty)")
 
