@@ -38,7 +38,6 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -46,8 +45,9 @@ from .config import EvaluateConfig
 from .data import ImageReadError, read_image
 from .data.mvtec import IMAGE_EXTS
 from .multiscale import model_patch_size, predict_multiscale, scale_sizes
+from .outputs import format_row, write_png
 from .threshold import find_threshold_file, read_threshold
-from .utils import atomic_write_bytes, resolve_device, write_json
+from .utils import resolve_device, write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,6 @@ def heatmap_name(path: Path, used: set[str]) -> str:
         name = f"{path.stem}_{k}.png"
     used.add(name)
     return name
-
-
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
-    if not ok:
-        raise RuntimeError(f"could not encode PNG for {path}")
-    atomic_write_bytes(path, buf.tobytes())
 
 
 def header_size(path: Path) -> Optional[tuple[int, int]]:
@@ -167,10 +160,6 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _fmt(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()}
-
-
 def predict(model_path: str | Path, inputs: str | Path | Sequence[str | Path], out_dir: str | Path,
             scales: Sequence[int] = EvaluateConfig().scales, device: str = "auto", batch_size: int = 8,
             threshold: str | Path | float | None = None, force: bool = False,
@@ -232,7 +221,7 @@ def predict(model_path: str | Path, inputs: str | Path | Sequence[str | Path], o
                 bar.update(len(idx))
                 del images, res
             for i in range(start, stop):
-                writer.writerow(_fmt(rows[i]))
+                writer.writerow(format_row(rows[i]))
             f.flush()
             start = stop
 
