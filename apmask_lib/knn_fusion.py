@@ -112,6 +112,26 @@ def squash(z):
 # --------------------------------------------------------------------------------------------
 # the extension
 # --------------------------------------------------------------------------------------------
+def training_samples(cfg: Config, dataset: AnomalyDataset) -> list:
+    """The images a memory bank is fitted on: ``dataset.train``, the first ``data.max_train`` of them."""
+    train = list(dataset.train)
+    if cfg.data.max_train is not None:
+        train = train[: cfg.data.max_train]
+    if not train:
+        raise ValueError(f"{dataset.name}: the kNN extension needs training images, found none")
+    return train
+
+
+def bank_features(scorer: KnnScorer, dataset: AnomalyDataset, samples: Sequence, batch_size: int) -> list[torch.Tensor]:
+    """(N, C) patch features (on the CPU) of each of ``samples`` at the scorer's size, in batches."""
+    bs = max(1, int(batch_size))
+    feats: list[torch.Tensor] = []
+    for start in tqdm(range(0, len(samples), bs), desc=f"kNN bank features {scorer.size}px", unit="batch",
+                      disable=None, leave=False):
+        feats += list(scorer.features([dataset.image(s) for s in samples[start:start + bs]]).cpu())
+    return feats
+
+
 class KnnExtension:
     """The kNN branch (one memory bank per input size in ``knn_sizes``, fitted on the training
     images) and, for ``fusion="fused"``, the normal statistics of both branches on held-out training
@@ -143,11 +163,7 @@ class KnnExtension:
                            coreset=ecfg.knn_coreset, seed=cfg.seed, device=device)
             scorers.setdefault(sc.size, sc)  # sizes that snap to the same grid are used once
         self.scorers = list(scorers.values())
-        train = list(dataset.train)
-        if cfg.data.max_train is not None:
-            train = train[: cfg.data.max_train]
-        if not train:
-            raise ValueError(f"{dataset.name}: the kNN extension needs training images, found none")
+        train = training_samples(cfg, dataset)
         bs = max(1, int(ecfg.batch_size))
         held = [int(i) for i in holdout_indices(len(train), ecfg.knn_holdout)] if ecfg.fusion == "fused" else []
         held_set = set(held)
@@ -155,10 +171,7 @@ class KnnExtension:
         held_outputs: list[list] = []  # per size: KnnOutput per held-out batch
         for sc in self.scorers:  # one size at a time: only one size's training features in memory
             t0 = time.perf_counter()
-            feats: list[torch.Tensor] = []
-            for start in tqdm(range(0, len(train), bs), desc=f"kNN bank features {sc.size}px", unit="batch",
-                              disable=None, leave=False):
-                feats += list(sc.features([dataset.image(s) for s in train[start:start + bs]]).cpu())
+            feats = bank_features(sc, dataset, train, bs)
             timings["bank_features_s"] += time.perf_counter() - t0
             if held:
                 t0 = time.perf_counter()
@@ -222,5 +235,5 @@ class KnnExtension:
         return out
 
 
-__all__ = ["FUSIONS", "KNN_BACKBONES", "KnnExtension", "holdout_indices", "RunningStats", "standardise", "logit",
+__all__ = ["FUSIONS", "KNN_BACKBONES", "KnnExtension", "training_samples", "bank_features", "holdout_indices", "RunningStats", "standardise", "logit",
            "squash"]
