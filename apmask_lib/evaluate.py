@@ -61,9 +61,10 @@ from .data.ground_truth import cap_per_defect, pick_figure_samples, pixel_ground
 from .knn_fusion import KnnExtension
 from .metrics import (PixelMetrics, finite_or_none, image_auroc, method_metrics, paper_image_score, roc_curve,
                       safe_auroc)
-from .multiscale import model_patch_size, predict_multiscale, scale_sizes
+from .knn_model import load_model, model_kind, run_sizes
+from .multiscale import predict_multiscale
 from .outputs import save_npy, save_npz, write_csv
-from .threshold import normal_pixel_sample, write_threshold
+from .threshold import EVALUATE_DIRS, normal_pixel_sample, write_threshold
 from .utils import resolve_device, seed_everything, write_json
 
 log = logging.getLogger(__name__)
@@ -85,16 +86,17 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 def run_evaluate(cfg: Config, model_path: str | Path | None = None,
                  dataset: Optional[AnomalyDataset] = None, model: Optional[torch.nn.Module] = None) -> dict[str, Any]:
-    """Evaluate the detector at ``model_path`` (default ``cfg.out_dir/finetune/model.pt``) on the test
-    split of ``dataset`` (default: built from ``cfg.data``); returns the metrics dict (also written).
-    ``model``: an in-memory detector to use instead of loading one (notebooks, tests)."""
+    """Evaluate the detector at ``model_path`` (default ``cfg.out_dir/finetune/model.pt``; a kNN model
+    file of ``apmask fit --method knn`` is evaluated the same way, :mod:`apmask_lib.knn_model`, into
+    ``OUT_DIR/evaluate_knn/``) on the test split of ``dataset`` (default: built from ``cfg.data``);
+    returns the metrics dict (also written). ``model``: an in-memory model to use instead of loading
+    one (notebooks, tests)."""
     ecfg = cfg.evaluate
     if ecfg.score not in IMAGE_SCORES:
         raise ValueError(f"evaluate.score must be one of {IMAGE_SCORES}, got {ecfg.score!r}")
     if ecfg.threshold_on not in THRESHOLD_ON:
         raise ValueError(f"evaluate.threshold_on must be one of {THRESHOLD_ON}, got {ecfg.threshold_on!r}")
     t_start = time.perf_counter()
-    out_dir = Path(cfg.out_dir) / "evaluate"
     model_path = Path(model_path) if model_path is not None else Path(cfg.out_dir) / "finetune" / "model.pt"
     if model is None and not model_path.is_file():
         raise FileNotFoundError(f"detector checkpoint not found: {model_path}. Run `apmask finetune` for this "
@@ -108,9 +110,7 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
 
     t0 = time.perf_counter()
     if model is None:
-        from .models.detector import load_detector
-
-        model = load_detector(model_path, map_location="cpu")
+        model = load_model(model_path, map_location="cpu")   # the fine-tuned detector or a kNN model
     else:
         from .models.detector import check_finite_weights
 
@@ -118,13 +118,17 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
         check_finite_weights(model, model_path)
     model = model.to(device).eval()
     t_load = time.perf_counter() - t0
-    sizes = scale_sizes(ecfg.scales, model_patch_size(model))
-    if tuple(sizes) != tuple(ecfg.scales):
+    kind = model_kind(model)
+    out_dir = Path(cfg.out_dir) / EVALUATE_DIRS[kind]
+    sizes = run_sizes(model, ecfg.scales)
+    if kind == "detector" and tuple(sizes) != tuple(ecfg.scales):
         log.info("test-time scales %s snapped to the patch grid: %s", tuple(ecfg.scales), sizes)
 
     pix = PixelMetrics(bins=ecfg.pixel_bins, value_range=(0.0, 1.0))
     ext = None
-    if ecfg.knn_layer is not None:  # EXTENSION (module docstring)
+    if ecfg.knn_layer is not None and kind == "knn":
+        log.info("evaluating the kNN model itself: the kNN extension beside it (evaluate.knn_layer) is not run")
+    elif ecfg.knn_layer is not None:  # EXTENSION (module docstring)
         ext = KnnExtension(cfg, ds, model, sizes, device)
         # kNN maps are cosine distances in [0, 2]; fused maps are squashed into (0, 1)
         ext_pix = {m: PixelMetrics(bins=ecfg.pixel_bins, value_range=(0.0, 2.0) if m == "knn" else (0.0, 1.0))
@@ -240,6 +244,9 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
         "timings": {"total_s": time.perf_counter() - t_start, "model_load_s": t_load, "inference_s": t_inf,
                     "inference_per_image_s": t_inf / len(rows), "metrics_s": t_metrics, "figures_s": t_fig},
     })
+    if kind == "knn":
+        metrics["model_kind"] = "knn"
+        metrics["knn_model"] = model.settings()
     if ext is not None:
         keys = ("image_auroc", "per_defect_image_auroc", "f1_max", "f1_threshold", "pixel_auroc", "au_pro",
                 "pixel_f1_max", "pixel_f1_threshold", "pixel_metric_method", "pixel_auroc_bin_error_bound")
@@ -262,7 +269,7 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
         varying["extension_timings"] = metrics["extension"]["timings"]
         stable["extension"] = {k: v for k, v in metrics["extension"].items() if k != "timings"}
     write_json(out_dir / "metrics.json", stable)
-    write_json(out_dir.parent / "evaluate_timings.json", varying)
+    write_json(out_dir.parent / f"{out_dir.name}_timings.json", varying)
     log.info("evaluate %s: image AUROC %s, pixel AUROC %s, AU-PRO %s", ds.name, metrics["image_auroc"],
              metrics["pixel_auroc"], metrics["au_pro"])
     return metrics

@@ -32,6 +32,8 @@ from .utils import write_json
 log = logging.getLogger(__name__)
 
 THRESHOLD_FILE = "threshold.json"
+# the folder (in OUT_DIR) that evaluating each kind of model writes, threshold.json included
+EVALUATE_DIRS = {"detector": "evaluate", "knn": "evaluate_knn"}
 MAX_PIXELS_PER_MAP = 65536     # normal-pixel sample kept per map for the pixel quantile
 
 
@@ -136,11 +138,12 @@ def confusion_at(scores: Sequence[float], labels: Sequence[int], threshold: floa
     return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "precision": p, "recall": r, "f1": f1}
 
 
-def find_threshold_file(model_path: str | Path) -> Optional[Path]:
-    """``threshold.json`` beside the model, else in the run folder's ``evaluate/`` (``.../finetune/model.pt``
-    -> ``.../evaluate/threshold.json``); None when neither exists."""
+def find_threshold_file(model_path: str | Path, kind: str = "detector") -> Optional[Path]:
+    """``threshold.json`` beside the model, else in the run folder's evaluation folder of that kind of
+    model (:data:`EVALUATE_DIRS`: ``.../finetune/model.pt`` -> ``.../evaluate/threshold.json``,
+    ``.../knn/model.pt`` -> ``.../evaluate_knn/threshold.json``); None when neither exists."""
     model_path = Path(model_path)
-    for p in (model_path.parent / THRESHOLD_FILE, model_path.parent.parent / "evaluate" / THRESHOLD_FILE):
+    for p in (model_path.parent / THRESHOLD_FILE, model_path.parent.parent / EVALUATE_DIRS[kind] / THRESHOLD_FILE):
         if p.is_file():
             return p
     return None
@@ -161,5 +164,5 @@ def read_threshold(path: str | Path) -> dict[str, Any]:
     return rec
 
 
-__all__ = ["THRESHOLD_FILE", "quantile_threshold", "image_threshold", "normal_pixel_sample", "choose_threshold",
+__all__ = ["THRESHOLD_FILE", "EVALUATE_DIRS", "quantile_threshold", "image_threshold", "normal_pixel_sample", "choose_threshold",
            "write_threshold", "decide", "confusion_at", "find_threshold_file", "read_threshold"]
