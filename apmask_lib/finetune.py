@@ -20,7 +20,7 @@ One step, for a batch of B training images (``finetune.batch_size``):
    ``finetune.blend`` "auto" = MIXED_CLONE for X-rays and MVTec textures, NORMAL_CLONE otherwise.
 3. AdamW (no weight decay on biases, norms, position embedding, [CLS] token), learning rate
    linear warm-up ``start_lr -> lr`` over ``warmup_epochs`` then cosine to ``min_lr``
-   (:func:`~apmask_lib.utils.cosine_scheduler`, as pre-training), gradient clipping, bf16 autocast
+   (:func:`~apmask_lib.optim.cosine_scheduler`, as pre-training), gradient clipping, bf16 autocast
    on CUDA.
 
 Batches are made on the CPU by :class:`~apmask_lib.finetune_data.SyntheticBatches`, in ``num_workers`` DataLoader workers
@@ -32,7 +32,7 @@ Engineering as pre-training: checkpoint (atomic) at every epoch end and when sto
 resume (model, optimiser, step, RNG state, attention maps), a configuration check on resume,
 progress bar, log.csv per step (losses read back every ``log_every`` steps), log.jsonl per epoch,
 NaN/inf -> clear error, a finished run is not retrained. Outputs in ``<out_dir>/finetune``:
-checkpoint.pt, model.pt (:func:`~apmask_lib.models.detector.save_detector`, written where the run
+checkpoint.pt, model.pt (:func:`~apmask_lib.weights.save_detector`, written where the run
 stops; its ``meta`` holds step, total_steps and done), log.csv, log.jsonl, config.json, and done.json
 written last where the run stops (:mod:`apmask_lib.runfolder`: lock, done marker, no overwriting
 without ``force``; the same rules, loop and progress lines as pre-training, :mod:`apmask_lib.training`).
@@ -47,18 +47,19 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .anomalies import KINDS
 from .config import Config
 from .data.types import cap_train
 from .finetune_data import SyntheticBatches, attention_maps, batch_loader, load_train_images
 from .fastpath import compile_blocks
 from .losses import finetune_loss
-from .models import VisionTransformer, build_backbone
-from .models.detector import SEG_MAPS, AnomalyDetector, save_detector
+from .models import VisionTransformer
+from .models.detector import AnomalyDetector
 from .runfolder import RunFolder, resume_ignored
 from .training import BAR, TrainLoop, progress_mode
-from .utils import (accelerated, autocast_context, cosine_scheduler, param_groups, resolve_device, seed_everything,
-                    set_rng_state)
+from .devices import accelerated, autocast_context, resolve_device
+from .optim import cosine_scheduler, param_groups
+from .rng import seed_everything, set_rng_state
+from .weights import build_backbone, save_detector
 from .validation import COLUMNS as VAL_COLUMNS, ValidationSet, holdout_indices, make_validation_set, score_validation
 
 CSV_COLUMNS = ("step", "epoch", "loss", "loss_det", "loss_seg", "lr", "step_time", "images_per_s")
@@ -69,14 +70,8 @@ _RESUME_IGNORED = resume_ignored("finetune", "pretrain")
 # ----------------------------------------------------------------------------- settings
 def resolve_poisson(cfg: Config) -> bool:
     """``finetune.poisson``: on | off | auto (on for chest X-rays, ``data.dataset == "nih"``)."""
-    v = str(cfg.finetune.poisson).lower()
-    if v == "auto":
-        return cfg.data.dataset == "nih"
-    if v in ("on", "true", "1", "yes"):
-        return True
-    if v in ("off", "false", "0", "no"):
-        return False
-    raise ValueError(f"finetune.poisson must be auto, on or off, got {cfg.finetune.poisson!r}")
+    v = cfg.finetune.poisson  # one of config.Poisson (YAML booleans read as on/off)
+    return cfg.data.dataset == "nih" if v == "auto" else v == "on"
 
 
 def resolve_blend(cfg: Config) -> str:
@@ -86,8 +81,6 @@ def resolve_blend(cfg: Config) -> str:
         from .data.mvtec import TEXTURES
 
         return "mixed" if cfg.data.dataset == "nih" or cfg.data.category in TEXTURES else "normal"
-    if v not in ("normal", "mixed"):
-        raise ValueError(f"finetune.blend must be auto, normal or mixed, got {v!r}")
     return v
 
 
@@ -175,7 +168,7 @@ def build_finetune_state(cfg: Config, dataset=None, device: torch.device | str =
     capped at ``data.max_train``, decoded once; the detector on :func:`initial_backbone` (seeded by
     ``cfg.seed``); for ``anomaly="attention"`` the initial backbone's attention maps of the training and
     held-out images (``attentions``: the ones stored in a checkpoint, reused); the validation set;
-    :class:`SyntheticBatches`; the LR schedule; AdamW (fused where :func:`~apmask_lib.utils.accelerated`)."""
+    :class:`SyntheticBatches`; the LR schedule; AdamW (fused where :func:`~apmask_lib.devices.accelerated`)."""
     f = cfg.finetune
     device = torch.device(device)
     if dataset is None:
@@ -241,12 +234,6 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
 def _run(cfg: Config, run: RunFolder, dataset, max_steps: Optional[int], resume: bool, force: bool,
          progress: bool) -> Path:
     f = cfg.finetune
-    if f.anomaly not in KINDS:
-        raise ValueError(f"finetune.anomaly must be one of {KINDS}, got {f.anomaly!r}")
-    if f.seg_maps not in SEG_MAPS:
-        raise ValueError(f"finetune.seg_maps must be one of {SEG_MAPS}, got {f.seg_maps!r}")
-    if not 0.0 <= f.anomaly_fraction <= 1.0:
-        raise ValueError(f"finetune.anomaly_fraction must lie in [0, 1], got {f.anomaly_fraction}")
     poisson, blend = resolve_poisson(cfg), resolve_blend(cfg)
     device = resolve_device(cfg.device)
     ckpt, finished = run.open(cfg, resume, force, max_steps)

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .anomalies import anomaly_batch
 from .models import VisionTransformer
-from .utils import autocast_context
+from .devices import autocast_context
 
 
 def load_train_images(dataset, samples: Sequence, size: int, num_workers: int = 2, progress: bool = True) -> np.ndarray:

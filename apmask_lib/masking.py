@@ -35,9 +35,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .config import RANK_SOURCES
+from .config import MASK_KINDS as KINDS, RANK_SOURCES
 
-KINDS = ("apmask", "random", "block", "none")
 
 
 def num_dropped(n: int, ratio: float) -> int:

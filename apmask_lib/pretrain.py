@@ -59,15 +59,17 @@ from .collapse import STAT_COLUMNS, assignment_stats
 from .config import Config
 from .data.types import cap_train
 from .fastpath import compile_blocks
-from .masking import KINDS, student_views
-from .models import build_backbone
+from .masking import student_views
 from .models.swav import SwAVHead, SwAVNet
 from .multicrop import ImageBank, MultiCrop, cache_short_side, load_image_bank
 from .runfolder import RunFolder, resume_ignored
 from .sinkhorn import sinkhorn, swapped_prediction_loss
 from .training import BAR, TrainLoop, progress_mode
-from .utils import (accelerated, atomic_torch_save, autocast_context, cosine_scheduler, param_groups, resolve_device,
-                    seed_everything, set_rng_state)
+from .devices import accelerated, autocast_context, resolve_device
+from .files import atomic_torch_save
+from .optim import cosine_scheduler, param_groups
+from .rng import seed_everything, set_rng_state
+from .weights import build_backbone
 
 CSV_COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "step_time", "images_per_s") + STAT_COLUMNS
 # config keys that do not change the trained weights (may differ on resume); pre-training never reads finetune.*
@@ -201,7 +203,7 @@ def build_pretrain_state(cfg: Config, dataset=None, device: torch.device | str =
     ``data.max_train``-capped training split decoded once into an :class:`ImageBank` (or ``bank``,
     reused), the global batch (``pretrain.batch_size``, at most the number of images, a multiple of
     ``world``), DINO's schedules, the student seeded by ``cfg.seed``, its teacher copy (no
-    gradients) and AdamW (fused where :func:`~apmask_lib.utils.accelerated`)."""
+    gradients) and AdamW (fused where :func:`~apmask_lib.devices.accelerated`)."""
     p = cfg.pretrain
     device = torch.device(device)
     if bank is None:
@@ -252,9 +254,6 @@ def run_pretrain(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     progress:  a bar on a terminal, one line per epoch elsewhere (:mod:`apmask_lib.training`).
     A second run in the same folder is refused (:class:`~apmask_lib.runfolder.RunLocked`).
     """
-    p = cfg.pretrain
-    if p.mask not in KINDS:
-        raise ValueError(f"pretrain.mask must be one of {KINDS}, got {p.mask!r}")
     rank, world, device, created_pg = _dist_setup(cfg)
     run = RunFolder(cfg.out_dir, "pretrain", ("backbone.pt",), _RESUME_IGNORED, main=rank == 0)
     try:

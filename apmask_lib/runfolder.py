@@ -150,7 +150,7 @@ def file_sha256(path: str | Path) -> str:
 def write_marker(folder: str | Path, files: Iterable[str], **info: Any) -> Path:
     """Write ``done.json`` (last, after ``files``): ``info`` (step, total_steps, done ...) and each
     file's size and SHA-256."""
-    from .utils import write_json
+    from .files import write_json
 
     folder = Path(folder)
     record = {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)} for name in files}
@@ -254,7 +254,7 @@ class RunFolder:
         ``finished`` when ``done.json`` still vouches for the outputs and covers this call. Starting
         afresh over finished outputs is refused unless ``force`` (:func:`guard`). Unless finished, the
         marker is removed before anything in the folder changes."""
-        from .utils import config_fingerprint, load_resume_checkpoint
+        from .fingerprint import config_fingerprint, load_resume_checkpoint
 
         self.fingerprint = config_fingerprint(cfg, self.ignored)
         ckpt = None
@@ -276,8 +276,8 @@ class RunFolder:
         """The logs: ``log.csv`` (per step, ``step_columns``), ``log.jsonl`` and the per-epoch CSVs
         ``epoch_csvs`` (name -> columns, rows keyed by "epoch"). A fresh run (``start`` None) deletes old
         ones; a resumed one cuts them back to the checkpoint's ``start`` step. Returns the
-        :class:`~apmask_lib.utils.CSVLog` objects by file name."""
-        from .utils import CSVLog, truncate_jsonl
+        :class:`~apmask_lib.files.CSVLog` objects by file name."""
+        from .files import CSVLog, truncate_jsonl
 
         logs = {"log.csv": CSVLog(self.path / "log.csv", step_columns)}
         logs.update({name: CSVLog(self.path / name, cols) for name, cols in epoch_csvs.items()})
@@ -296,7 +296,7 @@ class RunFolder:
 
     def write_config(self, cfg: Any, run: Mapping[str, Any]) -> None:
         """``config.json``: the full config plus what the run derived from it (``_run``: sizes, device ...)."""
-        from .utils import write_json
+        from .files import write_json
 
         if self.main:
             write_json(self.path / "config.json", {**cfg.to_dict(), "_run": dict(run)})
@@ -311,7 +311,8 @@ class RunFolder:
         """``checkpoint.pt`` (atomic; main process only): ``state`` (modules/optimisers as state dicts,
         ``step``, ``iters_per_epoch``, ``done`` and the stage's own entries), with the configuration
         fingerprint under ``config`` and the RNG state under ``rng`` (stored right after ``done``)."""
-        from .utils import rng_state, save_checkpoint
+        from .files import save_checkpoint
+        from .rng import rng_state
 
         if not self.main:
             return

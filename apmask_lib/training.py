@@ -34,7 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .runfolder import RunFolder
-from .utils import append_jsonl, check_finite
+from .files import append_jsonl
+from .nonfinite import check_finite
 
 BAR, LINES, OFF = "bar", "lines", "off"
 
@@ -88,7 +89,7 @@ class TrainLoop:
                steps per epoch.
     keys:      names of the per-step device scalars (``"loss"`` first); their epoch means go to the
                epoch record; ``means`` restores the running lists of a resumed epoch.
-    log:       the step :class:`~apmask_lib.utils.CSVLog`; ``log_every``: read-back period (steps).
+    log:       the step :class:`~apmask_lib.files.CSVLog`; ``log_every``: read-back period (steps).
     what, terms: the NaN/inf message (``check_finite``): the loss's name and the keys it lists.
     epoch_record(loop, epoch, step, seconds) -> dict: the stage's ``log.jsonl`` record.
     save(step, done, final): checkpoint at every epoch end and where the call stops (``final``).

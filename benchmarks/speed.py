@@ -61,7 +61,9 @@ from apmask_lib.data import dataset_from_config  # noqa: E402
 from apmask_lib.fastpath import COMPILE_MODES, compile_blocks  # noqa: E402
 from apmask_lib.multiscale import predict_multiscale, scale_sizes  # noqa: E402
 from apmask_lib.sinkhorn import sinkhorn, swapped_prediction_loss  # noqa: E402
-from apmask_lib.utils import atomic_write_text, autocast_context, cpu_model, resolve_device, synchronize as sync  # noqa: E402
+from apmask_lib.devices import autocast_context, resolve_device, synchronize as sync  # noqa: E402
+from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.machine import cpu_model  # noqa: E402
 
 # dense (no sparsity) bf16 tensor-core peak, FLOP/s, from the vendors' data sheets
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "L4": 121e12,
