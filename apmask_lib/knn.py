@@ -93,16 +93,9 @@ def patch_features(backbone: torch.nn.Module, images01: torch.Tensor, layer: int
     depth = len(backbone.blocks)
     if not -depth <= layer < depth:
         raise ValueError(f"layer must lie in [{-depth}, {depth - 1}] for a {depth}-block backbone, got {layer}")
-    layer = layer % depth
-    # the forward pass of VisionTransformer stopped after block `layer` (the later blocks are not
-    # needed: a third less compute at block 7 of 12); tests/test_knn.py checks it equals
+    # stops after block `layer` (block 7 of 12: 4 blocks skipped); tests/test_knn.py checks it equals
     # backbone(images01, attn=None, return_layers=(layer,)).layers[layer]
-    x, _ = backbone.prepare_tokens(images01)
-    for blk in backbone.blocks[:layer + 1]:
-        x, _ = blk(x, attn=None)
-    tokens = x[:, 1:]  # drop [CLS]
-    if final_norm:
-        tokens = backbone.norm(tokens)
+    tokens = backbone.forward_intermediates(images01, [layer], norm=final_norm, stop_early=True)[0]
     return F.normalize(tokens.float(), dim=-1)
 
 
