@@ -53,7 +53,7 @@ CONSTRAINTS: dict[str, Any] = {
     "evaluate.pro_fpr_limit": "(0,1]", "evaluate.pixel_bins": "int>0", "evaluate.figure_images": "int>=0",
     "evaluate.knn_layer": "int>=0", "evaluate.knn_backbone": ("init", "finetuned"), "evaluate.knn_sizes": "sizes>0",
     "evaluate.knn_k": "int>0", "evaluate.knn_coreset": "(0,1]", "evaluate.knn_sigma": "num>=0",
-    "evaluate.knn_sigma_at": ("output", "input"), "evaluate.fusion": ("knn", "fused"), "evaluate.knn_holdout": "[0,1)",
+    "evaluate.knn_sigma_at": ("output", "input"), "evaluate.knn_aspect": ("square", "keep"), "evaluate.fusion": ("knn", "fused"), "evaluate.knn_holdout": "[0,1)",
     "finetune.val_fraction": "[0,1)", "finetune.val_max_images": "int>0",
     "evaluate.threshold_on": ("auto", "val", "test"), "evaluate.threshold_quantile": "[0,1]",
     "evaluate.pixel_threshold_quantile": "[0,1]",
@@ -186,6 +186,7 @@ class EvaluateConfig:
     knn_coreset: float = 1.0         # fraction of training patches kept in the bank (greedy coreset); 1.0 = all (AnomalyDINO full-shot)
     knn_sigma: float = 4.0           # Gaussian smoothing of kNN maps in pixels (PatchCore/AnomalyDINO: 4), at the resolution knn_sigma_at names
     knn_sigma_at: str = "output"     # where knn_sigma applies: output = the image's stored size (AnomalyDINO's dists2map) | input = the network input size (PatchCore/anomalib); results/knn_readout.md
+    knn_aspect: str = "square"       # kNN input shape: square = every image stretched to size x size (AnomalyDINO/PatchCore) | keep = each image's own aspect ratio at about as many patches (results/knn_aspect.md)
     fusion: str = "knn"              # with knn_layer set, extension outputs: knn (kNN alone) | fused (also z-normalised kNN + detector; helped only where the detector is good, results/quality*.md); in metrics.json under methods.*, top-level keys stay the paper method's
     knn_holdout: float = 0.1         # fraction of training images held out of a bank to estimate the normal statistics used by fusion
 

@@ -425,15 +425,17 @@ class KnnScorer:
                 for d, hw in zip(rows, shapes)]
         return KnnOutput(dists=dists, scores=scores, maps=maps)
 
+    def score_features(self, feats: Sequence[torch.Tensor], bank: Optional[MemoryBank] = None) -> torch.Tensor | list[torch.Tensor]:
+        """Patch distances of per-image features [(N_i, C)] to ``bank`` (default: the fitted one): one
+        (B, N) search when all images share a grid, else one (N_i,) row per image."""
+        bank = bank or self.bank
+        if len({f.shape for f in feats}) == 1:  # one search for the whole batch
+            return bank.score(torch.stack(list(feats)).to(self.device), self.k)
+        return [bank.score(f.to(self.device), self.k) for f in feats]
+
     def predict(self, images: Sequence[np.ndarray], bank: Optional[MemoryBank] = None) -> KnnOutput:
         """Score a batch of RGB uint8 images (any sizes) against ``bank`` (default: the fitted one)."""
-        bank = bank or self.bank
-        feats = self.features_list(images)
-        if len({f.shape for f in feats}) == 1:  # one search for the whole batch
-            dists = bank.score(torch.stack(feats), self.k)
-        else:
-            dists = [bank.score(f, self.k) for f in feats]
-        return self.readout(dists, [im.shape[:2] for im in images])
+        return self.readout(self.score_features(self.features_list(images), bank), [im.shape[:2] for im in images])
 
 
 def average_outputs(outputs: Sequence[KnnOutput]) -> KnnOutput:

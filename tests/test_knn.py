@@ -320,3 +320,31 @@ def test_bad_extension_settings_are_clear_errors(tmp_path, mvtec_root):
                        ({"knn_sigma_at": "x"}, "evaluate.knn_sigma_at")):
         with pytest.raises(ValueError, match=match):  # refused when the config is built (config.CONSTRAINTS)
             run_evaluate(replace(micro_cfg(tmp_path, mvtec_root), evaluate={"knn_layer": 1, **bad}), model=ConstantMap())
+
+
+def test_evaluate_extension_at_the_images_own_aspect_ratio(tmp_path, mvtec_root):
+    """evaluate.knn_aspect=keep: a folder data set of grey non-square images of several sizes runs
+    through the extension with fusion (bank features grouped by input shape, held-out images scored
+    one grid at a time); maps come back at the stored sizes."""
+    from PIL import Image
+
+    sizes = [(48, 80), (80, 48), (64, 64), (50, 90), (48, 80), (90, 50)]
+    for folder, seed0, shapes in (("good", 0, sizes), ("bad/blob", 50, sizes[:3])):
+        (tmp_path / "imgs" / folder).mkdir(parents=True)
+        for i, (h, w) in enumerate(shapes):
+            im = grey_texture(h, w, seed0 + i)
+            if folder != "good":
+                im[h // 3:h // 3 + 12, w // 3:w // 3 + 12] = 255
+            Image.fromarray(im[:, :, 0]).save(tmp_path / "imgs" / folder / f"{i}.png")
+    cfg = replace(micro_cfg(tmp_path, mvtec_root),
+                  data={"dataset": "folder", "root": str(tmp_path / "imgs"), "category": "grey", "normal_dir": "good",
+                        "abnormal_dir": "bad/blob", "normal_test_split": 0.34, "normal_val_split": 0.0,
+                        "max_test": None, "max_train": None},
+                  evaluate={"knn_layer": 1, "knn_sizes": [64], "fusion": "fused", "knn_holdout": 0.5, "knn_aspect": "keep"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = run_evaluate(cfg, model=ConstantMap())
+    assert set(m["methods"]) == {"paper", "knn", "fused"} and m["extension"]["holdout_images"] == 2
+    assert 0.0 <= m["methods"]["knn"]["image_auroc"] <= 1.0
+    with pytest.raises(ValueError, match="evaluate.knn_aspect"):
+        replace(cfg, evaluate={"knn_aspect": "crop"})
