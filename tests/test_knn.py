@@ -67,6 +67,29 @@ def test_exact_search_agrees_with_a_brute_force_reference_for_any_chunking():
         knn.knn_distances(q, bank[:, :5])
 
 
+def test_bf16_search_returns_exact_distances_of_the_neighbours_it_chooses():
+    """search="bf16": each value is the fp32 distance to a real bank row, never below the exact k-th
+    distance, equal to it where the bf16 ranking agrees (here: most queries; off by at most the bf16
+    rounding elsewhere), ascending; the option is refused when misspelt."""
+    g = torch.Generator().manual_seed(6)
+    bank, q = unit(torch.randn(1031, 48, generator=g)), unit(torch.randn(203, 48, generator=g))
+    sims = q @ bank.T
+    for k in (1, 4):
+        exact = knn.knn_distances(q, bank, k=k)
+        got = knn.knn_distances(q, bank, k=k, query_chunk=64, bank_chunk=100, search="bf16")
+        assert got.shape == (203, k) and (got[:, 1:] >= got[:, :-1]).all()
+        assert (got >= exact - 1e-6).all() and (got - exact).max() < 0.02
+        assert ((got - exact).abs() < 1e-6).float().mean() > 0.97
+        # every value is the fp32 distance to some bank row of that query
+        assert (((1.0 - sims)[:, :, None] - got[:, None, :]).abs() < 1e-6).any(dim=1).all()
+        assert (knn.knn_distances(q, bank, k=k, search="bf16") - exact).abs().max() < 0.02
+    mb = knn.MemoryBank(search="bf16").fit(bank)
+    assert mb.features16.dtype == torch.bfloat16
+    torch.testing.assert_close(mb.score(q), knn.knn_distances(q, bank, search="bf16")[:, 0], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="search"):
+        knn.MemoryBank(search="fp16")
+
+
 def test_identical_patch_scores_zero_and_bank_rows_are_normalised():
     g = torch.Generator().manual_seed(2)
     raw = torch.randn(50, 16, generator=g) * 5.0
