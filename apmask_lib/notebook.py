@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from .config import Config, load_params
+from .files import atomic_write_text
+
+# Every notebook imports this module, so its module-level imports run in every DVC stage (and are
+# dependencies of each): the figure helpers at the bottom import the training and figure code they
+# need where they use it, so that a change there re-runs only the stages that draw those figures.
 
 # tqdm.auto in a kernel without ipywidgets warns "IProgress not found" (with the venv's absolute path)
 # and falls back to the text bar, which is what we want: say nothing
@@ -123,8 +128,6 @@ def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = 
                         kernel_name="python3")
     import nbformat
 
-    from .utils import atomic_write_text
-
     node = normalize_executed(nbformat.read(tmp, as_version=4), root)
     node.metadata.get("papermill", {})["output_path"] = str(out).replace(str(root) + "/", "")
     atomic_write_text(out, nbformat.writes(node) + "\n")
@@ -198,13 +201,11 @@ def tsne_from_run(run: str | Path, perplexity: float | None = None, seed: int = 
 def paper_figures(cfg: Config, figures_dir: str | Path, n_images: int = 4) -> list[Path]:
     """Fig. 1 (input | attention | APMask | attention-guided anomaly) and Fig. 4b (grid of
     synthetic anomalies of every kind) on ``n_images`` training images of the configured data."""
-    import warnings
-
     from .anomalies import KINDS
     from .data import dataset_from_config, read_image
     from .finetune import resolve_blend, resolve_poisson
-    from .models import build_backbone
     from .viz.synthetic import fig_attention_panel, fig_synthetic_grid
+    from .weights import build_backbone
 
     ds = dataset_from_config(cfg.data)
     step = max(len(ds.train) // max(n_images, 1), 1)

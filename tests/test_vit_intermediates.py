@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from apmask_lib.models import build_backbone
+from apmask_lib.weights import build_backbone
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ def fig_backbone_attention(images: Sequence[np.ndarray], backbones: Mapping[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..utils import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     resized = [cv2.resize(im, (size, size), interpolation=cv2.INTER_AREA) for im in images]
     batch = torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).float() / 255.0

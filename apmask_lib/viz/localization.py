@@ -15,7 +15,7 @@ def save_figure(fig, out_png: str | Path, dpi: int = 110) -> Path:
     """Write a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
 
-    from ..utils import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)

@@ -70,7 +70,7 @@ def _grid_figure(rows: list[list[np.ndarray]], col_titles: Sequence[str], out_pn
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..utils import atomic_write_bytes
+    from ..files import atomic_write_bytes
 
     nr, nc = len(rows), len(col_titles)
     fig = Figure(figsize=(cell * nc, cell * nr + 0.3))
