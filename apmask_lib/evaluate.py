@@ -79,10 +79,12 @@ from tqdm import tqdm
 
 from .config import Config
 from .data import AnomalyDataset, Sample, dataset_from_config
-from .metrics import PixelMetrics, f1_max, image_auroc, roc_curve
+from .metrics import PixelMetrics, f1_max, image_auroc
 from .threshold import THRESHOLD_FILE, choose_threshold, confusion_at, normal_pixel_sample
 from .multiscale import MultiScaleOutput, model_patch_size, predict_multiscale, scale_sizes
 from .utils import atomic_write_bytes, atomic_write_text, resolve_device, seed_everything, write_json
+from .viz.evaluation import write_figures
+from .viz.figure import RunLabel
 
 log = logging.getLogger(__name__)
 
@@ -481,15 +483,8 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     write_json(out_dir / "config.json", cfg.to_dict())
 
     t0 = time.perf_counter()
-    figures = write_figures(out_dir, fig_items, rows, labels, pix, feats_arr, defects, cfg.seed)
-    if ext is not None:
-        from .viz.localization import fig_localization
-
-        for m in ext.methods:
-            if ext_fig[m]:
-                ims, maps, gts, titles = zip(*ext_fig[m])
-                figures[f"localization_{m}"] = str(fig_localization(
-                    ims, maps, gts, out_dir / f"fig4a_localization_{m}.png", titles))
+    figures = write_figures(out_dir, fig_items, rows, labels, pix, feats_arr, defects, cfg.seed,
+                            run=RunLabel.from_config(cfg), size=sizes[0], ext_items=ext_fig if ext is not None else None)
     t_fig = time.perf_counter() - t0
 
     metrics.update({
@@ -579,40 +574,6 @@ def write_threshold(cfg: Config, ds: AnomalyDataset, model: torch.nn.Module, siz
     return {**rec, "test_at_threshold": confusion_at(test_scores, test_labels, rec["image_threshold"])}
 
 
-def write_figures(out_dir: Path, fig_items, rows, labels, pix: PixelMetrics, feats: np.ndarray,
-                  defects: Sequence[str], seed: int) -> dict[str, Optional[str]]:
-    """Fig. 4a (localisation), ROC curves and Fig. 5 (t-SNE); a figure that cannot be drawn (e.g. a
-    single class) is recorded as None with a warning, never faked."""
-    from .viz.localization import fig_localization
-    from .viz.roc import RocCurve, fig_roc
-    from .viz.tsne import fig_tsne
-
-    figures: dict[str, Optional[str]] = {"localization": None, "roc": None, "tsne": None}
-    if fig_items:
-        ims, maps, gts, titles = zip(*fig_items)
-        figures["localization"] = str(fig_localization(ims, maps, gts, out_dir / "fig4a_localization.png", titles))
-    curves = []
-    score = [r["score"] for r in rows]
-    if 0 < labels.sum() < len(labels):
-        fpr, tpr, _ = roc_curve(score, labels)
-        curves.append(RocCurve("image level", fpr, tpr, image_auroc(score, labels)))
-    try:
-        fpr, tpr, _ = pix.roc_curve() if pix.n_maps else (None, None, None)
-        if fpr is not None:
-            curves.append(RocCurve("pixel level", fpr, tpr, pix.pixel_auroc()))
-    except ValueError as e:
-        warnings.warn(f"no pixel ROC: {e}", stacklevel=2)
-    if curves:
-        figures["roc"] = str(fig_roc(curves, out_dir / "roc.png"))
-    else:
-        warnings.warn("no ROC figure: a single class in the test set", stacklevel=2)
-    if len(feats) >= 4:
-        figures["tsne"] = str(fig_tsne(feats, labels, defects, out_dir / "fig5_tsne.png", seed=seed))
-    else:
-        warnings.warn(f"no t-SNE figure: {len(feats)} test images (< 4)", stacklevel=2)
-    return figures
-
-
 __all__ = ["run_evaluate", "score_split", "write_threshold", "THRESHOLD_ON", "KnnExtension", "method_metrics", "paper_image_score", "FUSIONS", "KNN_BACKBONES",
            "cap_per_defect", "has_pixel_gt", "pixel_ground_truth", "pick_figure_samples",
-           "per_defect_auroc", "safe_auroc", "finite_or_none", "write_figures"]
+           "per_defect_auroc", "safe_auroc", "finite_or_none"]
