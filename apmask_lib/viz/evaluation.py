@@ -18,7 +18,7 @@ from .tsne import fig_tsne
 #: per localisation method: (name in the title, what the colour of its map means)
 MAP_METHODS = {
     "paper": ("paper method (detector)", DETECTOR_MAP_LABEL),
-    "knn": ("kNN extension (not in the paper)", "kNN anomaly score (cosine distance to the\nnearest training patch, mean over sizes)"),
+    "knn": ("kNN extension (not in the paper)", "kNN anomaly score (cosine distance\nto the nearest training patch)"),
     "fused": ("fused kNN + detector (not in the paper)", "fused score squash(z_kNN + z_det) (0-1)"),
 }
 

@@ -65,7 +65,7 @@ STAGES = ("pretrain", "finetune", "evaluate")
 
 @dataclass(frozen=True)
 class RunLabel:
-    """Which run a figure comes from. ``str(label)`` reads ``"demo / brick / seed 0 · run runs/demo/brick/s0"``."""
+    """Which run a figure comes from. ``str(label)`` reads ``"demo / brick / seed 0 · run folder runs/demo/brick/s0"``."""
 
     dataset: str
     category: str
@@ -104,7 +104,7 @@ class RunLabel:
 
     def __str__(self) -> str:
         parts = [self.dataset, self.category] + ([f"seed {self.seed}"] if self.seed is not None else [])
-        return " / ".join(parts) + (f" · run {self.run}" if self.run else "")
+        return " / ".join(parts) + (f" · run folder {self.run}" if self.run else "")
 
 
 def run_title(fig, what: str, run: RunLabel | str | None, fontsize: float = 9, y: float | None = None) -> None:
@@ -126,18 +126,22 @@ def cv2_jet():
 
 
 def add_colorbar(fig, axes: Sequence, label: str, vmin: float = 0.0, vmax: float = 1.0, cmap=None,
-                 ticks: Optional[Sequence[float]] = None):
-    """One vertical colourbar beside ``axes`` (the heatmap axes it describes) from ``vmin`` to
-    ``vmax`` in ``cmap`` (default :func:`cv2_jet`), labelled ``label`` (what the colour means and
-    its unit/range). Returns the colourbar; its axes has the label as ``get_ylabel()``."""
+                 ticks: Optional[Sequence[float]] = None, location: str = "right"):
+    """One colourbar beside ``axes`` (the heatmap axes it describes; ``location`` right or bottom)
+    from ``vmin`` to ``vmax`` in ``cmap`` (default :func:`cv2_jet`), labelled ``label`` (what the
+    colour means and its unit/range). Returns the colourbar (the label is its long axis' label)."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     sm = ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax), cmap=cmap or cv2_jet())
     sm.set_array([])
     ax_list = list(np.ravel(axes))
-    cb = fig.colorbar(sm, ax=ax_list, fraction=0.025 if len(ax_list) > 1 else 0.046, pad=0.02,
-                      ticks=ticks)
+    if location == "bottom":
+        cb = fig.colorbar(sm, ax=ax_list, location="bottom", fraction=0.03, pad=0.01, shrink=0.9,
+                          aspect=12, ticks=ticks)
+    else:
+        cb = fig.colorbar(sm, ax=ax_list, location=location, fraction=0.025 if len(ax_list) > 1 else 0.046,
+                          pad=0.02, ticks=ticks)
     cb.set_label(label, fontsize=8)
     cb.ax.tick_params(labelsize=7)
     return cb

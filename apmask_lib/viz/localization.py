@@ -39,7 +39,7 @@ def outline_mask(image: np.ndarray, mask: Optional[np.ndarray], color=GT_COLOR, 
 
 
 #: colourbar label of the detector's map (mean over test scales of the segmentation sigmoid)
-DETECTOR_MAP_LABEL = "anomaly score (detector probability, mean over scales)"
+DETECTOR_MAP_LABEL = "anomaly score\n(detector probability, mean over scales)"
 
 
 def fig_localization(images: Sequence[np.ndarray], maps: Sequence[np.ndarray],
@@ -71,8 +71,9 @@ def fig_localization(images: Sequence[np.ndarray], maps: Sequence[np.ndarray],
             axes[r][c].set_yticks([])
     axes[0][0].set_ylabel("image + GT", fontsize=8)
     axes[1][0].set_ylabel("anomaly map", fontsize=8)
-    add_colorbar(fig, axes[1], f"{colour_label}\n(scale {vmin:.3g}..{vmax:.3g}, over the images shown)", vmin, vmax)
-    run_title(fig, f"localisation, {method} (green: ground truth)", run)
+    add_colorbar(fig, axes[1], colour_label, vmin, vmax)
+    run_title(fig, f"localisation, {method}\ngreen: ground truth; colour scale {vmin:.3g}..{vmax:.3g} "
+                   "(min..max of the maps shown)", run)
     return save_figure(fig, out_png)
 
 

@@ -76,7 +76,7 @@ def _grid_figure(rows: list[list[np.ndarray]], col_titles: Sequence[str], out_pn
     from matplotlib.figure import Figure
 
     nr, nc = len(rows), len(col_titles)
-    fig = Figure(figsize=(cell * nc + (0.9 if heat_cols else 0.0), cell * nr + 0.7), layout="constrained")
+    fig = Figure(figsize=(cell * nc, cell * nr + (1.3 if heat_cols else 0.7)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nr, nc, squeeze=False)
     for r, row in enumerate(rows):
@@ -90,7 +90,7 @@ def _grid_figure(rows: list[list[np.ndarray]], col_titles: Sequence[str], out_pn
             if c == 0 and row_labels is not None:
                 ax.set_ylabel(row_labels[r], fontsize=8)
     if heat_cols:
-        add_colorbar(fig, axes[:, list(heat_cols)], heat_label, 0.0, 1.0)
+        add_colorbar(fig, axes[-1, list(heat_cols)], heat_label, 0.0, 1.0, location="bottom")
     run_title(fig, title, run)
     return save_figure(fig, out_png)
 

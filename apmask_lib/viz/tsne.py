@@ -50,7 +50,7 @@ def tsne_caption(labels: Sequence[int], defect_types: Sequence[str], perplexity:
     return (f"Each point: one of {len(labels)} {images} ({int((labels == 0).sum())} normal, "
             f"{int(labels.sum())} defective of {len(types)} type{'s' if len(types) != 1 else ''}). "
             f"Features: {features}{at}, L2-normalised. "
-            f"2-D t-SNE (scikit-learn, PCA init), perplexity {perplexity:g}, seed {seed}; "
+            f"2-D t-SNE (scikit-learn, PCA init), perplexity {perplexity:.3g}, seed {seed}; "
             f"axes have no units.")
 
 
