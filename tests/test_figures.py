@@ -142,7 +142,7 @@ def test_tsne_caption_legend_and_run(tmp_path, saved):
     assert legend == ["normal (n=4)", "hole (n=4)", "scratch (n=4)"]
     caption = " ".join(texts(fig)).replace("\n", " ")
     for words in ("[CLS] token", "before the detection and segmentation heads", "12 test images", "4 normal",
-                  "8 defective of 2 types", "224 px", "perplexity 3.67", "seed 5", "L2-normalised"):
+                  "8 defective of 2 types", "224 px", "perplexity 3.67 (requested 30, capped", "seed 5", "L2-normalised"):
         assert words in caption, f"{words!r} missing from the t-SNE caption"
 
 

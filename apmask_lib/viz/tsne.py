@@ -13,7 +13,7 @@ from .figure import RunLabel, pyplot, run_title, save_figure
 #: what ``evaluate/features.npz``'s ``cls`` holds (:func:`apmask_lib.multiscale.predict_multiscale`)
 CLS_FEATURES = ("[CLS] token of the fine-tuned detector's ViT (last block, after the final LayerNorm, "
                 "before the detection and segmentation heads)")
-MARKERS = "o^sDvP*Xh<>p"
+MARKERS = "^sDvP*Xh<>pd"  # defect types; normal images are circles
 
 
 def resolve_perplexity(n: int, perplexity: Optional[float] = None) -> float:
@@ -41,16 +41,19 @@ def tsne_embedding(features: np.ndarray, seed: int = 0, perplexity: Optional[flo
 
 
 def tsne_caption(labels: Sequence[int], defect_types: Sequence[str], perplexity: float, seed: int,
-                 features: str = CLS_FEATURES, images: str = "test images", size: Optional[int] = None) -> str:
+                 features: str = CLS_FEATURES, images: str = "test images", size: Optional[int] = None,
+                 requested: Optional[float] = None) -> str:
     """One sentence on what a t-SNE figure plots: the features (and input size), the images
-    (counts of normal and defective, number of defect types), the normalisation, perplexity and seed."""
+    (counts of normal and defective, number of defect types), the normalisation, perplexity (and the
+    ``requested`` one when it was capped) and seed."""
     labels = np.asarray(labels)
+    capped = f" (requested {requested:g}, capped at (N-1)/3)" if requested and requested != perplexity else ""
     types = sorted({str(d) for d, y in zip(defect_types, labels) if y})
     at = f" at {size} px input" if size else ""
     return (f"Each point: one of {len(labels)} {images} ({int((labels == 0).sum())} normal, "
             f"{int(labels.sum())} defective of {len(types)} type{'s' if len(types) != 1 else ''}). "
             f"Features: {features}{at}, L2-normalised. "
-            f"2-D t-SNE (scikit-learn, PCA init), perplexity {perplexity:.3g}, seed {seed}; "
+            f"2-D t-SNE (scikit-learn, PCA init), perplexity {perplexity:.3g}{capped}, seed {seed}; "
             f"axes have no units.")
 
 
@@ -82,7 +85,7 @@ def fig_tsne(features: np.ndarray, labels: Sequence[int], defect_types: Sequence
     ax.set_ylabel("t-SNE 2", fontsize=8)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=1.2, title="test image",
               title_fontsize=7, frameon=False)
-    caption = tsne_caption(labels, defect_types, perp, seed, features_desc, images, size)
+    caption = tsne_caption(labels, defect_types, perp, seed, features_desc, images, size, requested=perplexity)
     cap.axis("off")
     cap.text(0.0, 1.0, textwrap.fill(caption, 105), fontsize=7, ha="left", va="top", transform=cap.transAxes)
     run_title(fig, "Fig. 5: t-SNE of [CLS] features, normal vs defect types", run)
