@@ -213,3 +213,32 @@ def test_training_curves_name_run(tmp_path, monkeypatch):
     assert_names_run(fig, label, tmp=tmp_path)
     assert "pretrain" in fig.get_suptitle()
     assert_names_run(curves.finetune_curves(run), label, tmp=tmp_path)
+
+
+def test_evaluation_figures_name_run_per_method(tmp_path, saved):
+    """write_figures (the evaluation's figures, moved out of evaluate.py): Fig. 4a for the paper
+    method and each extension method with its own colourbar label, ROC and t-SNE, all naming the run."""
+    from apmask_lib.metrics import PixelMetrics
+    from apmask_lib.viz.evaluation import MAP_METHODS, write_figures
+
+    rng = np.random.default_rng(0)
+    ims = _images(4, 32)
+    gts = [np.zeros((32, 32), bool)] * 2 + [np.pad(np.ones((8, 8), bool), 12)] * 2
+    maps = [rng.random((32, 32)).astype(np.float32) + g for g in gts]
+    pix = PixelMetrics(bins=None)
+    for m, g in zip(maps, gts):
+        pix.update(m, g)
+    labels = np.array([0, 0, 1, 1])
+    rows = [{"score": s} for s in (0.1, 0.3, 0.2, 0.9)]
+    items = [(im, m, g, f"t{i}") for i, (im, m, g) in enumerate(zip(ims, maps, gts))]
+    figures = write_figures(tmp_path, items, rows, labels, pix, rng.normal(size=(4, 6)), ["good", "good", "hole", "hole"],
+                            0, run=RUN, size=224, ext_items={"knn": items})
+    assert set(figures) == {"localization", "roc", "tsne", "localization_knn"}
+    assert all(Path(p).is_file() for p in figures.values())
+    assert len(saved) == 4
+    for fig in saved:
+        assert_names_run(fig, tmp=tmp_path)
+    paper, knn = saved[0], saved[3]
+    assert "paper method" in paper.get_suptitle() and "kNN extension" in knn.get_suptitle()
+    assert_colorbar_beside(paper, paper.axes[4:8], "detector probability")
+    assert_colorbar_beside(knn, knn.axes[4:8], MAP_METHODS["knn"][1])
