@@ -196,6 +196,7 @@ def test_backbone_attention(tmp_path, saved):
     title = fig.get_suptitle()
     assert "bottle (1 defective, 1 good)" in title and "random" in title
     assert all(str(tmp_path) not in t for t in texts(fig))
+    assert viz_backbone.images_source(["demo/brick/hole", "demo/brick/good"]) == "images: demo/brick (1 defective, 1 good)"
     assert_colorbar_beside(fig, fig.axes[2:6], "attention")
 
 

@@ -13,11 +13,12 @@ from .synthetic import ATTENTION_LABEL, heatmap
 
 
 def images_source(titles: Optional[Sequence[str]]) -> str:
-    """Where the images come from, from titles of the form ``<data set>/<defect>``: the distinct
-    data-set parts, e.g. ``"images: bottle (3 defective, 1 good)"``."""
+    """Where the images come from, from titles of the form ``<data set>/<defect>`` (the data set may
+    hold slashes, e.g. ``demo/brick/hole``): the distinct data-set parts, e.g.
+    ``"images: bottle (3 defective, 1 good)"``."""
     if not titles:
         return "images: unnamed"
-    sources = sorted({t.split("/")[0] for t in titles})
+    sources = sorted({t.rsplit("/", 1)[0] for t in titles})
     good = sum(t.endswith("/good") for t in titles)
     return f"images: {', '.join(sources)} ({len(titles) - good} defective, {good} good)"
 
