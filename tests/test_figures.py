@@ -8,7 +8,6 @@ t-SNE's first import)."""
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +72,16 @@ def assert_colorbar_beside(fig, heat_axes, words: str):
             return cb
     raise AssertionError(f"no colourbar labelled {words!r} beside the heatmaps; found "
                          f"{[(cb.ax.get_ylabel() or cb.ax.get_xlabel(), cb.ax.get_position()) for cb in cbs]}")
+
+
+def _tiny_vit(seed: int):
+    """A random tiny ViT (built directly: where build_backbone lives is being reorganised)."""
+    import torch
+
+    from apmask_lib.models.vit import ARCHS, VisionTransformer
+
+    torch.manual_seed(seed)
+    return VisionTransformer(ARCHS["vit_tiny16"]).eval()
 
 
 def _images(n=3, size=64, seed=0):
@@ -162,11 +171,7 @@ def test_tsne_from_run_reads_the_run(tmp_path, monkeypatch, saved):
 
 
 def test_attention_panel_and_synthetic_grid(tmp_path, saved):
-    from apmask_lib.models import build_backbone
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bb = build_backbone("random:vit_tiny16", seed=0)
+    bb = _tiny_vit(0)
     ims = _images(2)
     run = f"{RunLabel('demo', 'grass', 3)} · backbone random"
     synthetic.fig_attention_panel(ims, bb, tmp_path / "f1.png", size=64, run=run)
@@ -184,12 +189,7 @@ def test_attention_panel_and_synthetic_grid(tmp_path, saved):
 
 
 def test_backbone_attention(tmp_path, saved):
-    from apmask_lib.models import build_backbone
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bbs = {"random": build_backbone("random:vit_tiny16", seed=0),
-               f"file:{tmp_path}/b.pt": build_backbone("random:vit_tiny16", seed=1)}
+    bbs = {"random": _tiny_vit(0), f"file:{tmp_path}/b.pt": _tiny_vit(1)}
     viz_backbone.fig_backbone_attention(_images(2), bbs, tmp_path / "b.png", size=64,
                                         titles=["bottle/broken_large", "bottle/good"])
     fig = saved[-1]
