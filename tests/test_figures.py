@@ -243,3 +243,17 @@ def test_evaluation_figures_name_run_per_method(tmp_path, saved):
     assert "paper method" in paper.get_suptitle() and "kNN extension" in knn.get_suptitle()
     assert_colorbar_beside(paper, paper.axes[4:8], "detector probability")
     assert_colorbar_beside(knn, knn.axes[4:8], MAP_METHODS["knn"][1])
+
+
+def test_evaluation_figures_name_the_method_that_made_the_maps(tmp_path, saved):
+    from apmask_lib.metrics import PixelMetrics
+    from apmask_lib.viz.evaluation import write_figures
+
+    ims = _images(2, 32)
+    items = [(im, np.full((32, 32), 0.1 * i, np.float32), None, f"t{i}") for i, im in enumerate(ims)]
+    with pytest.warns(UserWarning, match="no ROC figure|no t-SNE figure"):
+        write_figures(tmp_path, items, [{"score": 0.1}, {"score": 0.2}], np.array([0, 0]), PixelMetrics(bins=None),
+                      np.zeros((2, 4)), ["good", "good"], 0, run=RUN, method="knn_model", features_desc="kNN features")
+    (fig,) = saved  # one class only: no ROC, < 4 images: no t-SNE
+    assert "kNN model" in fig.get_suptitle() and "paper method" not in fig.get_suptitle()
+    assert_colorbar_beside(fig, fig.axes[2:4], "cosine distance")

@@ -13,13 +13,14 @@ from ..metrics import PixelMetrics, image_auroc, roc_curve
 from .figure import RunLabel
 from .localization import DETECTOR_MAP_LABEL, fig_localization
 from .roc import RocCurve, fig_roc
-from .tsne import fig_tsne
+from .tsne import CLS_FEATURES, fig_tsne
 
 #: per localisation method: (name in the title, what the colour of its map means)
 MAP_METHODS = {
     "paper": ("paper method (detector)", DETECTOR_MAP_LABEL),
     "knn": ("kNN extension (not in the paper)", "kNN anomaly score (cosine distance\nto the nearest training patch)"),
     "fused": ("fused kNN + detector (not in the paper)", "fused score squash(z_kNN + z_det) (0-1)"),
+    "knn_model": ("kNN model (not in the paper)", "kNN anomaly score (cosine distance\nto the nearest training patch)"),
 }
 
 #: one figure item: image RGB uint8, map (H, W), ground truth bool (H, W) or None, title
@@ -29,16 +30,19 @@ FigItem = tuple[np.ndarray, np.ndarray, Optional[np.ndarray], str]
 def write_figures(out_dir: Path, fig_items: Sequence[FigItem], rows: Sequence[Mapping], labels: np.ndarray,
                   pix: PixelMetrics, feats: np.ndarray, defects: Sequence[str], seed: int, *, run: RunLabel,
                   size: Optional[int] = None,
-                  ext_items: Optional[Mapping[str, Sequence[FigItem]]] = None) -> dict[str, Optional[str]]:
+                  ext_items: Optional[Mapping[str, Sequence[FigItem]]] = None, method: str = "paper",
+                  features_desc: str = CLS_FEATURES) -> dict[str, Optional[str]]:
     """Fig. 4a (localisation; ``fig4a_localization_<method>.png`` too for each extension method in
-    ``ext_items``), ROC curves and Fig. 5 (t-SNE of ``feats``, the [CLS] features at input ``size``)
-    under ``out_dir``, each titled with ``run``. A figure that cannot be drawn (e.g. a single class)
-    is recorded as None with a warning, never faked. Returns figure name -> path."""
+    ``ext_items``), ROC curves and Fig. 5 (t-SNE of ``feats``, ``features_desc`` at input ``size``)
+    under ``out_dir``, each titled with ``run``. ``method`` (a key of :data:`MAP_METHODS`) is what
+    produced ``fig_items``/``rows``: it names the figures and the colourbar. A figure that cannot be
+    drawn (e.g. a single class) is recorded as None with a warning, never faked. Returns figure name -> path."""
+    name, colour = MAP_METHODS[method]
     figures: dict[str, Optional[str]] = {"localization": None, "roc": None, "tsne": None}
     if fig_items:
         ims, maps, gts, titles = zip(*fig_items)
         figures["localization"] = str(fig_localization(ims, maps, gts, out_dir / "fig4a_localization.png", titles,
-                                                       run=run, method=MAP_METHODS["paper"][0]))
+                                                       run=run, method=name, colour_label=colour))
     curves = []
     score = [r["score"] for r in rows]
     if 0 < labels.sum() < len(labels):
@@ -52,12 +56,12 @@ def write_figures(out_dir: Path, fig_items: Sequence[FigItem], rows: Sequence[Ma
         warnings.warn(f"no pixel ROC: {e}", stacklevel=2)
     if curves:
         figures["roc"] = str(fig_roc(curves, out_dir / "roc.png", run=run,
-                                     what="ROC curves on the test set, paper method"))
+                                     what=f"ROC curves on the test set, {name}"))
     else:
         warnings.warn("no ROC figure: a single class in the test set", stacklevel=2)
     if len(feats) >= 4:
         figures["tsne"] = str(fig_tsne(feats, labels, defects, out_dir / "fig5_tsne.png", seed=seed, run=run,
-                                       size=size))
+                                       size=size, features_desc=features_desc))
     else:
         warnings.warn(f"no t-SNE figure: {len(feats)} test images (< 4)", stacklevel=2)
     for m, items in (ext_items or {}).items():
