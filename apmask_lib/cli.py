@@ -51,7 +51,7 @@ def cmd_data(args) -> None:
         checked, cached = verify_split(ds, progress=False)
         print(f"verified every image and mask: {checked} decoded now, {cached} unchanged since they last passed")
     if args.index:
-        from .utils import write_json
+        from .files import write_json
 
         def listing(samples):
             return [[str(s.path), s.label, s.defect, s.path.stat().st_size] for s in samples]
@@ -77,7 +77,7 @@ def cmd_drop_resume_state(args) -> None:
     finished folder without its resume state is not re-trained by a later run outside DVC without
     ``--force`` (README, "Reliability")."""
     from . import runfolder
-    from .utils import load_checkpoint
+    from .files import load_checkpoint
 
     for folder in args.folders:
         if args.all:
@@ -111,7 +111,7 @@ def _attention_images(cfg: Config, n: int = 4):
 
 
 def cmd_attention_figure(args) -> None:
-    from .models import build_backbone
+    from .weights import build_backbone
     from .viz.backbone import fig_backbone_attention
 
     cfg = _cfg(args)

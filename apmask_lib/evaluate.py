@@ -66,8 +66,6 @@ import csv
 import io
 import logging
 import math
-import os
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -82,16 +80,15 @@ from .data import AnomalyDataset, Sample, dataset_from_config
 from .metrics import PixelMetrics, f1_max, image_auroc
 from .threshold import THRESHOLD_FILE, choose_threshold, confusion_at, normal_pixel_sample
 from .multiscale import MultiScaleOutput, model_patch_size, predict_multiscale, scale_sizes
-from .utils import atomic_write_bytes, atomic_write_text, resolve_device, seed_everything, write_json
+from .devices import resolve_device
+from .machine import machine_info
+from .files import atomic_write_bytes, atomic_write_text, write_json
+from .rng import seed_everything
 from .viz.evaluation import write_figures
 from .viz.figure import RunLabel
 
 log = logging.getLogger(__name__)
 
-IMAGE_SCORES = ("det_mean", "map_max")
-FUSIONS = ("knn", "fused")          # extension outputs: kNN alone | kNN + fused
-KNN_BACKBONES = ("init", "finetuned")
-THRESHOLD_ON = ("auto", "val", "test")
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,14 +174,6 @@ def finite_or_none(obj: Any) -> Any:
     return obj
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    return info
-
-
 def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
@@ -236,15 +225,9 @@ class KnnExtension:
 
     def __init__(self, cfg: Config, dataset: AnomalyDataset, model: torch.nn.Module, sizes: Sequence[int],
                  device: torch.device):
-        from .knn import SIGMA_AT, KnnScorer, MemoryBank, RunningStats, average_outputs, holdout_indices, logit
+        from .knn import KnnScorer, MemoryBank, RunningStats, average_outputs, holdout_indices, logit
 
         ecfg = cfg.evaluate
-        if ecfg.fusion not in FUSIONS:
-            raise ValueError(f"evaluate.fusion must be one of {FUSIONS}, got {ecfg.fusion!r}")
-        if ecfg.knn_backbone not in KNN_BACKBONES:
-            raise ValueError(f"evaluate.knn_backbone must be one of {KNN_BACKBONES}, got {ecfg.knn_backbone!r}")
-        if ecfg.knn_sigma_at not in SIGMA_AT:
-            raise ValueError(f"evaluate.knn_sigma_at must be one of {SIGMA_AT}, got {ecfg.knn_sigma_at!r}")
         if not ecfg.knn_sizes:
             raise ValueError("evaluate.knn_sizes is empty; give at least one input size, e.g. [448]")
         self.fusion, self.score = ecfg.fusion, ecfg.score
@@ -252,7 +235,7 @@ class KnnExtension:
         if ecfg.knn_backbone == "finetuned":
             backbone = model.backbone
         else:
-            from .models import build_backbone
+            from .weights import build_backbone
 
             backbone = build_backbone(cfg.backbone, seed=cfg.seed).to(device).eval()
         scorers: dict[int, KnnScorer] = {}
@@ -351,10 +334,6 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     split of ``dataset`` (default: built from ``cfg.data``); returns the metrics dict (also written).
     ``model``: an in-memory detector to use instead of loading one (notebooks, tests)."""
     ecfg = cfg.evaluate
-    if ecfg.score not in IMAGE_SCORES:
-        raise ValueError(f"evaluate.score must be one of {IMAGE_SCORES}, got {ecfg.score!r}")
-    if ecfg.threshold_on not in THRESHOLD_ON:
-        raise ValueError(f"evaluate.threshold_on must be one of {THRESHOLD_ON}, got {ecfg.threshold_on!r}")
     t_start = time.perf_counter()
     out_dir = Path(cfg.out_dir) / "evaluate"
     model_path = Path(model_path) if model_path is not None else Path(cfg.out_dir) / "finetune" / "model.pt"
@@ -370,11 +349,11 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
 
     t0 = time.perf_counter()
     if model is None:
-        from .models.detector import load_detector
+        from .weights import load_detector
 
         model = load_detector(model_path, map_location="cpu")
     else:
-        from .models.detector import check_finite_weights
+        from .weights import check_finite_weights
 
         model_path = Path("<in-memory model>")
         check_finite_weights(model, model_path)
@@ -574,6 +553,6 @@ def write_threshold(cfg: Config, ds: AnomalyDataset, model: torch.nn.Module, siz
     return {**rec, "test_at_threshold": confusion_at(test_scores, test_labels, rec["image_threshold"])}
 
 
-__all__ = ["run_evaluate", "score_split", "write_threshold", "THRESHOLD_ON", "KnnExtension", "method_metrics", "paper_image_score", "FUSIONS", "KNN_BACKBONES",
+__all__ = ["run_evaluate", "score_split", "write_threshold", "KnnExtension", "method_metrics", "paper_image_score",
            "cap_per_defect", "has_pixel_gt", "pixel_ground_truth", "pick_figure_samples",
            "per_defect_auroc", "safe_auroc", "finite_or_none"]

@@ -36,7 +36,7 @@ from torch import nn
 from .config import EvaluateConfig
 from .multiscale import model_patch_size, scale_sizes
 from .threshold import find_threshold_file, read_threshold
-from .utils import atomic_write_text
+from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def export_detector(model_path: str | Path, out: str | Path, fmt: str = "onnx",
     """Write the detector at ``model_path`` as ``fmt`` (onnx | torchscript) to ``out`` plus
     ``out.json`` (module docstring); returns ``out``. ``threshold``: a ``threshold.json`` (default: the
     one ``apmask evaluate`` wrote for this model, if any). Refuses to overwrite ``out`` without ``force``."""
-    from .models.detector import load_detector
+    from .weights import load_detector
 
     if fmt not in FORMATS:
         raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")

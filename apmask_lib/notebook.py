@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from .config import Config, load_params
+from .files import atomic_write_text
+
+# Every notebook imports this module, so its module-level imports run in every DVC stage (and are
+# dependencies of each): keep them light. The figure helpers live in apmask_lib/viz (curves, tsne,
+# paper), imported by the notebooks that draw those figures.
 
 # tqdm.auto in a kernel without ipywidgets warns "IProgress not found" (with the venv's absolute path)
 # and falls back to the text bar, which is what we want: say nothing
@@ -100,8 +105,6 @@ def execute(notebook: str | Path, params: dict[str, Any], out_dir: str | Path = 
     pm.execute_notebook(str(nb), str(tmp), parameters=params, cwd=str(root), progress_bar=False,
                         kernel_name="python3")
     import nbformat
-
-    from .utils import atomic_write_text
 
     node = normalize_executed(nbformat.read(tmp, as_version=4), root)
     node.metadata.get("papermill", {})["output_path"] = str(out).replace(str(root) + "/", "")

@@ -47,7 +47,8 @@ from .data import ImageReadError, read_image
 from .data.mvtec import IMAGE_EXTS
 from .multiscale import model_patch_size, predict_multiscale, scale_sizes
 from .threshold import find_threshold_file, read_threshold
-from .utils import atomic_write_bytes, resolve_device, write_json
+from .devices import resolve_device
+from .files import atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def predict(model_path: str | Path, inputs: str | Path | Sequence[str | Path], o
     """Score images; writes ``out_dir/{predictions.csv, predict.json, heatmaps/}``; returns the rows
     (module docstring). Raises for a missing/unreadable/non-finite model checkpoint, a bad threshold
     file, or a non-empty ``out_dir`` without ``force``."""
-    from .models.detector import load_detector
+    from .weights import load_detector
     from .viz.localization import heatmap_overlay, outline_mask
 
     out_dir = Path(out_dir)

@@ -13,9 +13,9 @@ import torch
 from apmask_lib.config import Config, replace
 from apmask_lib.data import build_dataset, resize_image
 from apmask_lib.losses import detection_loss, dice_loss, finetune_loss
-from apmask_lib.models import build_backbone
-from apmask_lib.models.detector import (AnomalyDetector, attention_features, load_detector, read_detector_checkpoint,
-                                        save_detector)
+from apmask_lib.weights import build_backbone
+from apmask_lib.models.detector import AnomalyDetector, attention_features
+from apmask_lib.weights import load_detector, read_detector_checkpoint, save_detector
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .random.*random weights")
 
@@ -215,7 +215,7 @@ def test_run_writes_logs_and_model(tmp_path, bottle):
 
 def test_resume_is_exact_and_finished_runs_are_kept(tmp_path, bottle):
     from apmask_lib.finetune import run_finetune
-    from apmask_lib.utils import load_checkpoint
+    from apmask_lib.files import load_checkpoint
 
     full = run_finetune(_cfg(tmp_path / "a"), bottle, progress=False)  # 3 epochs x 2 steps
     part = run_finetune(_cfg(tmp_path / "b"), bottle, max_steps=3, progress=False)  # stops mid-epoch

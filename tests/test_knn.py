@@ -18,9 +18,9 @@ from apmask_lib import knn
 from apmask_lib.config import replace
 from apmask_lib.data import build_dataset
 from apmask_lib.evaluate import run_evaluate
-from apmask_lib.models import build_backbone
+from apmask_lib.weights import build_backbone
 
-from test_evaluate import ConstantMap, micro_cfg
+from helpers import ConstantMap, micro_cfg
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..files import atomic_write_bytes
 
 def pyplot():
     """matplotlib.pyplot with the non-interactive Agg backend."""
@@ -26,8 +27,6 @@ def pyplot():
 def save_figure(fig, out_png: str | Path, dpi: int = 110) -> Path:
     """Write a matplotlib figure as PNG atomically and close it (pyplot figures are closed,
     figures built with ``matplotlib.figure.Figure`` are simply dropped)."""
-    from ..utils import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     if fig.canvas.manager is not None:  # created through pyplot

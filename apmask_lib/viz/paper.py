@@ -2,8 +2,13 @@
 backbone's attention, the APMask view and the synthetic anomalies of every kind, on training images."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
+from ..anomalies import KINDS
+from ..data import dataset_from_config, read_image
+from ..finetune import resolve_blend, resolve_poisson
+from ..weights import build_backbone
 from .figure import RunLabel, backbone_name
 from .synthetic import fig_attention_panel, fig_synthetic_grid
 
@@ -14,13 +19,6 @@ def paper_figures(cfg, figures_dir: str | Path, n_images: int = 4) -> list[Path]
     of ``cfg`` (a :class:`~apmask_lib.config.Config`), with the backbone ``cfg.backbone`` as
     initialised (before any pre-training). Written to ``figures_dir/fig1_attention_<category>.png``
     and ``fig4b_synthetic_<category>.png``."""
-    import warnings
-
-    from ..anomalies import KINDS
-    from ..data import dataset_from_config, read_image
-    from ..finetune import resolve_blend, resolve_poisson
-    from ..models import build_backbone
-
     ds = dataset_from_config(cfg.data)
     step = max(len(ds.train) // max(n_images, 1), 1)
     images = [read_image(s.path) for s in ds.train[::step][:n_images]]
