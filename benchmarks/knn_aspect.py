@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from apmask_lib.config import Config  # noqa: E402
 from apmask_lib.data import build_dataset  # noqa: E402
 from apmask_lib.data.mvtec import load_mvtec  # noqa: E402
-from apmask_lib.evaluate import pixel_ground_truth  # noqa: E402
+from apmask_lib.data.ground_truth import pixel_ground_truth  # noqa: E402
 from apmask_lib.knn import KnnScorer, average_outputs  # noqa: E402
 from apmask_lib.metrics import PixelMetrics, image_auroc  # noqa: E402
 from apmask_lib.weights import build_backbone  # noqa: E402

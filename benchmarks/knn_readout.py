@@ -47,7 +47,7 @@ from benchmarks.common import versions  # noqa: E402
 
 from apmask_lib.config import Config  # noqa: E402
 from apmask_lib.data import build_dataset  # noqa: E402
-from apmask_lib.evaluate import pixel_ground_truth  # noqa: E402
+from apmask_lib.data.ground_truth import pixel_ground_truth  # noqa: E402
 from apmask_lib.knn import SIGMA_AT, KnnScorer, distance_map, top_fraction_mean  # noqa: E402
 from apmask_lib.metrics import PixelMetrics, image_auroc  # noqa: E402
 from apmask_lib.weights import build_backbone  # noqa: E402

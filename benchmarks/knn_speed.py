@@ -4,7 +4,7 @@ Measures, on MVTec bottle, the wall time of *bank + inference* (images read and 
 features of every training image, memory bank, patch features + nearest-neighbour search + pixel
 maps of every test image; the metrics are computed afterwards and not timed) for
 
-* ``ours``: the kNN extension as ``evaluate.KnnExtension`` runs it with ``fusion="knn"`` (offline
+* ``ours``: the kNN extension as ``knn_fusion.KnnExtension`` runs it with ``fusion="knn"`` (offline
   ViT-S/14 block 7, sizes 224 + 448, k = 1, exact fp32 search, maps bilinear + Gaussian sigma 4 px
   at the stored resolution, scores and maps averaged over the sizes), with its phases timed
   separately (the profile);
@@ -145,7 +145,7 @@ def run_anomalydino(ds, train, test, size: int = 252, batch_size: int = 8) -> di
 def quality(ds, test, scores, maps, method: str) -> dict[str, float]:
     """Image AUROC / pixel AUROC / AU-PRO (%) as knn_readout.py (ours) and peers.py (anomalib) score them."""
     from apmask_lib.config import Config
-    from apmask_lib.evaluate import pixel_ground_truth
+    from apmask_lib.data.ground_truth import pixel_ground_truth
     from apmask_lib.metrics import PixelMetrics, image_auroc
 
     labels = np.array([s.label for s in test])

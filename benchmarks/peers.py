@@ -22,7 +22,7 @@ coreset / ``fit``; test: eval-mode forward giving ``pred_score`` and ``anomaly_m
 Lightning ``Engine``, post-processor and evaluator are NOT used: their figures disagreed with the
 official metrics on some runs. Metrics are computed here with :mod:`apmask_lib.metrics` exactly as
 :mod:`apmask_lib.evaluate` does for our method: image AUROC on the raw ``pred_score``; pixel AUROC
-and AU-PRO (FPR <= 0.3) against the ground truth loaded by ``evaluate.pixel_ground_truth`` at each
+and AU-PRO (FPR <= 0.3) against the ground truth loaded by ``data.ground_truth.pixel_ground_truth`` at each
 image's stored resolution, the peer map (anomalib's: nearest upsampling of the patch scores to the
 input size + Gaussian sigma 4) upsampled bilinearly to that resolution; pixel metrics stream through
 the same 2^20-bin histogram, over the peer maps' own [min, max] (bilinear upsampling stays inside it).
@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from apmask_lib.config import EvaluateConfig
 from apmask_lib.data import AnomalyDataset, build_dataset
-from apmask_lib.evaluate import pixel_ground_truth
+from apmask_lib.data.ground_truth import pixel_ground_truth
 from apmask_lib.metrics import PixelMetrics, image_auroc
 from apmask_lib.devices import resolve_device
 from apmask_lib.files import atomic_write_text, write_json
@@ -406,7 +406,7 @@ def report(rows: Sequence[Mapping[str, Any]], command: str, machine: str, total_
         "evaluator). Image AUROC from the raw `pred_score`; pixel AUROC and AU-PRO (FPR ≤ 0.3, normalised) from "
         "the raw `anomaly_map` (anomalib: nearest upsampling of the patch scores to the input size, Gaussian "
         "sigma 4), upsampled bilinearly to each image's stored resolution and compared with the masks loaded "
-        "by `apmask_lib.evaluate.pixel_ground_truth`, i.e. the same resolution and mask loading as our "
+        "by `apmask_lib.data.ground_truth.pixel_ground_truth`, i.e. the same resolution and mask loading as our "
         "evaluation, with `apmask_lib.metrics` (pixel metrics through the same 2^20-bin histogram, here over "
         f"each peer's own map range; AUROC bin error bound ≤ "
         f"{max(r['pixel_auroc_bin_error_bound'] for r in rows):.1e}). fit = feature extraction over all "

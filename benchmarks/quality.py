@@ -240,7 +240,7 @@ def main(argv=None) -> int:
         f"bilinear + Gaussian sigma 4 px maps) on block {args.knn_layer} tokens, one bank of all training patches per "
         "input size, maps and scores averaged over the sizes (the paper's multi-scale averaging; 448 alone = "
         "AnomalyDINO); fused = z_kNN + z_detector with statistics from held-out normal TRAINING images "
-        "(apmask_lib/evaluate.py docstring). Pixel metrics at the images' stored resolution (bottle: 512 px, "
+        "(apmask_lib/knn_fusion.py docstring). Pixel metrics at the images' stored resolution (bottle: 512 px, "
         "downscaled from 900 px). Peer rows (anomalib PatchCore / AnomalyDINO on the same images, their raw "
         "scores and maps scored with our metric code) come from `benchmarks/peers.py`: run in this process with "
         "`--peers`, else quoted from its last run (results/peers.json, command and date in the row header).", "",

@@ -14,8 +14,9 @@ from apmask_lib.config import Config
 from apmask_lib.data import AnomalyDataset, Sample, build_dataset
 from helpers import ConstantMap, micro_cfg
 
-from apmask_lib.evaluate import (cap_per_defect, finite_or_none, has_pixel_gt, per_defect_auroc,
-                                 pick_figure_samples, pixel_ground_truth, run_evaluate)
+from apmask_lib.data.ground_truth import cap_per_defect, has_pixel_gt, pick_figure_samples, pixel_ground_truth
+from apmask_lib.evaluate import run_evaluate
+from apmask_lib.metrics import finite_or_none, per_defect_auroc
 
 RESULT_FILES = ("metrics.json", "scores.csv", "features.npz", "config.json", "fig4a_localization.png", "roc.png",
                 "fig5_tsne.png")

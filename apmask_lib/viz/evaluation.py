@@ -20,8 +20,11 @@ MAP_METHODS = {
     "paper": ("paper method (detector)", DETECTOR_MAP_LABEL),
     "knn": ("kNN extension (not in the paper)", "kNN anomaly score (cosine distance\nto the nearest training patch)"),
     "fused": ("fused kNN + detector (not in the paper)", "fused score squash(z_kNN + z_det) (0-1)"),
-    "knn_model": ("kNN model (not in the paper)", "kNN anomaly score (cosine distance\nto the nearest training patch)"),
+    "knn_model": ("kNN model (not in the paper)", "kNN anomaly score: cosine distance to the\nnearest training patch / 2 (0-1)"),
 }
+#: what a kNN model's ``cls`` output holds (:class:`apmask_lib.knn_model.KnnDetector`)
+KNN_MODEL_FEATURES = ("mean of the patch features the kNN model compares (its read-out block, "
+                      "no fine-tuning)")
 
 #: one figure item: image RGB uint8, map (H, W), ground truth bool (H, W) or None, title
 FigItem = tuple[np.ndarray, np.ndarray, Optional[np.ndarray], str]
@@ -74,4 +77,4 @@ def write_figures(out_dir: Path, fig_items: Sequence[FigItem], rows: Sequence[Ma
     return figures
 
 
-__all__ = ["MAP_METHODS", "FigItem", "write_figures"]
+__all__ = ["MAP_METHODS", "KNN_MODEL_FEATURES", "FigItem", "write_figures"]
