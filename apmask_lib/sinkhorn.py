@@ -5,7 +5,7 @@ teacher, cross-entropy of the student's prototype predictions against them.
   with equal partition: every prototype receives mass 1/K and every sample 1/B
   (Caron et al., SwAV, NeurIPS 2020, Sec. 3.1 and their ``distributed_sinkhorn``).
 * :func:`sinkhorn_with_queue` and :func:`push_queue`: SwAV's feature queue for small batches
-  (Caron et al. 2020, Sec. 4 / App. "Working with small batches", and ``main_swav.py`` of
+  (Caron et al. 2020, the paragraph "Working with small batches" of Sec. 3.1, and ``main_swav.py`` of
   facebookresearch/swav): the equal partition is computed over the batch *and* the stored teacher
   embeddings of the last L images (scored with the current prototypes), and only the batch's rows
   are used as codes. With B < K the batch alone cannot give every prototype 1/K of the mass with
