@@ -10,10 +10,11 @@ for each variant of the SwAV objective, on the demo textures, MVTec AD bottle an
 Variants (``--variants``; config overrides of ``pretrain``):
 
 * ``base``: today's defaults (``sinkhorn_eps`` 0.05, ``n_prototypes`` 20, no queue),
-* ``eps0.02`` / ``eps0.01``: a smaller Sinkhorn ε (sharper codes for the same teacher scores),
+* ``eps0.02`` / ``eps0.01`` / ``eps0.003``: a smaller Sinkhorn ε (sharper codes for the same teacher
+  scores; the teacher's scores differ between images by ~0.015, so ε must approach that to matter),
 * ``K8``: K = 8 prototypes = the batch size (K ≤ B),
 * ``queue32``: SwAV's queue of the last 32 teacher embeddings in Sinkhorn (``pretrain.queue_length``),
-* ``eps0.01+queue32``: both.
+* ``eps0.01+queue32`` / ``eps0.003+queue32``: both.
 
 What counts as a fix (README): on EVERY data set the teacher spread grows over the epochs (instead of
 shrinking) or the agreement of the student's arg-max with the codes rises above chance (1/K).
@@ -56,6 +57,8 @@ VARIANTS = {
     "K8": {"n_prototypes": 8},
     "queue32": {"queue_length": 32},
     "eps0.01+queue32": {"sinkhorn_eps": 0.01, "queue_length": 32},
+    "eps0.003": {"sinkhorn_eps": 0.003},
+    "eps0.003+queue32": {"sinkhorn_eps": 0.003, "queue_length": 32},
 }
 # name -> (dataset, root relative to the project, category)
 DATASETS = {
@@ -69,12 +72,12 @@ DATASETS = {
 
 def variant_config(args, data: str, variant: str):
     """``params.yaml`` (the demo profile) with the data set, the image cap, the epochs and the variant's
-    ``pretrain`` overrides; the run folder is ``<runs>/<data>/<variant>``."""
+    ``pretrain`` overrides; the run folder is ``<runs>/<data>/<variant>_e<epochs>_n<max_train>``."""
     kind, root, cat = DATASETS[data]
     root = Path(root) if Path(root).is_absolute() else (ROOT / root).resolve()
     ov = [f"data.dataset={kind}", f"data.root={root}", f"data.category={cat}", f"data.max_train={args.max_train}",
           f"pretrain.epochs={args.epochs}", "device=cpu", f"seed={args.seed}",
-          f"out_dir={ROOT / args.runs / data / variant}"]
+          f"out_dir={ROOT / args.runs / data / f'{variant}_e{args.epochs}_n{args.max_train}'}"]
     ov += [f"pretrain.{k}={v}" for k, v in VARIANTS[variant].items()]
     return load_params(ROOT / "params.yaml", ov)
 
@@ -90,6 +93,7 @@ def run_one(args, data: str, variant: str) -> dict:
     epochs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     run = json.loads((out / "config.json").read_text())["_run"]
     return {"data": data, "variant": variant, "overrides": VARIANTS[variant], "k": cfg.pretrain.n_prototypes,
+            "epochs_run": args.epochs, "max_train": args.max_train,
             "n_train": run["n_train"], "batch": run["global_batch"], "iters_per_epoch": run["iters_per_epoch"],
             "epochs": [{k: e.get(k) for k in ("epoch", "loss") + STAT_COLUMNS} for e in epochs],
             "seconds": secs, "load_start": list(load0), "load_end": list(os.getloadavg())}
@@ -105,11 +109,21 @@ def verdict(r: dict) -> dict:
             "agreement_above_chance": agree > chance + 0.05, "chance": chance, "late_agreement": agree}
 
 
+def _key(r: dict) -> tuple:
+    """A run's identity in the JSON: data set, variant, epochs, image cap."""
+    return r["data"], r["variant"], r.get("epochs_run"), r.get("max_train")
+
+
 def save(args, results: list[dict]) -> None:
     data = json.loads(JSON.read_text()) if JSON.is_file() else {"runs": []}
-    new = {(r["data"], r["variant"]) for r in results}
-    data["runs"] = [r for r in data["runs"] if (r["data"], r["variant"]) not in new] + results
-    data.update({"command": "nice -n 5 .venv/bin/python benchmarks/collapse.py " + " ".join(shlex.quote(a) for a in args.argv),
+    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    cmd = env + "nice -n 5 .venv/bin/python benchmarks/collapse.py " + " ".join(shlex.quote(a) for a in args.argv)
+    old_setting = data.get("setting", {})
+    data["runs"] = [{"epochs_run": old_setting.get("epochs"), "max_train": old_setting.get("max_train"), **r,
+                     "command": r.get("command", data.get("command"))} for r in data["runs"]]
+    new = {_key(r) for r in results}
+    data["runs"] = [r for r in data["runs"] if _key(r) not in new] + [{**r, "command": cmd} for r in results]
+    data.update({"command": cmd,
                  "machine": f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device cpu",
                  "versions": versions(), "date": dt.datetime.now().isoformat(timespec="seconds"),
                  "setting": {"profile": "params.yaml (demo: 112 px, batch 8, 4 local crops of 56 px, apmask r=0.3)",
@@ -124,9 +138,10 @@ def report() -> None:
     lines = ["# Pre-training collapse: variants of the SwAV objective (issue 13 §2b)", "",
              f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by `benchmarks/collapse.py --report` from "
              "`results/collapse.json`.", "",
-             f"Command: `{data['command']}`  ",
+             "Commands (each run's own in the JSON): " + "; ".join(
+                 f"`{c}`" for c in dict.fromkeys(r.get("command", data["command"]) for r in data["runs"])) + "  ",
              f"Machine: {data['machine']}; {data['versions']}; {data['date']}.  ",
-             f"Setting: {s['profile']}, {s['epochs']} epochs, at most {s['max_train']} training images per data set, "
+             f"Setting: {s['profile']}, epochs and the training-image cap per run (below), "
              f"seed {s['seed']}; backbone `dinov2-s14-offline`. Columns are per-epoch means of the per-step "
              "diagnostics of `apmask_lib/collapse.py` (code entropy: ln K = uniform codes; teacher spread: std over "
              "the batch of the teacher's prototype scores; proto perplexity: K = all prototypes used equally; "
@@ -134,20 +149,20 @@ def report() -> None:
              "A variant fixes the collapse if, on every data set, the teacher spread grows from the first to the "
              "last epoch or the agreement of the last two epochs is above chance + 0.05.", "",
              "## Verdict per run", "",
-             "| data | variant | K | ln K | loss first → last | code entropy last | teacher spread first → last | "
+             "| data | variant | epochs × steps | K | ln K | loss first → last | code entropy last | teacher spread first → last | "
              "agreement last 2 (chance) | spread grows | agreement > chance | s | load 1 min start/end |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     import math
     for r in data["runs"]:
         v, e = verdict(r), r["epochs"]
-        lines.append(f"| {r['data']} | {r['variant']} | {r['k']} | {math.log(r['k']):.3f} | {e[0]['loss']:.3f} → "
+        lines.append(f"| {r['data']} | {r['variant']} | {r.get('epochs_run', s['epochs'])} × {r['iters_per_epoch']} | {r['k']} | {math.log(r['k']):.3f} | {e[0]['loss']:.3f} → "
                      f"{e[-1]['loss']:.3f} | {e[-1]['code_entropy']:.3f} | {e[0]['teacher_spread']:.4f} → "
                      f"{e[-1]['teacher_spread']:.4f} | {v['late_agreement']:.2f} ({v['chance']:.2f}) | "
                      f"{'yes' if v['spread_grows'] else 'no'} | {'yes' if v['agreement_above_chance'] else 'no'} | "
                      f"{r['seconds']:.0f} | {r['load_start'][0]:.1f} / {r['load_end'][0]:.1f} |")
     lines += ["", "## Per epoch", ""]
     for r in data["runs"]:
-        lines += [f"### {r['data']} / {r['variant']} (overrides {r['overrides'] or 'none'}; {r['n_train']} images, "
+        lines += [f"### {r['data']} / {r['variant']}, {r.get('epochs_run', s['epochs'])} epochs (overrides {r['overrides'] or 'none'}; {r['n_train']} images, "
                   f"batch {r['batch']}, {r['iters_per_epoch']} steps per epoch)", "",
                   "| epoch | loss | code entropy | student entropy | teacher spread | proto perplexity | protos used | "
                   "agreement |", "|---|---|---|---|---|---|---|---|"]
