@@ -263,8 +263,12 @@ def report() -> None:
                   "apmask": f"APMask pre-training {s['pretrain_epochs']} epoch(s), then fine-tuned",
                   "untrained": "the detector before fine-tuning (backbone attention as the map), one scale per row"}
         title = titles.get(name) or f"snapshots of the {name[:-2]} curve re-evaluated at the six paper scales"
-        lines += [f"## {name}: {title}",
-                  "", f"Command: `{c['command']}`  "] + [f"Six-scale re-evaluation of a snapshot: `{x}`  "
+        by_cmd: dict[str, list[int]] = {}
+        for p in c["points"]:
+            by_cmd.setdefault(p.get("command", c["command"]), []).append(p["epoch"])
+        cmds = [f"Command: `{x}`" + ("" if len(by_cmd) == 1 else f" (epochs {', '.join(map(str, e))})") + "  "
+                for x, e in by_cmd.items()]
+        lines += [f"## {name}: {title}", ""] + cmds + [f"Six-scale re-evaluation of a snapshot: `{x}`  "
                                                            for x in c.get("extra_commands", [])] + [ f"Machine: {c['machine']}; {c['versions']}; {c['date']}.  ",
                   f"Setting: seed {s['seed']}, {s['epochs']} fine-tuning epochs in the run ({c['iters_per_epoch']} steps "
                   f"of 16 per epoch), **training images capped at {s['max_train']}** (of 209; the validation slice "
