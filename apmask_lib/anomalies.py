@@ -56,7 +56,7 @@ from typing import Optional, Sequence
 import cv2
 import numpy as np
 
-KINDS = ("attention", "cutpaste", "scar", "nsa", "fpi")
+from .config import ANOMALY_KINDS as KINDS
 BLENDS = ("normal", "mixed")
 MIN_MEAN_DIFF = 10.0   # mean |x' - x| (0..255, max over channels) over the footprint below which a candidate is redrawn
 PIXEL_TOL = 4          # per-pixel |x' - x| at or below which a footprint pixel is restored and unlabelled

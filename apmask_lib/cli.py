@@ -3,7 +3,8 @@ accepts ``-S section.key=value`` overrides, e.g. ``apmask pretrain -S pretrain.e
 
 One command per step (``apmask COMMAND --help`` shows an example for each):
 
-  fit       pre-train + fine-tune (pre-training is skipped when finetune.init is a backbone source)
+  fit       pre-train + fine-tune (pre-training is skipped when finetune.init is a backbone source);
+            --method knn: the kNN memory bank alone, no training (OUT_DIR/knn/model.pt)
   evaluate  metrics on the test split + the decision threshold (evaluate/threshold.json)
   predict   score / threshold / anomalous per image + heatmaps of your images
   export    ONNX or TorchScript file for deployment (multi-scale averaging inside)
@@ -51,7 +52,7 @@ def cmd_data(args) -> None:
         checked, cached = verify_split(ds, progress=False)
         print(f"verified every image and mask: {checked} decoded now, {cached} unchanged since they last passed")
     if args.index:
-        from .utils import write_json
+        from .files import write_json
 
         def listing(samples):
             return [[str(s.path), s.label, s.defect, s.path.stat().st_size] for s in samples]
@@ -77,7 +78,7 @@ def cmd_drop_resume_state(args) -> None:
     finished folder without its resume state is not re-trained by a later run outside DVC without
     ``--force`` (README, "Reliability")."""
     from . import runfolder
-    from .utils import load_checkpoint
+    from .files import load_checkpoint
 
     for folder in args.folders:
         if args.all:
@@ -111,7 +112,7 @@ def _attention_images(cfg: Config, n: int = 4):
 
 
 def cmd_attention_figure(args) -> None:
-    from .models import build_backbone
+    from .weights import build_backbone
     from .viz.backbone import fig_backbone_attention
 
     cfg = _cfg(args)
@@ -136,10 +137,15 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_fit(args) -> None:
+    cfg = _cfg(args)
+    if args.method == "knn":
+        from .knn_model import fit_knn_model
+
+        print(f"kNN model (no training): {fit_knn_model(cfg, force=args.force)}")
+        return
     from .finetune import run_finetune
     from .pretrain import run_pretrain
 
-    cfg = _cfg(args)
     if cfg.finetune.init == "pretrain":
         print(f"pre-training: {run_pretrain(cfg, force=args.force)}")
     else:
@@ -150,7 +156,13 @@ def cmd_fit(args) -> None:
 def cmd_evaluate(args) -> None:
     from .evaluate import run_evaluate
 
-    m = run_evaluate(_cfg(args), model_path=args.model)
+    cfg = _cfg(args)
+    model = args.model
+    if model is None and args.method == "knn":
+        from .knn_model import knn_model_path
+
+        model = knn_model_path(cfg)
+    m = run_evaluate(cfg, model_path=model)
     keys = ("image_auroc", "pixel_auroc", "au_pro", "f1_max")
     print(" ".join(f"{k}={m[k]:.4f}" for k in keys if isinstance(m.get(k), (int, float))))
     print(f"pixel metrics: {m.get('pixel_metrics_scope')}")
@@ -276,20 +288,30 @@ def main(argv: list[str] | None = None) -> None:
     for name, fn, help_, example in (
             ("pretrain", cmd_pretrain, "APMask pre-training", None),
             ("finetune", cmd_finetune, "fine-tuning on synthetic anomalies", None),
-            ("fit", cmd_fit, "pre-train + fine-tune the detector (resumes; a finished stage is not redone)",
-             folder_example)):
-        add(name, fn, help_, example).add_argument(
-            "--force", action="store_true",
-            help="train from scratch over a run folder that holds finished outputs (otherwise refused)")
+            ("fit", cmd_fit, "pre-train + fine-tune the detector (resumes; a finished stage is not redone), or with "
+             "--method knn fit the training-free kNN memory bank alone (OUT_DIR/knn/model.pt)",
+             folder_example + "\n  " + folder_example.replace("apmask fit", "apmask fit --method knn"))):
+        sp = add(name, fn, help_, example)
+        sp.add_argument("--force", action="store_true",
+                        help="train from scratch over a run folder that holds finished outputs (otherwise refused)")
+        if name == "fit":
+            sp.add_argument("--method", choices=("detector", "knn"), default="detector",
+                            help="detector: the paper's pre-training + fine-tuning (default); knn: the kNN extension "
+                                 "alone, no training: banks of block evaluate.knn_layer (default 7) patch features of "
+                                 "the training images at evaluate.knn_sizes (apmask_lib/knn_model.py)")
     sp = add("evaluate", cmd_evaluate, "multi-scale evaluation on the test split; writes metrics.json, scores.csv "
              "and the decision threshold OUT_DIR/evaluate/threshold.json",
              "apmask evaluate -S data.dataset=folder -S data.root=my_data -S data.category=widget "
              "-S data.normal_dir=good -S 'data.abnormal_dir=[scratch, dent]' -S out_dir=runs/widget")
-    sp.add_argument("--model", default=None, help="detector checkpoint (default: OUT_DIR/finetune/model.pt)")
+    sp.add_argument("--model", default=None, help="detector checkpoint or kNN model (default: OUT_DIR/finetune/model.pt, "
+                    "with --method knn OUT_DIR/knn/model.pt)")
+    sp.add_argument("--method", choices=("detector", "knn"), default="detector",
+                    help="which model of OUT_DIR to evaluate when --model is not given; a kNN model writes "
+                         "OUT_DIR/evaluate_knn/")
     sp = add("predict", cmd_predict, "score your own images: predictions.csv (score, threshold, anomalous), "
              "heatmaps/ with the region above the pixel threshold outlined, predict.json",
              "apmask predict --model runs/widget/finetune/model.pt --out predictions/widget new_images/")
-    sp.add_argument("--model", required=True, help="detector checkpoint (model.pt)")
+    sp.add_argument("--model", required=True, help="detector checkpoint or kNN model (model.pt)")
     sp.add_argument("--out", required=True, help="output folder; must be empty or absent unless --force")
     sp.add_argument("--threshold", default=None,
                     help="a number (on det_mean) or a threshold.json (default: the one apmask evaluate wrote "
@@ -303,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     sp = add("export", cmd_export, "write the detector as ONNX or TorchScript (images (B,3,H,W) in [0,1] -> "
              "score (B,), map (B,H,W), probs (B,S)); README 'Your own images' runs it with onnxruntime",
              "apmask export --model runs/widget/finetune/model.pt --format onnx --out widget.onnx")
-    sp.add_argument("--model", required=True, help="detector checkpoint (model.pt)")
+    sp.add_argument("--model", required=True, help="detector checkpoint or kNN model (model.pt)")
     sp.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
     sp.add_argument("--out", required=True, help="output file (a .json description is written beside it)")
     sp.add_argument("--threshold", default=None, help="threshold.json to embed (default: the one apmask evaluate wrote)")

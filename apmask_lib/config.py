@@ -12,24 +12,67 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, get_type_hints
+from typing import Any, Literal, Optional, get_type_hints
 
 import yaml
 
-RANK_SOURCES = ("view", "image")    # pretrain.rank_source values
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot_eager")
+# ---- every choice, in one table: a field that takes one of a few strings is typed with one of these
+# Literals, and the value is checked against it once, when the section is built (:func:`check_value`).
+# Modules that need the values import the tuples below (``choices(...)``) instead of writing them again.
+Dataset = Literal["mvtec", "nih", "demo", "folder"]                     # data.dataset
+MaskKind = Literal["apmask", "random", "block", "none"]                 # pretrain.mask (Table 4)
+TeacherView = Literal["second", "same"]                                 # pretrain.teacher_view
+RankSource = Literal["view", "image"]                                   # pretrain.rank_source
+CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot_eager"]  # *.compile
+AnomalyKind = Literal["attention", "cutpaste", "scar", "nsa", "fpi"]    # finetune.anomaly (Table 3 bottom)
+Poisson = Literal["auto", "on", "off"]                                  # finetune.poisson (YAML on/off/yes/no/true/false read as on/off)
+SegMaps = Literal["heads", "heads_full", "tokens"]                      # finetune.seg_maps
+SegTransform = Literal["log", "linear"]                                 # finetune.seg_transform
+Blend = Literal["auto", "normal", "mixed"]                              # finetune.blend
+DiceReduction = Literal["batch", "mean"]                                # finetune.dice
+ImageScore = Literal["det_mean", "map_max"]                             # evaluate.score
+ThresholdOn = Literal["auto", "val", "test"]                            # evaluate.threshold_on
+KnnBackbone = Literal["init", "finetuned"]                              # evaluate.knn_backbone
+KnnSigmaAt = Literal["output", "input"]                                 # evaluate.knn_sigma_at
+Fusion = Literal["knn", "fused"]                                        # evaluate.fusion
 
-# ---- every constraint on a value, in one table, checked once when a section is built (a value outside
+
+def choices(tp: Any) -> tuple[str, ...]:
+    """The allowed values of a choice type (``Literal[...]``, or ``Optional`` of one); () otherwise."""
+    tp, _ = _optional(tp)
+    return tuple(typing.get_args(tp)) if typing.get_origin(tp) is Literal else ()
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+    """(inner type, whether None is allowed) of ``Optional[X]`` / ``X | None``; (tp, False) otherwise."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), True
+    return tp, False
+
+
+MASK_KINDS = choices(MaskKind)
+RANK_SOURCES = choices(RankSource)
+TEACHER_VIEWS = choices(TeacherView)
+COMPILE_MODES = choices(CompileMode)
+ANOMALY_KINDS = choices(AnomalyKind)
+SEG_MAPS = choices(SegMaps)
+SEG_TRANSFORMS = choices(SegTransform)
+IMAGE_SCORES = choices(ImageScore)
+THRESHOLD_ON = choices(ThresholdOn)
+KNN_BACKBONES = choices(KnnBackbone)
+KNN_SIGMA_AT = choices(KnnSigmaAt)
+FUSIONS = choices(Fusion)
+
+# ---- every constraint on a number, in one table, checked once when a section is built (a value outside
 # it is an error naming the key, never a run that "finishes" with an impossible schedule).
-# ("section.key"): ("int>0" | "int>=0" | "num>0" | "num>=0" | "[0,1]" | "[0,1)" | "(0,1]" | "sizes>0" | "range(0,1]" | choices tuple)
-# ``None`` is allowed exactly where the field is Optional.
+# ("section.key"): ("int>0" | "int>=0" | "num>0" | "num>=0" | "[0,1]" | "[0,1)" | "(0,1]" | "sizes>0" | "range(0,1]")
+# ``None`` is allowed exactly where the field is Optional; choices are the Literal types above.
 CONSTRAINTS: dict[str, Any] = {
     "seed": "int>=0",
-    "data.dataset": ("mvtec", "nih", "demo", "folder"),
     "data.normal_test_split": "[0,1)", "data.normal_val_split": "[0,1)", "data.split_seed": "int>=0",
     "data.image_size": "int>0", "data.max_train": "int>0", "data.max_test": "int>0",
-    "pretrain.epochs": "int>0", "pretrain.batch_size": "int>0",
-    "pretrain.mask": ("apmask", "random", "block", "none"), "pretrain.mask_ratio": "[0,1)",
+    "pretrain.epochs": "int>0", "pretrain.batch_size": "int>0", "pretrain.mask_ratio": "[0,1)",
     "pretrain.n_local": "int>=0", "pretrain.global_size": "int>0", "pretrain.local_size": "int>0",
     "pretrain.global_scale": "range(0,1]", "pretrain.local_scale": "range(0,1]",
     "pretrain.out_dim": "int>0", "pretrain.hidden_dim": "int>0", "pretrain.bottleneck_dim": "int>0",
@@ -37,25 +80,18 @@ CONSTRAINTS: dict[str, Any] = {
     "pretrain.sinkhorn_iters": "int>0", "pretrain.queue_length": "int>=0", "pretrain.lr": "num>=0", "pretrain.start_lr": "num>=0",
     "pretrain.min_lr": "num>=0", "pretrain.warmup_epochs": "int>=0", "pretrain.weight_decay": "num>=0",
     "pretrain.weight_decay_end": "num>=0", "pretrain.clip_grad": "num>=0", "pretrain.momentum_teacher": "[0,1]",
-    "pretrain.freeze_prototypes_iters": "int>=0", "pretrain.num_workers": "int>=0",
-    "pretrain.teacher_view": ("second", "same"), "pretrain.rank_source": RANK_SOURCES,
-    "pretrain.log_every": "int>0", "pretrain.compile": COMPILE_MODES,
-    "finetune.epochs": "int>0", "finetune.batch_size": "int>0",
-    "finetune.anomaly": ("attention", "cutpaste", "scar", "nsa", "fpi"),
-    "finetune.seg_maps": ("heads", "heads_full", "tokens"), "finetune.det_weight": "num>=0",
+    "pretrain.freeze_prototypes_iters": "int>=0", "pretrain.num_workers": "int>=0", "pretrain.log_every": "int>0",
+    "finetune.epochs": "int>0", "finetune.batch_size": "int>0", "finetune.det_weight": "num>=0",
     "finetune.seg_weight": "num>=0", "finetune.anomaly_fraction": "[0,1]", "finetune.lr": "num>=0",
     "finetune.start_lr": "num>=0", "finetune.min_lr": "num>=0", "finetune.warmup_epochs": "int>=0",
     "finetune.weight_decay": "num>=0", "finetune.clip_grad": "num>=0", "finetune.num_workers": "int>=0",
-    "finetune.blend": ("auto", "normal", "mixed"), "finetune.attention_temperature": "num>0",
-    "finetune.hflip": "[0,1]", "finetune.normal_jitter": "num>=0", "finetune.dice": ("batch", "mean"),
-    "finetune.seg_transform": ("log", "linear"), "finetune.log_every": "int>0", "finetune.compile": COMPILE_MODES,
-    "evaluate.scales": "sizes>0", "evaluate.batch_size": "int>0", "evaluate.score": ("det_mean", "map_max"),
+    "finetune.attention_temperature": "num>0", "finetune.hflip": "[0,1]", "finetune.normal_jitter": "num>=0",
+    "finetune.log_every": "int>0", "finetune.val_fraction": "[0,1)", "finetune.val_max_images": "int>0",
+    "evaluate.scales": "sizes>0", "evaluate.batch_size": "int>0",
     "evaluate.pro_fpr_limit": "(0,1]", "evaluate.pixel_bins": "int>0", "evaluate.figure_images": "int>=0",
-    "evaluate.knn_layer": "int>=0", "evaluate.knn_backbone": ("init", "finetuned"), "evaluate.knn_sizes": "sizes>0",
+    "evaluate.knn_layer": "int>=0", "evaluate.knn_sizes": "sizes>0",
     "evaluate.knn_k": "int>0", "evaluate.knn_coreset": "(0,1]", "evaluate.knn_sigma": "num>=0",
-    "evaluate.knn_sigma_at": ("output", "input"), "evaluate.fusion": ("knn", "fused"), "evaluate.knn_holdout": "[0,1)",
-    "finetune.val_fraction": "[0,1)", "finetune.val_max_images": "int>0",
-    "evaluate.threshold_on": ("auto", "val", "test"), "evaluate.threshold_quantile": "[0,1]",
+    "evaluate.knn_holdout": "[0,1)", "evaluate.threshold_quantile": "[0,1]",
     "evaluate.pixel_threshold_quantile": "[0,1]",
 }
 
@@ -70,7 +106,7 @@ FINGERPRINT_OMIT_AT = {("pretrain", "rank_source"): "view", ("pretrain", "queue_
 
 @dataclass
 class DataConfig:
-    dataset: str = "demo"            # mvtec | nih | demo | folder (your own images, README "Your own images")
+    dataset: Dataset = "demo"        # mvtec | nih | demo | folder (your own images, README "Your own images")
     root: str = "data/demo"          # dataset root (MVTec: the folder holding the category folders)
     category: str = "brick"          # MVTec/demo category; NIH: all | male | female
     image_size: int = 224            # training resolution (square)
@@ -93,7 +129,7 @@ class DataConfig:
 class PretrainConfig:
     epochs: int = 300                # paper: 300
     batch_size: int = 16             # paper: 16
-    mask: str = "apmask"             # apmask | random | block | none   (Table 4)
+    mask: MaskKind = "apmask"        # apmask | random | block | none   (Table 4)
     mask_ratio: float = 0.3          # r: fraction of patch tokens dropped, paper 0.3; try 0.15, 0.5
     n_local: int = 8                 # local crops per image
     global_size: int = 224
@@ -119,12 +155,12 @@ class PretrainConfig:
     momentum_teacher: float = 0.996  # EMA momentum, cosine to 1
     freeze_prototypes_iters: int = 0
     num_workers: int = 2
-    teacher_view: str = "second"     # teacher's unmasked global view: "second" = another global crop (DINO/SwAV), "same" = the student's global crop unmasked
-    rank_source: str = "view"        # mask=apmask, where the teacher's [CLS] attention that ranks a view's patches is taken: "view" = on that student view
+    teacher_view: TeacherView = "second"  # teacher's unmasked global view: "second" = another global crop (DINO/SwAV), "same" = the student's global crop unmasked
+    rank_source: RankSource = "view"  # mask=apmask, where the teacher's [CLS] attention that ranks a view's patches is taken: "view" = on that student view
                                      # (one teacher pass per view size); "image" = once on the whole image at global_size, resampled onto each view's
                                      # crop box (fewer teacher tokens, README "Design choices"); quality at the full schedule not yet compared
     log_every: int = 20              # steps between loss read-backs (host syncs) / CSV rows flushed; NaN is caught at these points
-    compile: str = "none"            # torch.compile each ViT block: none | default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs | aot_eager (apmask_lib/fastpath.py); same maths
+    compile: CompileMode = "none"    # torch.compile each ViT block: none | default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs | aot_eager (apmask_lib/fastpath.py); same maths
 
     def __post_init__(self):
         validate(self, "pretrain")
@@ -135,9 +171,9 @@ class FinetuneConfig:
     epochs: int = 100                # paper: 100
     batch_size: int = 16
     init: str = "pretrain"           # "pretrain" = this run's pre-trained backbone, or a backbone source string
-    anomaly: str = "attention"       # attention | cutpaste | scar | nsa | fpi   (Table 3 bottom)
-    poisson: str = "auto"            # auto (on for nih) | on | off
-    seg_maps: str = "heads"          # which last-layer attention maps feed the segmentation (see finetune docs)
+    anomaly: AnomalyKind = "attention"  # attention | cutpaste | scar | nsa | fpi   (Table 3 bottom)
+    poisson: Poisson = "auto"        # auto (on for nih) | on | off
+    seg_maps: SegMaps = "heads"      # which last-layer attention maps feed the segmentation (see finetune docs)
     det_weight: float = 0.95
     seg_weight: float = 0.05
     anomaly_fraction: float = 0.5    # fraction of each batch made synthetic
@@ -150,15 +186,15 @@ class FinetuneConfig:
     weight_decay: float = 0.04
     clip_grad: float = 3.0
     num_workers: int = 2
-    blend: str = "auto"              # Poisson mode: auto (mixed for nih and MVTec textures, else normal) | normal | mixed
+    blend: Blend = "auto"            # Poisson mode: auto (mixed for nih and MVTec textures, else normal) | normal | mixed
     attention_temperature: float = 1.0  # T in softmax(standardised attention / T) for where to cut/paste; larger = more uniform
     hflip: Optional[float] = None    # probability of flipping a normal image before anomalies are made; None = by dataset: 0 for nih (a chest
                                      # X-ray's left and right differ: the heart), 0.5 otherwise (finetune.resolve_hflip)
     normal_jitter: float = 0.05      # colour-jitter strength applied to normal images before anomalies are made
-    dice: str = "batch"              # Dice reduction: batch (jointly over the batch; defined with empty masks) | mean (per image)
-    seg_transform: str = "log"       # attention maps fed to the segmentation: log(N*a) | linear (N*a)
+    dice: DiceReduction = "batch"    # Dice reduction: batch (jointly over the batch; defined with empty masks) | mean (per image)
+    seg_transform: SegTransform = "log"  # attention maps fed to the segmentation: log(N*a) | linear (N*a)
     log_every: int = 20              # steps between loss read-backs (host syncs); NaN is caught at these points and at epoch ends
-    compile: str = "none"            # as pretrain.compile (apmask_lib/fastpath.py)
+    compile: CompileMode = "none"    # as pretrain.compile (apmask_lib/fastpath.py)
     val_fraction: float = 0.1        # fraction of the normal training images held out of fine-tuning for the label-free validation signal
                                      # (synthetic anomalies on them, scored per epoch: apmask_lib/validation.py); 0 = none, train on all
     val_max_images: Optional[int] = 32  # cap on the held-out images (each is scored normal + anomalous every epoch); None = no cap
@@ -171,24 +207,24 @@ class FinetuneConfig:
 class EvaluateConfig:
     scales: tuple[int, ...] = (224, 320, 384, 416, 448, 512)
     batch_size: int = 8
-    score: str = "det_mean"          # image score for AUROC: det_mean (mean detection prob. over scales) | map_max
+    score: ImageScore = "det_mean"   # image score for AUROC: det_mean (mean detection prob. over scales) | map_max
     pro_fpr_limit: float = 0.3
     pixel_bins: Optional[int] = 1048576  # pixel metrics: histogram bins over [0, 1] (2^20, memory-bounded); None = exact (small sets)
     figure_images: int = 8           # images in the localisation figure (defect types first, then good)
     save_maps: bool = False          # also write every averaged map to evaluate/maps/<defect>/<stem>.npy (float16)
     # --- decision threshold (apmask_lib/threshold.py) -> evaluate/threshold.json, read by apmask predict/export ---
-    threshold_on: str = "auto"       # auto (validation images when the data set has them, else the test set, stated as optimistic) | val | test
+    threshold_on: ThresholdOn = "auto"  # auto (validation images when the data set has them, else the test set, stated as optimistic) | val | test
     threshold_quantile: float = 0.99          # no anomalous images in that data: this quantile of normal image scores
     pixel_threshold_quantile: float = 0.999   # no masks in that data: this quantile of normal images' map values
     # --- EXTENSION (not in the paper; apmask_lib/knn.py): kNN patch scoring on intermediate features ---
     knn_layer: Optional[int] = None  # block (0-based) whose patch tokens feed a kNN memory bank; None = paper method only (default); AnomalyDINO-style: 7 (8th of 12)
-    knn_backbone: str = "init"       # kNN features: init = cfg.backbone before any training (training-free) | finetuned = the detector's backbone
+    knn_backbone: KnnBackbone = "init"  # kNN features: init = cfg.backbone before any training (training-free) | finetuned = the detector's backbone
     knn_sizes: tuple[int, ...] = (224, 448)  # input sizes of the kNN branch (snapped to the patch size), maps/scores averaged as the paper averages scales; AnomalyDINO alone: (448,)
     knn_k: int = 1                   # neighbours averaged per patch (AnomalyDINO: 1)
     knn_coreset: float = 1.0         # fraction of training patches kept in the bank (greedy coreset); 1.0 = all (AnomalyDINO full-shot)
     knn_sigma: float = 4.0           # Gaussian smoothing of kNN maps in pixels (PatchCore/AnomalyDINO: 4), at the resolution knn_sigma_at names
-    knn_sigma_at: str = "output"     # where knn_sigma applies: output = the image's stored size (AnomalyDINO's dists2map) | input = the network input size (PatchCore/anomalib); results/knn_readout.md
-    fusion: str = "knn"              # with knn_layer set, extension outputs: knn (kNN alone) | fused (also z-normalised kNN + detector; helped only where the detector is good, results/quality*.md); in metrics.json under methods.*, top-level keys stay the paper method's
+    knn_sigma_at: KnnSigmaAt = "output"  # where knn_sigma applies: output = the image's stored size (AnomalyDINO's dists2map) | input = the network input size (PatchCore/anomalib); results/knn_readout.md
+    fusion: Fusion = "knn"           # with knn_layer set, extension outputs: knn (kNN alone) | fused (also z-normalised kNN + detector; helped only where the detector is good, results/quality*.md); in metrics.json under methods.*, top-level keys stay the paper method's
     knn_holdout: float = 0.1         # fraction of training images held out of a bank to estimate the normal statistics used by fusion
 
     def __post_init__(self):
@@ -216,14 +252,6 @@ class Config:
         return asdict(self)
 
 
-def _optional(tp: Any) -> tuple[Any, bool]:
-    """(inner type, whether None is allowed) of ``Optional[X]`` / ``X | None``; (tp, False) otherwise."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0] if len(args) == 1 else tp), True
-    return tp, False
-
-
 def adhoc_out_dir(cfg: Config) -> str:
     """The run folder of a run that names none: ``runs/adhoc/<dataset>/<category>/s<seed>``,
     derived from the data and seed, and outside the pipeline's folders."""
@@ -235,6 +263,8 @@ def _coerce(tp: Any, value: Any, where: str = "") -> Any:
     string) -> floats, integer strings -> ints; a non-numeric value for a number field is an error
     naming the key. Types and ranges are then checked by :func:`validate`."""
     tp, _ = _optional(tp)
+    if isinstance(value, bool) and {"on", "off"} <= set(choices(tp)):
+        return "on" if value else "off"  # YAML 1.1 reads on/off/yes/no/true/false as booleans
     origin = getattr(tp, "__origin__", None)
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
@@ -261,22 +291,23 @@ def _is_num(v: Any) -> bool:
 
 def check_value(key: str, value: Any, tp: Any = None) -> None:
     """Raise ValueError naming ``key`` unless ``value`` has the type ``tp`` (int / float / tuple of
-    those; None where Optional) and satisfies ``CONSTRAINTS[key]``."""
+    those / one of a ``Literal``'s values; None where Optional) and satisfies ``CONSTRAINTS[key]``."""
     inner, optional = _optional(tp) if tp is not None else (None, False)
     if value is None:
         if optional:
             return
         raise ValueError(f"{key}: a value is required, got null")
+    allowed = choices(inner)
+    if allowed:
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        return
     if inner is int and not _is_int(value):
         raise ValueError(f"{key}: expected an integer, got {value!r}")
     if inner is float and not _is_num(value):
         raise ValueError(f"{key}: expected a finite number, got {value!r}")
     rule = CONSTRAINTS.get(key)
     if rule is None:
-        return
-    if isinstance(rule, tuple):
-        if value not in rule:
-            raise ValueError(f"{key} must be one of {', '.join(rule)}, got {value!r}")
         return
     if rule in ("sizes>0", "range(0,1]"):
         if not isinstance(value, (tuple, list)) or not value:
@@ -396,6 +427,7 @@ def replace(cfg: Config, **sections: dict[str, Any]) -> Config:
     return from_dict(d)
 
 
-__all__ = ["RANK_SOURCES", "COMPILE_MODES", "CONSTRAINTS", "check_value", "validate", "read_yaml", "FINGERPRINT_OMIT_AT",
+__all__ = ["choices", "MASK_KINDS", "RANK_SOURCES", "TEACHER_VIEWS", "COMPILE_MODES", "ANOMALY_KINDS", "SEG_MAPS",
+           "SEG_TRANSFORMS", "IMAGE_SCORES", "THRESHOLD_ON", "KNN_BACKBONES", "KNN_SIGMA_AT", "FUSIONS", "CONSTRAINTS", "check_value", "validate", "read_yaml", "FINGERPRINT_OMIT_AT",
            "Config", "DataConfig", "PretrainConfig", "FinetuneConfig", "EvaluateConfig", "adhoc_out_dir", "load_params",
            "from_dict", "apply_overrides", "replace", "dataclasses"]

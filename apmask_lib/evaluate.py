@@ -28,27 +28,8 @@ number is reported as ``n_excluded_from_pixel_metrics`` and ``pixel_metrics_scop
 which images the pixel metrics cover (none when no anomalous image has a mask: image metrics only).
 
 EXTENSION (not in the paper; ``cfg.evaluate.knn_layer`` set, default None = off): a kNN patch
-scorer on intermediate patch features (:mod:`apmask_lib.knn`, AnomalyDINO-style) runs beside the
-detector, and, with ``cfg.evaluate.fusion="fused"``, a fusion of both:
-
-  knn     cosine distance of each patch (block ``knn_layer`` tokens, from ``knn_backbone``:
-          "init" = cfg.backbone before any training, or "finetuned") to the nearest patch of a
-          memory bank of ALL training images; map = bilinear + Gaussian (``knn_sigma`` px at the
-          resolution ``knn_sigma_at`` names); image
-          score = mean of the top 1 % patch distances (AnomalyDINO). One bank per input size in
-          ``knn_sizes``; maps and image scores are averaged over sizes, as the paper averages its
-          test-time scales.
-  fused   z_knn + z_det: each branch standardised with the mean/std of its values on NORMAL
-          held-out training images (``knn_holdout`` of them, evenly spaced; their kNN distances are
-          taken against a bank of the OTHER training images, the detector is applied as usual),
-          the detector on the log-odds scale (logit of the averaged probability map / of the image
-          score ``cfg.evaluate.score``); pixel map = squash(z_knn_map + z_seg_map), image score =
-          squash(z_knn_score + z_det_score), squash(z) = 0.5 + 0.5 z / (1 + |z|) (monotone, into
-          [0, 1] for the histogram). No test label or test statistic is used.
-          Not the default (``fusion="knn"``): with the shortened CPU schedule's detector the fusion
-          was within +-0.2 points of kNN alone on bottle, brick and gravel, but far below it on grass
-          (pixel AUROC 82.9 vs 98.7) and NIH (71.8 vs 81.2): a weak detector adds noise
-          (results/quality.md, results/quality_demo_nih.md).
+scorer beside the detector and, with ``cfg.evaluate.fusion="fused"``, a fusion of both
+(:mod:`apmask_lib.knn_fusion`).
 
 With the extension on, every top-level key of metrics.json still describes the PAPER method
 (tables read them unchanged); ``metrics["methods"]`` holds {"paper", "knn"[, "fused"]} -> image
@@ -62,12 +43,7 @@ probability range [0, 1], see :mod:`apmask_lib.metrics`), so memory does not gro
 """
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import math
-import os
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -79,265 +55,24 @@ from tqdm import tqdm
 
 from .config import Config
 from .data import AnomalyDataset, Sample, dataset_from_config
-from .metrics import PixelMetrics, f1_max, image_auroc, roc_curve
-from .threshold import THRESHOLD_FILE, choose_threshold, confusion_at, normal_pixel_sample
-from .multiscale import MultiScaleOutput, model_patch_size, predict_multiscale, scale_sizes
-from .utils import atomic_write_bytes, atomic_write_text, resolve_device, seed_everything, write_json
+from .data.ground_truth import cap_per_defect, pick_figure_samples, pixel_ground_truth
+from .knn_fusion import KnnExtension
+from .metrics import (PixelMetrics, finite_or_none, method_metrics, paper_image_score,
+                      safe_auroc)
+from .knn_model import load_model, model_kind, run_sizes
+from .multiscale import predict_multiscale
+from .outputs import save_npy, save_npz, write_csv
+from .threshold import EVALUATE_DIRS, normal_pixel_sample, write_threshold
+from .devices import resolve_device
+from .files import write_json
+from .machine import machine_info
+from .rng import seed_everything
+from .viz.evaluation import KNN_MODEL_FEATURES, write_figures
+from .viz.figure import RunLabel
+from .viz.tsne import CLS_FEATURES
 
 log = logging.getLogger(__name__)
 
-IMAGE_SCORES = ("det_mean", "map_max")
-FUSIONS = ("knn", "fused")          # extension outputs: kNN alone | kNN + fused
-KNN_BACKBONES = ("init", "finetuned")
-THRESHOLD_ON = ("auto", "val", "test")
-
-
-# --------------------------------------------------------------------------------------------
-# small pure helpers
-# --------------------------------------------------------------------------------------------
-def cap_per_defect(samples: Sequence[Sample], max_per_defect: Optional[int]) -> list[Sample]:
-    """The first ``max_per_defect`` samples of each defect type, in dataset order (None: all)."""
-    if max_per_defect is None:
-        return list(samples)
-    seen: dict[str, int] = {}
-    out = []
-    for s in samples:
-        if seen.get(s.defect, 0) < max_per_defect:
-            seen[s.defect] = seen.get(s.defect, 0) + 1
-            out.append(s)
-    return out
-
-
-def has_pixel_gt(sample: Sample) -> bool:
-    """False for an anomalous image whose extent is unknown (no mask file, no boxes)."""
-    if not getattr(sample, "has_pixel_gt", True):
-        return False
-    return sample.label == 0 or sample.mask_path is not None or bool(sample.boxes)
-
-
-def pixel_ground_truth(dataset: AnomalyDataset, sample: Sample, shape: tuple[int, int]) -> Optional[np.ndarray]:
-    """bool (H, W) ground truth, all-zero for normal images, None when the sample has none."""
-    if not has_pixel_gt(sample):
-        return None
-    if sample.label == 0 and sample.mask_path is None and not sample.boxes:
-        return np.zeros(shape, dtype=bool)
-    return dataset.mask(sample, shape)
-
-
-def pick_figure_samples(samples: Sequence[Sample], n: int) -> list[int]:
-    """Indices of up to ``n`` samples for the localisation figure: round-robin over the anomalous
-    defect types (those with pixel ground truth first), then normal images; deterministic."""
-    by_defect: dict[str, list[int]] = {}
-    for i, s in enumerate(samples):
-        by_defect.setdefault(s.defect if s.label else "__normal__", []).append(i)
-    normal = by_defect.pop("__normal__", [])
-    for d in by_defect:
-        by_defect[d].sort(key=lambda i: not has_pixel_gt(samples[i]))
-    n_normal = min(len(normal), max(1, n // 4)) if n > 1 or not by_defect else 0
-    picks: list[int] = []
-    queues = [list(v) for _, v in sorted(by_defect.items())]
-    while len(picks) < n - n_normal and any(queues):
-        for q in queues:
-            if q and len(picks) < n - n_normal:
-                picks.append(q.pop(0))
-    picks += normal[: n - len(picks)]
-    return sorted(picks)
-
-
-def safe_auroc(scores: Sequence[float], labels: Sequence[int], what: str) -> float:
-    """AUROC, or NaN (with a warning) when only one class is present."""
-    labels = np.asarray(labels)
-    if labels.min(initial=1) == labels.max(initial=0) or len(labels) == 0:
-        warnings.warn(f"{what}: needs normal and anomalous images; reported as NaN", stacklevel=2)
-        return float("nan")
-    return image_auroc(scores, labels)
-
-
-def per_defect_auroc(scores: Sequence[float], labels: Sequence[int], defects: Sequence[str]) -> dict[str, float]:
-    """Image AUROC of each anomalous defect type against all normal images."""
-    scores, labels, defects = np.asarray(scores), np.asarray(labels), np.asarray(defects)
-    normal = labels == 0
-    out = {}
-    for d in sorted(set(defects[labels == 1])):
-        sel = normal | ((defects == d) & (labels == 1))
-        out[str(d)] = safe_auroc(scores[sel], labels[sel], f"image AUROC of {d}")
-    return out
-
-
-def finite_or_none(obj: Any) -> Any:
-    """Replace NaN/inf floats by None (strict JSON), recursively."""
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
-    if isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
-        return None
-    return obj
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-# --------------------------------------------------------------------------------------------
-# the extension: kNN branch and fusion (module docstring; not part of the paper)
-# --------------------------------------------------------------------------------------------
-def paper_image_score(res: MultiScaleOutput, score: str) -> np.ndarray:
-    """The paper's continuous image score of a batch (``cfg.evaluate.score``)."""
-    return res.det_mean if score == "det_mean" else res.map_max
-
-
-def method_metrics(scores: Sequence[float], labels: np.ndarray, defects: Sequence[str], pix: PixelMetrics,
-                   fpr_limit: float) -> dict[str, Any]:
-    """Image AUROC (+ per defect type, F1-max) and the pixel summary of one method's outputs."""
-    scores = np.asarray(scores, dtype=np.float64)
-    out: dict[str, Any] = {"image_auroc": safe_auroc(scores, labels, "image AUROC"),
-                           "per_defect_image_auroc": per_defect_auroc(scores, labels, defects)}
-    if labels.any():
-        out["f1_max"], out["f1_threshold"] = f1_max(scores, labels)
-    out.update(pix.summary(fpr_limit) if pix.n_maps else {})
-    out.setdefault("pixel_auroc", float("nan"))
-    out.setdefault("au_pro", float("nan"))
-    return out
-
-
-class KnnExtension:
-    """The kNN branch (one memory bank per input size in ``knn_sizes``, fitted on the training
-    images) and, for ``fusion="fused"``, the normal statistics of both branches on held-out training
-    images. :meth:`predict` turns one test batch (images + the detector's :class:`MultiScaleOutput`)
-    into {method: (image scores, maps)}."""
-
-    def __init__(self, cfg: Config, dataset: AnomalyDataset, model: torch.nn.Module, sizes: Sequence[int],
-                 device: torch.device):
-        from .knn import SIGMA_AT, KnnScorer, MemoryBank, RunningStats, average_outputs, holdout_indices, logit
-
-        ecfg = cfg.evaluate
-        if ecfg.fusion not in FUSIONS:
-            raise ValueError(f"evaluate.fusion must be one of {FUSIONS}, got {ecfg.fusion!r}")
-        if ecfg.knn_backbone not in KNN_BACKBONES:
-            raise ValueError(f"evaluate.knn_backbone must be one of {KNN_BACKBONES}, got {ecfg.knn_backbone!r}")
-        if ecfg.knn_sigma_at not in SIGMA_AT:
-            raise ValueError(f"evaluate.knn_sigma_at must be one of {SIGMA_AT}, got {ecfg.knn_sigma_at!r}")
-        if not ecfg.knn_sizes:
-            raise ValueError("evaluate.knn_sizes is empty; give at least one input size, e.g. [448]")
-        self.fusion, self.score = ecfg.fusion, ecfg.score
-        self.methods = ("knn",) if ecfg.fusion == "knn" else ("knn", "fused")
-        if ecfg.knn_backbone == "finetuned":
-            backbone = model.backbone
-        else:
-            from .models import build_backbone
-
-            backbone = build_backbone(cfg.backbone, seed=cfg.seed).to(device).eval()
-        scorers: dict[int, KnnScorer] = {}
-        for size in ecfg.knn_sizes:
-            sc = KnnScorer(backbone, ecfg.knn_layer, size, k=ecfg.knn_k, sigma=ecfg.knn_sigma, sigma_at=ecfg.knn_sigma_at,
-                           coreset=ecfg.knn_coreset, seed=cfg.seed, device=device)
-            scorers.setdefault(sc.size, sc)  # sizes that snap to the same grid are used once
-        self.scorers = list(scorers.values())
-        train = list(dataset.train)
-        if cfg.data.max_train is not None:
-            train = train[: cfg.data.max_train]
-        if not train:
-            raise ValueError(f"{dataset.name}: the kNN extension needs training images, found none")
-        bs = max(1, int(ecfg.batch_size))
-        held = [int(i) for i in holdout_indices(len(train), ecfg.knn_holdout)] if ecfg.fusion == "fused" else []
-        held_set = set(held)
-        timings = {"bank_features_s": 0.0, "fusion_stats_s": 0.0, "bank_fit_s": 0.0, "inference_s": 0.0}
-        held_outputs: list[list] = []  # per size: KnnOutput per held-out batch
-        for sc in self.scorers:  # one size at a time: only one size's training features in memory
-            t0 = time.perf_counter()
-            feats: list[torch.Tensor] = []
-            for start in tqdm(range(0, len(train), bs), desc=f"kNN bank features {sc.size}px", unit="batch",
-                              disable=None, leave=False):
-                feats += list(sc.features([dataset.image(s) for s in train[start:start + bs]]).cpu())
-            timings["bank_features_s"] += time.perf_counter() - t0
-            if held:
-                t0 = time.perf_counter()
-                bank = MemoryBank(ecfg.knn_coreset, seed=cfg.seed).fit(
-                    [f for i, f in enumerate(feats) if i not in held_set], device=device)
-                outs = []
-                for start in range(0, len(held), bs):
-                    idx = held[start:start + bs]
-                    dists = bank.score(torch.stack([feats[i] for i in idx]).to(device), sc.k)
-                    outs.append(sc.readout(dists, [dataset.image(train[i]).shape[:2] for i in idx]))
-                held_outputs.append(outs)
-                del bank
-                timings["fusion_stats_s"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            sc.fit(feats)
-            del feats
-            timings["bank_fit_s"] += time.perf_counter() - t0
-
-        self.stats: dict[str, dict[str, float]] = {}
-        if held:
-            t0 = time.perf_counter()
-            acc = {k: RunningStats() for k in ("knn_map", "seg_map", "knn_score", "det_score")}
-            for j, start in enumerate(tqdm(range(0, len(held), bs), desc="fusion statistics", unit="batch",
-                                           disable=None, leave=False)):
-                images = [dataset.image(train[i]) for i in held[start:start + bs]]
-                kout = average_outputs([outs[j] for outs in held_outputs])
-                res = predict_multiscale(model, images, sizes, device)
-                for km, sm in zip(kout.maps, res.maps):
-                    acc["knn_map"].update(km)
-                    acc["seg_map"].update(logit(sm))
-                acc["knn_score"].update(kout.scores)
-                acc["det_score"].update(logit(paper_image_score(res, self.score)))
-            self.stats = {k: v.as_dict() for k, v in acc.items()}
-            timings["fusion_stats_s"] += time.perf_counter() - t0
-        del held_outputs
-        self.info: dict[str, Any] = {
-            "knn_layer": ecfg.knn_layer, "knn_backbone": ecfg.knn_backbone,
-            "knn_backbone_source": cfg.backbone if ecfg.knn_backbone == "init" else "finetuned detector",
-            "knn_sizes": [sc.size for sc in self.scorers], "knn_grids": [list(sc.grid) for sc in self.scorers],
-            "knn_k": ecfg.knn_k, "knn_coreset": ecfg.knn_coreset, "knn_sigma": ecfg.knn_sigma, "knn_sigma_at": ecfg.knn_sigma_at,
-            "final_norm": self.scorers[0].final_norm, "top_fraction": self.scorers[0].top_fraction,
-            "fusion": ecfg.fusion, "methods": list(self.methods),
-            "bank_patches": [len(sc.bank) for sc in self.scorers], "bank_images": len(train),
-            "holdout_images": len(held), "holdout_fraction": ecfg.knn_holdout if held else None,
-            "fusion_stats": self.stats, "timings": timings,
-        }
-
-    def predict(self, images: Sequence[np.ndarray], res: MultiScaleOutput) -> dict[str, tuple[np.ndarray, list[np.ndarray]]]:
-        """{method: (image scores (B,), list of (H_i, W_i) float32 maps)} for one test batch."""
-        from .knn import average_outputs, logit, squash, standardise
-
-        t0 = time.perf_counter()
-        kout = average_outputs([sc.predict(images) for sc in self.scorers])
-        out = {"knn": (kout.scores, [m.astype(np.float32) for m in kout.maps])}
-        if self.fusion == "fused":
-            st = self.stats
-            z_img = standardise(kout.scores, st["knn_score"]) + standardise(logit(paper_image_score(res, self.score)),
-                                                                            st["det_score"])
-            maps = [squash(standardise(km, st["knn_map"]) + standardise(logit(sm), st["seg_map"])).astype(np.float32)
-                    for km, sm in zip(kout.maps, res.maps)]
-            out["fused"] = (squash(z_img), maps)
-        self.info["timings"]["inference_s"] += time.perf_counter() - t0
-        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,16 +80,13 @@ class KnnExtension:
 # --------------------------------------------------------------------------------------------
 def run_evaluate(cfg: Config, model_path: str | Path | None = None,
                  dataset: Optional[AnomalyDataset] = None, model: Optional[torch.nn.Module] = None) -> dict[str, Any]:
-    """Evaluate the detector at ``model_path`` (default ``cfg.out_dir/finetune/model.pt``) on the test
-    split of ``dataset`` (default: built from ``cfg.data``); returns the metrics dict (also written).
-    ``model``: an in-memory detector to use instead of loading one (notebooks, tests)."""
+    """Evaluate the detector at ``model_path`` (default ``cfg.out_dir/finetune/model.pt``; a kNN model
+    file of ``apmask fit --method knn`` is evaluated the same way, :mod:`apmask_lib.knn_model`, into
+    ``OUT_DIR/evaluate_knn/``) on the test split of ``dataset`` (default: built from ``cfg.data``);
+    returns the metrics dict (also written). ``model``: an in-memory model to use instead of loading
+    one (notebooks, tests)."""
     ecfg = cfg.evaluate
-    if ecfg.score not in IMAGE_SCORES:
-        raise ValueError(f"evaluate.score must be one of {IMAGE_SCORES}, got {ecfg.score!r}")
-    if ecfg.threshold_on not in THRESHOLD_ON:
-        raise ValueError(f"evaluate.threshold_on must be one of {THRESHOLD_ON}, got {ecfg.threshold_on!r}")
     t_start = time.perf_counter()
-    out_dir = Path(cfg.out_dir) / "evaluate"
     model_path = Path(model_path) if model_path is not None else Path(cfg.out_dir) / "finetune" / "model.pt"
     if model is None and not model_path.is_file():
         raise FileNotFoundError(f"detector checkpoint not found: {model_path}. Run `apmask finetune` for this "
@@ -368,23 +100,25 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
 
     t0 = time.perf_counter()
     if model is None:
-        from .models.detector import load_detector
-
-        model = load_detector(model_path, map_location="cpu")
+        model = load_model(model_path, map_location="cpu")   # the fine-tuned detector or a kNN model
     else:
-        from .models.detector import check_finite_weights
+        from .weights import check_finite_weights
 
         model_path = Path("<in-memory model>")
         check_finite_weights(model, model_path)
     model = model.to(device).eval()
     t_load = time.perf_counter() - t0
-    sizes = scale_sizes(ecfg.scales, model_patch_size(model))
-    if tuple(sizes) != tuple(ecfg.scales):
+    kind = model_kind(model)
+    out_dir = Path(cfg.out_dir) / EVALUATE_DIRS[kind]
+    sizes = run_sizes(model, ecfg.scales)
+    if kind == "detector" and tuple(sizes) != tuple(ecfg.scales):
         log.info("test-time scales %s snapped to the patch grid: %s", tuple(ecfg.scales), sizes)
 
     pix = PixelMetrics(bins=ecfg.pixel_bins, value_range=(0.0, 1.0))
     ext = None
-    if ecfg.knn_layer is not None:  # EXTENSION (module docstring)
+    if ecfg.knn_layer is not None and kind == "knn":
+        log.info("evaluating the kNN model itself: the kNN extension beside it (evaluate.knn_layer) is not run")
+    elif ecfg.knn_layer is not None:  # EXTENSION (module docstring)
         ext = KnnExtension(cfg, ds, model, sizes, device)
         # kNN maps are cosine distances in [0, 2]; fused maps are squashed into (0, 1)
         ext_pix = {m: PixelMetrics(bins=ecfg.pixel_bins, value_range=(0.0, 2.0) if m == "knn" else (0.0, 1.0))
@@ -440,22 +174,15 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     labels = np.array([r["label"] for r in rows])
     defects = [r["defect"] for r in rows]
     score = np.array([r["score"] for r in rows])
+    paper = method_metrics(score, labels, defects, pix, ecfg.pro_fpr_limit)   # the paper method, computed once
     metrics: dict[str, Any] = {
         "image_score": ecfg.score,
-        "image_auroc": safe_auroc(score, labels, "image AUROC"),
         "image_auroc_det_mean": safe_auroc([r["score_det_mean"] for r in rows], labels, "image AUROC (det_mean)"),
         "image_auroc_map_max": safe_auroc([r["score_map_max"] for r in rows], labels, "image AUROC (map_max)"),
-        "per_defect_image_auroc": per_defect_auroc(score, labels, defects),
         "vote_accuracy": float(np.mean(np.array([r["vote"] for r in rows]) == labels)),
+        "f1_max": float("nan"), "f1_threshold": float("nan"),   # stay NaN without anomalous images
+        **paper,
     }
-    if labels.any():
-        metrics["f1_max"], metrics["f1_threshold"] = f1_max(score, labels)
-    else:
-        metrics["f1_max"] = metrics["f1_threshold"] = float("nan")
-    pixel_summary = pix.summary(ecfg.pro_fpr_limit) if pix.n_maps else {}
-    metrics.update(pixel_summary)
-    metrics.setdefault("pixel_auroc", float("nan"))
-    metrics.setdefault("au_pro", float("nan"))
     n_anom_gt = sum(1 for r in rows if r["label"] == 1 and r["pixel_gt"])
     metrics["pixel_metrics_scope"] = (
         "none: no anomalous test image has pixel ground truth (image-level metrics only)" if not n_anom_gt else
@@ -465,8 +192,12 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
         metrics["pixel_auroc"] = metrics["au_pro"] = float("nan")
     t_metrics = time.perf_counter() - t0
     try:
-        metrics["threshold"] = write_threshold(cfg, ds, model, sizes, device, out_dir, score, labels, normal_pixels,
-                                               metrics.get("pixel_f1_threshold"), model_path)
+        metrics["threshold"] = write_threshold(
+            ecfg, ds.name, list(getattr(ds, "val", [])),
+            lambda val: score_split(model, ds, val, sizes, device, ecfg.batch_size, ecfg.score,
+                                    f"threshold on validation {ds.name}"),
+            out_dir, score, labels, normal_pixels, metrics.get("pixel_f1_threshold"),
+            {"dataset_name": ds.name, "model_path": str(model_path), "sizes": list(sizes)})
     except ValueError as e:  # e.g. a test set without normal images and no validation images
         warnings.warn(f"no decision threshold written: {e}", stacklevel=2)
         metrics["threshold"] = None
@@ -481,15 +212,10 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     write_json(out_dir / "config.json", cfg.to_dict())
 
     t0 = time.perf_counter()
-    figures = write_figures(out_dir, fig_items, rows, labels, pix, feats_arr, defects, cfg.seed)
-    if ext is not None:
-        from .viz.localization import fig_localization
-
-        for m in ext.methods:
-            if ext_fig[m]:
-                ims, maps, gts, titles = zip(*ext_fig[m])
-                figures[f"localization_{m}"] = str(fig_localization(
-                    ims, maps, gts, out_dir / f"fig4a_localization_{m}.png", titles))
+    figures = write_figures(out_dir, fig_items, rows, labels, pix, feats_arr, defects, cfg.seed,
+                            run=RunLabel.from_config(cfg), size=sizes[0], ext_items=ext_fig if ext is not None else None,
+                            method="knn_model" if kind == "knn" else "paper",
+                            features_desc=KNN_MODEL_FEATURES if kind == "knn" else CLS_FEATURES)
     t_fig = time.perf_counter() - t0
 
     metrics.update({
@@ -503,6 +229,9 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
         "timings": {"total_s": time.perf_counter() - t_start, "model_load_s": t_load, "inference_s": t_inf,
                     "inference_per_image_s": t_inf / len(rows), "metrics_s": t_metrics, "figures_s": t_fig},
     })
+    if kind == "knn":
+        metrics["model_kind"] = "knn"
+        metrics["knn_model"] = model.settings()
     if ext is not None:
         keys = ("image_auroc", "per_defect_image_auroc", "f1_max", "f1_threshold", "pixel_auroc", "au_pro",
                 "pixel_f1_max", "pixel_f1_threshold", "pixel_metric_method", "pixel_auroc_bin_error_bound")
@@ -525,7 +254,7 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
         varying["extension_timings"] = metrics["extension"]["timings"]
         stable["extension"] = {k: v for k, v in metrics["extension"].items() if k != "timings"}
     write_json(out_dir / "metrics.json", stable)
-    write_json(out_dir.parent / "evaluate_timings.json", varying)
+    write_json(out_dir.parent / f"{out_dir.name}_timings.json", varying)
     log.info("evaluate %s: image AUROC %s, pixel AUROC %s, AU-PRO %s", ds.name, metrics["image_auroc"],
              metrics["pixel_auroc"], metrics["au_pro"])
     return metrics
@@ -545,74 +274,4 @@ def score_split(model: torch.nn.Module, ds: AnomalyDataset, samples: Sequence[Sa
     return np.asarray(scores, dtype=np.float64), pixels
 
 
-def write_threshold(cfg: Config, ds: AnomalyDataset, model: torch.nn.Module, sizes: Sequence[int],
-                    device: torch.device, out_dir: Path, test_scores: np.ndarray, test_labels: np.ndarray,
-                    test_normal_pixels: list[np.ndarray], test_pixel_f1_threshold: Optional[float],
-                    model_path: Path) -> dict[str, Any]:
-    """Choose the decision threshold (:mod:`apmask_lib.threshold`) on the validation images
-    (``ds.val``; ``evaluate.threshold_on`` auto/val) or on the test set (auto without validation
-    images, or test), write ``out_dir/threshold.json`` and return it with precision / recall / F1 of
-    the TEST set at that threshold."""
-    ecfg = cfg.evaluate
-    val = list(getattr(ds, "val", []))
-    if ecfg.threshold_on == "val" or (ecfg.threshold_on == "auto" and val):
-        if not val:
-            raise ValueError(f"evaluate.threshold_on=val but {ds.name} has no validation images "
-                             "(data.dataset=folder holds out data.normal_val_split of the normal images)")
-        scores, pixels = score_split(model, ds, val, sizes, device, ecfg.batch_size, ecfg.score,
-                                     f"threshold on validation {ds.name}")
-        labels = np.array([s.label for s in val])
-        pixels = [p for p, s in zip(pixels, val) if s.label == 0]
-        chosen_on = f"validation: {len(val)} images held out of training"
-        rec = choose_threshold(scores, labels, ecfg.score, chosen_on, pixels, None,
-                               ecfg.threshold_quantile, ecfg.pixel_threshold_quantile)
-    else:
-        chosen_on = ("TEST set (no validation images): metrics measured at this threshold on the test set are "
-                     "optimistic; use data.dataset=folder with normal_val_split > 0 for an honest choice")
-        rec = choose_threshold(test_scores, test_labels, ecfg.score, chosen_on, test_normal_pixels,
-                               test_pixel_f1_threshold, ecfg.threshold_quantile, ecfg.pixel_threshold_quantile)
-        log.warning("decision threshold chosen on the test set of %s (no validation images)", ds.name)
-    rec.update(dataset_name=ds.name, model_path=str(model_path), sizes=list(sizes))
-    write_json(out_dir / THRESHOLD_FILE, finite_or_none(rec))
-    log.info("threshold %.6g on %s (%s; %s) -> %s", rec["image_threshold"], ecfg.score, rec["image_method"],
-             rec["chosen_on"], out_dir / THRESHOLD_FILE)
-    return {**rec, "test_at_threshold": confusion_at(test_scores, test_labels, rec["image_threshold"])}
-
-
-def write_figures(out_dir: Path, fig_items, rows, labels, pix: PixelMetrics, feats: np.ndarray,
-                  defects: Sequence[str], seed: int) -> dict[str, Optional[str]]:
-    """Fig. 4a (localisation), ROC curves and Fig. 5 (t-SNE); a figure that cannot be drawn (e.g. a
-    single class) is recorded as None with a warning, never faked."""
-    from .viz.localization import fig_localization
-    from .viz.roc import RocCurve, fig_roc
-    from .viz.tsne import fig_tsne
-
-    figures: dict[str, Optional[str]] = {"localization": None, "roc": None, "tsne": None}
-    if fig_items:
-        ims, maps, gts, titles = zip(*fig_items)
-        figures["localization"] = str(fig_localization(ims, maps, gts, out_dir / "fig4a_localization.png", titles))
-    curves = []
-    score = [r["score"] for r in rows]
-    if 0 < labels.sum() < len(labels):
-        fpr, tpr, _ = roc_curve(score, labels)
-        curves.append(RocCurve("image level", fpr, tpr, image_auroc(score, labels)))
-    try:
-        fpr, tpr, _ = pix.roc_curve() if pix.n_maps else (None, None, None)
-        if fpr is not None:
-            curves.append(RocCurve("pixel level", fpr, tpr, pix.pixel_auroc()))
-    except ValueError as e:
-        warnings.warn(f"no pixel ROC: {e}", stacklevel=2)
-    if curves:
-        figures["roc"] = str(fig_roc(curves, out_dir / "roc.png"))
-    else:
-        warnings.warn("no ROC figure: a single class in the test set", stacklevel=2)
-    if len(feats) >= 4:
-        figures["tsne"] = str(fig_tsne(feats, labels, defects, out_dir / "fig5_tsne.png", seed=seed))
-    else:
-        warnings.warn(f"no t-SNE figure: {len(feats)} test images (< 4)", stacklevel=2)
-    return figures
-
-
-__all__ = ["run_evaluate", "score_split", "write_threshold", "THRESHOLD_ON", "KnnExtension", "method_metrics", "paper_image_score", "FUSIONS", "KNN_BACKBONES",
-           "cap_per_defect", "has_pixel_gt", "pixel_ground_truth", "pick_figure_samples",
-           "per_defect_auroc", "safe_auroc", "finite_or_none", "write_figures"]
+__all__ = ["run_evaluate", "score_split"]

@@ -1,4 +1,5 @@
-"""Export a fine-tuned detector for deployment: ONNX or TorchScript, multi-scale averaging inside.
+"""Export a fine-tuned detector (or the kNN model of ``apmask fit --method knn``) for deployment: ONNX
+or TorchScript, multi-scale averaging inside.
 
 ``export_detector(model_path, out, fmt)`` writes one file whose graph takes
 
@@ -17,6 +18,10 @@ uint8 image with OpenCV (area when shrinking, cubic when enlarging). So, to stay
 shrink a large image to about the largest scale with ``cv2.INTER_AREA`` first (README, "Your own
 images"); tests/test_export.py measures both differences on real images.
 
+The kNN model (:mod:`apmask_lib.knn_model`) is exported through the same graph: its memory banks are
+constants of the file, the nearest-neighbour distance one matrix product and a max over the bank;
+its outputs are the kNN distances halved (``<file>.json`` says so), at the model's own sizes.
+
 Beside the file, ``<file>.json`` records the scales, the input/output contract and the decision
 threshold (``threshold.json`` from ``apmask evaluate`` when found, :mod:`apmask_lib.threshold`); the
 ONNX file also carries them as metadata (``apmask.*`` keys).
@@ -34,9 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EvaluateConfig
-from .multiscale import model_patch_size, scale_sizes
+from .knn_model import load_model, model_kind, run_sizes
 from .threshold import find_threshold_file, read_threshold
-from .utils import atomic_write_text
+from .files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +78,16 @@ def export_detector(model_path: str | Path, out: str | Path, fmt: str = "onnx",
     """Write the detector at ``model_path`` as ``fmt`` (onnx | torchscript) to ``out`` plus
     ``out.json`` (module docstring); returns ``out``. ``threshold``: a ``threshold.json`` (default: the
     one ``apmask evaluate`` wrote for this model, if any). Refuses to overwrite ``out`` without ``force``."""
-    from .models.detector import load_detector
-
     if fmt not in FORMATS:
         raise ValueError(f"export format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; choose another --out or pass --force to replace it")
-    model = load_detector(model_path, map_location="cpu")   # refuses non-finite weights
-    sizes = scale_sizes(scales, model_patch_size(model))
+    model = load_model(model_path, map_location="cpu")   # detector or kNN model; refuses non-finite weights
+    kind = model_kind(model)
+    sizes = run_sizes(model, scales)
     graph = MultiScaleDetector(model, sizes).eval()
-    thr_path = Path(threshold) if threshold is not None else find_threshold_file(model_path)
+    thr_path = Path(threshold) if threshold is not None else find_threshold_file(model_path, kind)
     thr = read_threshold(thr_path) if thr_path is not None else None
     if thr is None:
         log.warning("no threshold.json for %s: the export carries no decision threshold (run apmask evaluate)",
@@ -97,6 +101,12 @@ def export_detector(model_path: str | Path, out: str | Path, fmt: str = "onnx",
         "threshold": thr, "threshold_file": str(thr_path) if thr_path else None,
         "resize": "bilinear inside the graph, no anti-aliasing; shrink large images with cv2.INTER_AREA first",
     }
+    if kind == "knn":   # the kNN model (apmask_lib/knn_model.py): distances / 2 where the detector has probabilities
+        info.update(model_kind="knn", knn=model.settings(), outputs={
+            "score": "float32 (B,) mean over sizes of (kNN image score / 2): mean of the top 1 % patch cosine "
+                     "distances to the memory bank, halved into [0, 1]",
+            "map": "float32 (B, H, W) mean over sizes of (kNN distance map / 2) at the input size",
+            "probs": "float32 (B, S) kNN image score / 2 per size (not a probability)"})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     example = torch.rand(1, 3, example_size, example_size)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from torch import nn
 
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot_eager")
+from .config import COMPILE_MODES
 # distinct (shape, attention-mode) variants one block sees in a process: teacher and student, global and
 # local views, masked and unmasked, the last block's explicit attention, fine-tuning, evaluation sizes.
 # torch's default (8) silently falls back to eager for the rest.

@@ -20,7 +20,7 @@ One step, for a batch of B training images (``finetune.batch_size``):
    ``finetune.blend`` "auto" = MIXED_CLONE for X-rays and MVTec textures, NORMAL_CLONE otherwise.
 3. AdamW (no weight decay on biases, norms, position embedding, [CLS] token), learning rate
    linear warm-up ``start_lr -> lr`` over ``warmup_epochs`` then cosine to ``min_lr``
-   (:func:`~apmask_lib.utils.cosine_scheduler`, as pre-training), gradient clipping, bf16 autocast
+   (:func:`~apmask_lib.optim.cosine_scheduler`, as pre-training), gradient clipping, bf16 autocast
    on CUDA.
 
 Batches are made on the CPU by :class:`SyntheticBatches`, in ``num_workers`` DataLoader workers
@@ -32,7 +32,7 @@ Engineering as pre-training: checkpoint (atomic) at every epoch end and when sto
 resume (model, optimiser, step, RNG state, attention maps), a configuration check on resume,
 progress bar, log.csv per step (losses read back every ``log_every`` steps), log.jsonl per epoch,
 NaN/inf -> clear error, a finished run is not retrained. Outputs in ``<out_dir>/finetune``:
-checkpoint.pt, model.pt (:func:`~apmask_lib.models.detector.save_detector`, written where the run
+checkpoint.pt, model.pt (:func:`~apmask_lib.weights.save_detector`, written where the run
 stops; its ``meta`` holds step, total_steps and done), log.csv, log.jsonl, config.json, and done.json
 written last where the run stops (:mod:`apmask_lib.runfolder`: lock, done marker, no overwriting
 without ``force``; the same rules as pre-training).
@@ -51,18 +51,22 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .anomalies import KINDS, anomaly_batch
+from .anomalies import anomaly_batch
 from .config import Config
 from .fastpath import compile_blocks
 from .losses import finetune_loss
-from .models import VisionTransformer, build_backbone
-from .models.detector import SEG_MAPS, AnomalyDetector, save_detector
+from .models import VisionTransformer
+from .weights import build_backbone
+from .models.detector import AnomalyDetector
+from .weights import save_detector
 from . import runfolder
 from .validation import COLUMNS as VAL_COLUMNS, holdout_indices, make_validation_set, score_validation
-from .utils import accelerated, autocast_context
-from .utils import (CSVLog, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
-                    param_groups, truncate_jsonl,
-                    resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
+from .devices import accelerated, autocast_context, resolve_device
+from .files import append_jsonl, CSVLog, save_checkpoint, truncate_jsonl, write_json
+from .fingerprint import config_fingerprint, load_resume_checkpoint
+from .nonfinite import check_finite
+from .optim import cosine_scheduler, param_groups
+from .rng import rng_state, seed_everything, set_rng_state
 
 CSV_COLUMNS = ("step", "epoch", "loss", "loss_det", "loss_seg", "lr", "step_time", "images_per_s")
 # config keys that do not change the trained weights (may differ on resume)
@@ -74,14 +78,8 @@ _RESUME_IGNORED = {("finetune", "num_workers"), ("finetune", "log_every"), ("fin
 # ----------------------------------------------------------------------------- settings
 def resolve_poisson(cfg: Config) -> bool:
     """``finetune.poisson``: on | off | auto (on for chest X-rays, ``data.dataset == "nih"``)."""
-    v = str(cfg.finetune.poisson).lower()
-    if v == "auto":
-        return cfg.data.dataset == "nih"
-    if v in ("on", "true", "1", "yes"):
-        return True
-    if v in ("off", "false", "0", "no"):
-        return False
-    raise ValueError(f"finetune.poisson must be auto, on or off, got {cfg.finetune.poisson!r}")
+    v = cfg.finetune.poisson  # one of config.Poisson (YAML booleans read as on/off)
+    return cfg.data.dataset == "nih" if v == "auto" else v == "on"
 
 
 def resolve_blend(cfg: Config) -> str:
@@ -91,8 +89,6 @@ def resolve_blend(cfg: Config) -> str:
         from .data.mvtec import TEXTURES
 
         return "mixed" if cfg.data.dataset == "nih" or cfg.data.category in TEXTURES else "normal"
-    if v not in ("normal", "mixed"):
-        raise ValueError(f"finetune.blend must be auto, normal or mixed, got {v!r}")
     return v
 
 
@@ -287,12 +283,6 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
 
 def _run(cfg: Config, dataset, max_steps: Optional[int], resume: bool, progress: bool, force: bool, out: Path) -> Path:
     f = cfg.finetune
-    if f.anomaly not in KINDS:
-        raise ValueError(f"finetune.anomaly must be one of {KINDS}, got {f.anomaly!r}")
-    if f.seg_maps not in SEG_MAPS:
-        raise ValueError(f"finetune.seg_maps must be one of {SEG_MAPS}, got {f.seg_maps!r}")
-    if not 0.0 <= f.anomaly_fraction <= 1.0:
-        raise ValueError(f"finetune.anomaly_fraction must lie in [0, 1], got {f.anomaly_fraction}")
     poisson, blend = resolve_poisson(cfg), resolve_blend(cfg)
     ckpt_path, model_path = out / "checkpoint.pt", out / "model.pt"
     fingerprint = config_fingerprint(cfg, _RESUME_IGNORED)

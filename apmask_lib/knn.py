@@ -15,55 +15,35 @@ is k = 1).
 
 Features (:func:`patch_features`): the patch tokens after transformer block ``layer`` (0-based),
 [CLS] dropped, passed through the backbone's FINAL LayerNorm (``final_norm=True``, the default)
-and l2-normalised. This is what DINOv2's ``get_intermediate_layers(..., norm=True)`` returns, the
-call AnomalyDINO makes. The raw residual-stream tokens (``final_norm=False``) are also available.
-Measured with the offline ViT-S/14, block 7, k = 1 (pixel AUROC / AU-PRO %, final norm vs raw):
-MVTec bottle 448 px 98.8/96.2 vs 98.7/95.8, 224 px 98.8/93.5 vs 98.7/93.1; demo textures at 224 px
-brick 99.5/98.5 vs 99.6/98.7, grass 98.9/96.8 vs 98.6/95.7, gravel 99.6/98.4 both; NIH subset
-81.5/34.2 vs 80.1/26.2 -- hence the default. The last block (11) localises poorly: demo textures
-pixel AUROC 44-80 % and AU-PRO <= 46 % (block 7: >= 98.6 % / >= 95.7 %), bottle 79.5 / 39.8 (peer
-measurement); on NIH its pixel AUROC is higher (89.4 vs 81.5) but AU-PRO (25.4 vs 34.2) and image
-AUROC (46.8 vs 58.5) are lower. This is also why the paper's last-layer attention maps are weak
-with this backbone.
+and l2-normalised: what DINOv2's ``get_intermediate_layers(..., norm=True)`` returns, the call
+AnomalyDINO makes. The raw residual-stream tokens (``final_norm=False``) are also available.
 
-Input sizes (``evaluate.knn_sizes``): AnomalyDINO uses one size (448 px). The evaluation averages
-the maps and image scores of several sizes, as the paper averages its test-time scales; default
-(224, 448). Measured (offline ViT-S/14, block 7; image AUROC / pixel AUROC / AU-PRO %, 448 alone vs
-224 + 448): bottle 100/98.79/96.22 vs 100/98.91/95.87; demo brick 100/99.71/99.10 vs
-100/99.65/98.90, grass 94.5/95.70/87.89 vs 100/98.73/96.18, gravel 100/99.49/98.08 vs
-100/99.60/98.47; NIH 56.9/78.61/40.58 vs 58.8/81.24/40.31. Two sizes are more robust (no collapse as
-on grass at 448 alone) at a small AU-PRO cost on bottle and brick.
+Input sizes (``evaluate.knn_sizes``): AnomalyDINO uses one size (448 px); the evaluation averages
+the maps and image scores of several sizes (:func:`average_outputs`), as the paper averages its
+test-time scales. Smoothing (``sigma_at``): at the image's stored size (AnomalyDINO) or at the
+network input size (PatchCore / anomalib), :func:`distance_map`.
 
-Read-out choices measured on every data set (``benchmarks/knn_readout.py``, results/knn_readout.md and
-results/knn_readout_blocks.md): smoothing at the network input resolution (``sigma_at="input"``,
-PatchCore/anomalib) instead of the stored one helps NIH (pixel AUROC 81.24 -> 81.92) and is neutral on
-the demo textures but costs bottle 0.09 AU-PRO; the paper's six test scales (224 ... 512) instead of
-224 + 448 reach 98.94-98.95 pixel AUROC on bottle but lose 0.6 on demo grass; blocks 6 + 7 + 8 averaged
-lose 1.4 on grass. None helps on all three data sets, so the defaults stay (output, 224 + 448, block 7).
-
-Search and memory: :func:`knn_distances` is an EXACT brute-force search as fp32 BLAS matrix
-products, one (query chunk x bank chunk) similarity block at a time (1024 x 32768 = 128 MB, reused)
-with a row maximum for k = 1, so its time is linear in the bank size and its working memory bounded
-whatever the bank size (209 bottle training images at 448 px = 214k patches x 384 dims = 330 MB for
-the bank itself). On the 2-core CPU the feature extraction at 448 px, not the search, dominates the
-run time (profile and scaling table: results/knn_speed.md, ``benchmarks/knn_speed.py``); bf16
-similarities were rejected (their error, up to 4.7e-3, is a third of bottle's median nearest-neighbour
-distance 0.015). ``KnnScorer(feature_bf16=True)`` runs the backbone under bf16 autocast on the CPU:
-an opt-in approximation, off by default.
+Search (:func:`knn_distances`): EXACT brute force as fp32 BLAS matrix products, one
+(query chunk x bank chunk) similarity block at a time, reused, with a row maximum for k = 1: time
+linear in the bank size, working memory bounded whatever the bank size. ``KnnScorer(feature_bf16=True)``
+runs the backbone under bf16 autocast on the CPU: an opt-in approximation, off by default.
 
 Aspect ratio (``KnnScorer(aspect=...)``): ``"square"`` (default, AnomalyDINO / PatchCore) stretches
 every image to size x size; ``"keep"`` feeds each image at its own aspect ratio with about the same
 number of patches (:func:`input_shape`), images of different shapes in separate backbone passes, each
-map read out on its own grid (results/knn_aspect.md).
+map read out on its own grid.
 
 Coreset (:func:`greedy_coreset`, :func:`random_coreset`): optional subsampling of the bank to a
 ``ratio`` of its patches. ``greedy`` is PatchCore's approximate greedy coreset (iterative
 farthest-point selection on a random projection to 128 dimensions); ``random`` a uniform sample.
 Both are seeded. Ratio 1.0 (default, AnomalyDINO's full-shot setting) keeps every patch.
 
-torch (numpy for image inputs and the fusion helpers); no files, no loops over data sets (the caller
-batches images). The fusion with the fine-tuned detector lives in :class:`apmask_lib.evaluate.KnnExtension`;
-its helpers (hold-out, running statistics, standardisation, logit, squash) are at the end of this module.
+Why these defaults, and how fast: measured in README "Extension" and results/knn_readout.md,
+results/knn_readout_blocks.md (blocks, sizes, sigma_at), results/knn_speed.md, results/knn_search.md
+(time, memory, search), results/knn_aspect.md (aspect ratio), each with its command.
+
+torch (numpy for image inputs); no files, no loops over data sets (the caller batches images). The
+extension's glue beside the detector and the fusion with it: :mod:`apmask_lib.knn_fusion`.
 """
 from __future__ import annotations
 
@@ -455,71 +435,5 @@ def average_outputs(outputs: Sequence[KnnOutput]) -> KnnOutput:
     return KnnOutput(dists=outputs[0].dists, scores=scores, maps=maps)
 
 
-# --------------------------------------------------------------------------------------------
-# fusion with the fine-tuned detector (evaluate.py)
-# --------------------------------------------------------------------------------------------
-def holdout_indices(n: int, fraction: float) -> np.ndarray:
-    """``max(2, round(fraction * n))`` indices of range(n) (two, so that a standard deviation of
-    image scores exists), evenly spaced (deterministic), leaving at least one image for the bank.
-    The held-out images calibrate the fusion (never test images)."""
-    if n < 2:
-        raise ValueError(f"fusion needs at least 2 training images (bank + held-out), got {n}")
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"hold-out fraction must lie in (0, 1), got {fraction}")
-    m = min(n - 1, max(2, int(round(fraction * n))))
-    return np.unique(np.round(np.linspace(0, n - 1, m)).astype(np.int64))
-
-
-class RunningStats:
-    """Mean and standard deviation of a stream of values (float64 sums; arrays of any shape)."""
-
-    def __init__(self):
-        self.n, self.s, self.ss = 0, 0.0, 0.0
-
-    def update(self, values) -> None:
-        v = np.asarray(values, dtype=np.float64).ravel()
-        self.n += v.size
-        self.s += float(v.sum())
-        self.ss += float(np.square(v).sum())
-
-    @property
-    def mean(self) -> float:
-        return self.s / self.n if self.n else float("nan")
-
-    @property
-    def std(self) -> float:
-        if self.n < 2:
-            return float("nan")
-        var = (self.ss - self.s * self.s / self.n) / (self.n - 1)
-        return math.sqrt(max(var, 0.0))
-
-    def as_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "std": self.std, "n": self.n}
-
-
-def standardise(x, stats: RunningStats | dict, eps: float = 1e-12):
-    """(x - mean) / std with the statistics of NORMAL held-out training values."""
-    st = stats.as_dict() if isinstance(stats, RunningStats) else stats
-    if not (math.isfinite(st["mean"]) and math.isfinite(st["std"])):
-        raise ValueError(f"fusion statistics are undefined ({st}); the hold-out needs at least 2 values")
-    return (np.asarray(x, dtype=np.float64) - st["mean"]) / max(st["std"], eps)
-
-
-def logit(p, eps: float = 1e-6):
-    """log(p / (1 - p)) with p clipped to [eps, 1 - eps]: the detector's outputs on the scale its
-    BCE loss works on (probabilities saturate, log-odds add)."""
-    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
-    return np.log(p) - np.log1p(-p)
-
-
-def squash(z):
-    """A strictly increasing map of the real line onto (0, 1): 0.5 + 0.5 z / (1 + |z|). Keeps the
-    order of fused z-scores (so AUROC / AU-PRO are unchanged) while fitting the [0, 1] histogram of
-    the streaming pixel metrics; unlike the logistic it does not round large z to 1.0."""
-    z = np.asarray(z, dtype=np.float64)
-    return 0.5 + 0.5 * z / (1.0 + np.abs(z))
-
-
 __all__ = ["CORESET_METHODS", "patch_features", "knn_distances", "random_coreset", "greedy_coreset", "MemoryBank",
-           "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "SIGMA_AT", "distance_map", "KnnOutput", "ASPECTS", "input_shape", "KnnScorer", "average_outputs",
-           "holdout_indices", "RunningStats", "standardise", "logit", "squash"]
+           "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "SIGMA_AT", "distance_map", "KnnOutput", "ASPECTS", "input_shape", "KnnScorer", "average_outputs"]

@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-KINDS = ("apmask", "random", "block", "none")
+from .config import MASK_KINDS as KINDS
 
 
 def num_dropped(n: int, ratio: float) -> int:

@@ -1,4 +1,4 @@
-"""Anomaly-detection metrics: image AUROC, pixel AUROC, AU-PRO, F1-max, seed aggregation.
+"""Anomaly-detection metrics: image AUROC, pixel AUROC, AU-PRO, F1-max, one method's summary, seed aggregation.
 
 Everything is computed from one representation: for each distinct threshold ``t`` (descending),
 the number of positive and negative samples whose score equals ``t`` (and, for pixels, the sum of
@@ -376,6 +376,62 @@ def au_pro(maps: Iterable[np.ndarray], masks: Iterable[np.ndarray], fpr_limit: f
 
 
 # --------------------------------------------------------------------------------------------
+# one method's outputs on a test set
+# --------------------------------------------------------------------------------------------
+def safe_auroc(scores: Sequence[float], labels: Sequence[int], what: str) -> float:
+    """AUROC, or NaN (with a warning) when only one class is present."""
+    labels = np.asarray(labels)
+    if labels.min(initial=1) == labels.max(initial=0) or len(labels) == 0:
+        warnings.warn(f"{what}: needs normal and anomalous images; reported as NaN", stacklevel=2)
+        return float("nan")
+    return image_auroc(scores, labels)
+
+
+def per_defect_auroc(scores: Sequence[float], labels: Sequence[int], defects: Sequence[str]) -> dict[str, float]:
+    """Image AUROC of each anomalous defect type against all normal images."""
+    scores, labels, defects = np.asarray(scores), np.asarray(labels), np.asarray(defects)
+    normal = labels == 0
+    out = {}
+    for d in sorted(set(defects[labels == 1])):
+        sel = normal | ((defects == d) & (labels == 1))
+        out[str(d)] = safe_auroc(scores[sel], labels[sel], f"image AUROC of {d}")
+    return out
+
+
+def paper_image_score(res: Any, score: str) -> np.ndarray:
+    """The paper's continuous image score of a batch (``cfg.evaluate.score``): ``det_mean`` (mean
+    detection probability over the scales) or ``map_max`` of a
+    :class:`~apmask_lib.multiscale.MultiScaleOutput`."""
+    return res.det_mean if score == "det_mean" else res.map_max
+
+
+def method_metrics(scores: Sequence[float], labels: np.ndarray, defects: Sequence[str], pix: PixelMetrics,
+                   fpr_limit: float) -> dict[str, Any]:
+    """Image AUROC (+ per defect type, F1-max where anomalous images exist) and the pixel summary
+    (:meth:`PixelMetrics.summary`; pixel AUROC / AU-PRO NaN without maps) of one method's outputs."""
+    scores = np.asarray(scores, dtype=np.float64)
+    out: dict[str, Any] = {"image_auroc": safe_auroc(scores, labels, "image AUROC"),
+                           "per_defect_image_auroc": per_defect_auroc(scores, labels, defects)}
+    if labels.any():
+        out["f1_max"], out["f1_threshold"] = f1_max(scores, labels)
+    out.update(pix.summary(fpr_limit) if pix.n_maps else {})
+    out.setdefault("pixel_auroc", float("nan"))
+    out.setdefault("au_pro", float("nan"))
+    return out
+
+
+def finite_or_none(obj: Any) -> Any:
+    """Replace NaN/inf floats by None (strict JSON), recursively."""
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
+        return None
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
 # seeds
 # --------------------------------------------------------------------------------------------
 def _is_number(v: Any) -> bool:
@@ -407,4 +463,5 @@ def aggregate_seeds(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 __all__ = ["ThresholdCounts", "counts_from_scores", "trapezoid", "roc_from_counts", "auroc_from_counts",
            "f1_max_from_counts", "pro_from_counts", "au_pro_from_counts", "image_auroc", "roc_curve", "f1_max",
-           "region_weights", "PixelMetrics", "pixel_auroc", "pro_curve", "au_pro", "aggregate_seeds", "DEFAULT_BINS"]
+           "region_weights", "PixelMetrics", "pixel_auroc", "pro_curve", "au_pro", "safe_auroc", "per_defect_auroc",
+           "paper_image_score", "method_metrics", "finite_or_none", "aggregate_seeds", "DEFAULT_BINS"]

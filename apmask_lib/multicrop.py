@@ -38,6 +38,9 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
+from .config import TEACHER_VIEWS
+from .data import resize_image
+
 # DINO's photometric settings (main_dino.py, DataAugmentationDINO)
 FLIP_P = 0.5
 JITTER_P = 0.8
@@ -75,8 +78,6 @@ def load_image_bank(dataset, samples: Sequence, short_side: int, num_workers: in
                     progress: bool = True) -> ImageBank:
     """Decode ``samples`` once with ``dataset.image`` and resize each (aspect kept) so its short
     side is ``short_side`` pixels. Decoding runs in ``num_workers`` threads (OpenCV releases the GIL)."""
-    from .data import resize_image
-
     if not samples:
         raise ValueError("no training images to cache (dataset.train is empty)")
 
@@ -307,8 +308,8 @@ class MultiCrop:
     teacher_view: str = "second"  # second | same
 
     def __post_init__(self):
-        if self.teacher_view not in ("second", "same"):
-            raise ValueError(f"teacher_view must be 'second' or 'same', got {self.teacher_view!r}")
+        if self.teacher_view not in TEACHER_VIEWS:
+            raise ValueError(f"teacher_view must be one of {', '.join(TEACHER_VIEWS)}, got {self.teacher_view!r}")
         if self.n_local < 0:
             raise ValueError(f"n_local must be >= 0, got {self.n_local}")
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import resize_image
-from .utils import accelerated
+from .devices import accelerated
 
 DECISION_THRESHOLD = 0.5
 
@@ -123,7 +123,7 @@ def predict_multiscale(model: nn.Module, images: Sequence[np.ndarray], sizes: Se
                        device: torch.device | str | None = None) -> MultiScaleOutput:
     """Run ``model`` (a detector returning ``logit (B,)``, ``seg_logits (B, s, s)``, ``cls (B, C)``)
     on one batch of RGB uint8 (H_i, W_i, 3) images at every size in ``sizes`` (already snapped, see
-    :func:`scale_sizes`); no grad, bf16 autocast on CUDA (:func:`~apmask_lib.utils.accelerated`). Returns a :class:`MultiScaleOutput`."""
+    :func:`scale_sizes`); no grad, bf16 autocast on CUDA (:func:`~apmask_lib.devices.accelerated`). Returns a :class:`MultiScaleOutput`."""
     if len(images) == 0:
         raise ValueError("empty batch")
     device = torch.device(device) if device is not None else next(model.parameters()).device

@@ -38,16 +38,18 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from .config import EvaluateConfig
 from .data import ImageReadError, read_image
 from .data.mvtec import IMAGE_EXTS
-from .multiscale import model_patch_size, predict_multiscale, scale_sizes
+from .knn_model import load_model, model_kind, run_sizes
+from .multiscale import predict_multiscale
+from .outputs import format_row, write_png
 from .threshold import find_threshold_file, read_threshold
-from .utils import atomic_write_bytes, resolve_device, write_json
+from .devices import resolve_device
+from .files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +91,6 @@ def heatmap_name(path: Path, used: set[str]) -> str:
     return name
 
 
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
-    if not ok:
-        raise RuntimeError(f"could not encode PNG for {path}")
-    atomic_write_bytes(path, buf.tobytes())
-
-
 def header_size(path: Path) -> Optional[tuple[int, int]]:
     """(width, height) from the file header without decoding the pixels (Pillow reads lazily);
     None when Pillow cannot identify the file (it is then decoded and checked after decoding)."""
@@ -131,14 +126,14 @@ def read_guarded(path: Path, max_pixels: int) -> np.ndarray:
     return img
 
 
-def resolve_threshold(model_path: Path, threshold: str | Path | float | None) -> dict[str, Any]:
+def resolve_threshold(model_path: Path, threshold: str | Path | float | None, kind: str = "detector") -> dict[str, Any]:
     """The threshold record to decide with: a number (on det_mean; pixel threshold 0.5), a
     ``threshold.json`` path, or None = the file ``apmask evaluate`` wrote for this model
     (:func:`~apmask_lib.threshold.find_threshold_file`), else 0.5 on det_mean with a warning."""
     if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
         return {"image_threshold": float(threshold), "image_score": "det_mean", "pixel_threshold": 0.5,
                 "source": "given on the command line (pixel threshold: default 0.5)"}
-    path = Path(threshold) if threshold is not None else find_threshold_file(model_path)
+    path = Path(threshold) if threshold is not None else find_threshold_file(model_path, kind)
     if path is None:
         warnings.warn(f"no threshold.json beside {model_path} or in its run's evaluate/ folder: deciding with "
                       "det_mean >= 0.5; run `apmask evaluate` to choose a threshold on your data", stacklevel=3)
@@ -167,10 +162,6 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _fmt(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()}
-
-
 def predict(model_path: str | Path, inputs: str | Path | Sequence[str | Path], out_dir: str | Path,
             scales: Sequence[int] = EvaluateConfig().scales, device: str = "auto", batch_size: int = 8,
             threshold: str | Path | float | None = None, force: bool = False,
@@ -178,7 +169,6 @@ def predict(model_path: str | Path, inputs: str | Path | Sequence[str | Path], o
     """Score images; writes ``out_dir/{predictions.csv, predict.json, heatmaps/}``; returns the rows
     (module docstring). Raises for a missing/unreadable/non-finite model checkpoint, a bad threshold
     file, or a non-empty ``out_dir`` without ``force``."""
-    from .models.detector import load_detector
     from .viz.localization import heatmap_overlay, outline_mask
 
     out_dir = Path(out_dir)
@@ -187,10 +177,11 @@ def predict(model_path: str | Path, inputs: str | Path | Sequence[str | Path], o
         raise FileNotFoundError(f"detector checkpoint not found: {model_path} (the fine-tuning stage writes "
                                 "OUT_DIR/finetune/model.pt)")
     dev = resolve_device(device)
-    model = load_detector(model_path, map_location="cpu").to(dev).eval()
-    thr = resolve_threshold(model_path, threshold)
+    model = load_model(model_path, map_location="cpu").to(dev).eval()   # the fine-tuned detector or a kNN model
+    kind = model_kind(model)
+    thr = resolve_threshold(model_path, threshold, kind)
     t_img, t_pix, score_name = float(thr["image_threshold"]), float(thr["pixel_threshold"]), thr["image_score"]
-    sizes = scale_sizes(scales, model_patch_size(model))
+    sizes = run_sizes(model, scales)
     prepare_out_dir(out_dir, force)
 
     entries = collect_inputs(inputs)
@@ -232,7 +223,7 @@ def predict(model_path: str | Path, inputs: str | Path | Sequence[str | Path], o
                 bar.update(len(idx))
                 del images, res
             for i in range(start, stop):
-                writer.writerow(_fmt(rows[i]))
+                writer.writerow(format_row(rows[i]))
             f.flush()
             start = stop
 
@@ -244,7 +235,7 @@ def predict(model_path: str | Path, inputs: str | Path | Sequence[str | Path], o
                f"{t_img:.6g} (threshold from {thr['source']}"
                + (f"; chosen on {thr['chosen_on']}" if thr.get("chosen_on") else "")
                + f"); {len(bad)} failed, {len(skipped)} skipped -> {csv_path}")
-    write_json(out_dir / "predict.json", {"model": str(model_path), "threshold": thr, "sizes": list(sizes),
+    write_json(out_dir / "predict.json", {"model": str(model_path), "model_kind": kind, "threshold": thr, "sizes": list(sizes),
                                           "n_ok": len(ok), "n_anomalous": n_anom, "n_error": len(bad),
                                           "n_skipped": len(skipped), "summary": summary})
     log.info("predict: %s", summary)

@@ -58,16 +58,19 @@ from tqdm.auto import tqdm
 from .collapse import STAT_COLUMNS, assignment_stats
 from .config import RANK_SOURCES, Config
 from .fastpath import compile_blocks
-from .masking import KINDS, attention_on_boxes, keep_indices, num_dropped
-from .models import VisionTransformer, build_backbone
+from .masking import attention_on_boxes, keep_indices, num_dropped
+from .models import VisionTransformer
+from .weights import build_backbone
 from .models.heads import ProjectionMLP, Prototypes
 from .multicrop import ImageBank, MultiCrop, cache_short_side, load_image_bank
 from . import runfolder
 from .sinkhorn import push_queue, sinkhorn, sinkhorn_with_queue, swapped_prediction_loss
-from .utils import accelerated, autocast_context
-from .utils import (CSVLog, atomic_torch_save, load_resume_checkpoint, append_jsonl, check_finite, config_fingerprint, cosine_scheduler,
-                    param_groups, truncate_jsonl,
-                    resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state, write_json)
+from .devices import accelerated, autocast_context, resolve_device
+from .files import append_jsonl, atomic_torch_save, CSVLog, save_checkpoint, truncate_jsonl, write_json
+from .fingerprint import config_fingerprint, load_resume_checkpoint
+from .nonfinite import check_finite
+from .optim import cosine_scheduler, param_groups
+from .rng import rng_state, seed_everything, set_rng_state
 
 CSV_COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "step_time", "images_per_s") + STAT_COLUMNS
 # config keys that do not change the trained weights (may differ on resume)
@@ -355,8 +358,6 @@ def run_pretrain(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     A second run in the same folder is refused (:class:`~apmask_lib.runfolder.RunLocked`).
     """
     p = cfg.pretrain
-    if p.mask not in KINDS:
-        raise ValueError(f"pretrain.mask must be one of {KINDS}, got {p.mask!r}")
     out = Path(cfg.out_dir) / "pretrain"
     ckpt_path, backbone_path = out / "checkpoint.pt", out / "backbone.pt"
     rank, world, device, created_pg = _dist_setup(cfg)

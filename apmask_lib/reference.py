@@ -31,15 +31,14 @@ from functools import lru_cache
 from importlib import resources
 from typing import Optional
 
+from .data.mvtec import CATEGORIES as MVTEC_CATEGORIES, TEXTURES
+
 PAPER = "Bozorgtabar & Mahapatra, AAAI 2023"
 OURS = "Ours"  # the paper's own method in paper_tables.csv
 CSV_NAME = "paper_tables.csv"
 
-MVTEC_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-                    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
-# the paper's Table 1 column order (textures first)
-PAPER_CATEGORY_ORDER = ("carpet", "grid", "leather", "tile", "wood", "bottle", "cable", "capsule", "hazelnut",
-                        "metal_nut", "pill", "screw", "toothbrush", "transistor", "zipper")
+# the paper's Table 1 column order: textures first, then objects, each alphabetical
+PAPER_CATEGORY_ORDER = TEXTURES + tuple(c for c in MVTEC_CATEGORIES if c not in TEXTURES)
 TABLE1_METHODS = ("CutPaste (3-way)", "NSA", "DRAEM", "PaDiM", "DifferNet", "InTra", "SPADE", "RIAD", OURS)
 # what the paper's Table 1 reports per method: "all" = 15 categories + mean, "mean" = the mean only, absent = not given
 _BOTH = {"image_auroc": "all", "pixel_auroc": "all"}

@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from .utils import atomic_write_text, write_json
+from .files import atomic_write_text, write_json
 
 
 def _copy_columns(src: Path, dst: Path, columns: tuple[str, ...]) -> bool:

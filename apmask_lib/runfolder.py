@@ -139,7 +139,7 @@ def file_sha256(path: str | Path) -> str:
 def write_marker(folder: str | Path, files: Iterable[str], **info: Any) -> Path:
     """Write ``done.json`` (last, after ``files``): ``info`` (step, total_steps, done ...) and each
     file's size and SHA-256."""
-    from .utils import write_json
+    from .files import write_json
 
     folder = Path(folder)
     record = {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)} for name in files}

@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 
 from . import reference as ref
 from .metrics import aggregate_seeds
-from .utils import atomic_write_text
+from .files import atomic_write_text
 
 DASH = "—"
 MAIN = {"mask": "apmask", "mask_ratio": 0.3, "anomaly": "attention", "init": "pretrain"}

@@ -19,15 +19,21 @@ the evaluation log say so (``chosen_on``).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .metrics import f1_max
+from .metrics import f1_max, finite_or_none
+from .files import write_json
+
+log = logging.getLogger(__name__)
 
 THRESHOLD_FILE = "threshold.json"
+# the folder (in OUT_DIR) that evaluating each kind of model writes, threshold.json included
+EVALUATE_DIRS = {"detector": "evaluate", "knn": "evaluate_knn"}
 MAX_PIXELS_PER_MAP = 65536     # normal-pixel sample kept per map for the pixel quantile
 
 
@@ -82,6 +88,40 @@ def choose_threshold(scores: Sequence[float], labels: Sequence[int], score_name:
             "rule": "anomalous when image score >= image_threshold; heatmap outlines map >= pixel_threshold"}
 
 
+def write_threshold(ecfg: Any, dataset_name: str, val: Sequence[Any],
+                    score_val: Callable[[list], tuple[np.ndarray, list[np.ndarray]]], out_dir: Path,
+                    test_scores: np.ndarray, test_labels: np.ndarray, test_normal_pixels: list[np.ndarray],
+                    test_pixel_f1_threshold: Optional[float], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Choose the decision threshold on the validation samples ``val`` (``ecfg.threshold_on``
+    auto/val; ``score_val(val)`` gives their image scores and a sample of each map's values,
+    :func:`normal_pixel_sample`) or on the test set (auto without validation images, or test), write
+    ``out_dir/threshold.json`` (the record of :func:`choose_threshold` + ``extra``) and return it with
+    precision / recall / F1 of the TEST set at that threshold. ``ecfg``: the
+    :class:`~apmask_lib.config.EvaluateConfig` (threshold_on, score, quantiles)."""
+    val = list(val)
+    if ecfg.threshold_on == "val" or (ecfg.threshold_on == "auto" and val):
+        if not val:
+            raise ValueError(f"evaluate.threshold_on=val but {dataset_name} has no validation images "
+                             "(data.dataset=folder holds out data.normal_val_split of the normal images)")
+        scores, pixels = score_val(val)
+        labels = np.array([s.label for s in val])
+        pixels = [p for p, s in zip(pixels, val) if s.label == 0]
+        chosen_on = f"validation: {len(val)} images held out of training"
+        rec = choose_threshold(scores, labels, ecfg.score, chosen_on, pixels, None,
+                               ecfg.threshold_quantile, ecfg.pixel_threshold_quantile)
+    else:
+        chosen_on = ("TEST set (no validation images): metrics measured at this threshold on the test set are "
+                     "optimistic; use data.dataset=folder with normal_val_split > 0 for an honest choice")
+        rec = choose_threshold(test_scores, test_labels, ecfg.score, chosen_on, test_normal_pixels,
+                               test_pixel_f1_threshold, ecfg.threshold_quantile, ecfg.pixel_threshold_quantile)
+        log.warning("decision threshold chosen on the test set of %s (no validation images)", dataset_name)
+    rec.update(extra)
+    write_json(Path(out_dir) / THRESHOLD_FILE, finite_or_none(rec))
+    log.info("threshold %.6g on %s (%s; %s) -> %s", rec["image_threshold"], ecfg.score, rec["image_method"],
+             rec["chosen_on"], Path(out_dir) / THRESHOLD_FILE)
+    return {**rec, "test_at_threshold": confusion_at(test_scores, test_labels, rec["image_threshold"])}
+
+
 def decide(scores: Sequence[float], threshold: float) -> np.ndarray:
     """(N,) 0/1: 1 (anomalous) where ``score >= threshold`` (the rule F1-optimal thresholds are found for)."""
     return (np.asarray(scores, dtype=np.float64) >= threshold).astype(np.int64)
@@ -98,11 +138,12 @@ def confusion_at(scores: Sequence[float], labels: Sequence[int], threshold: floa
     return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "precision": p, "recall": r, "f1": f1}
 
 
-def find_threshold_file(model_path: str | Path) -> Optional[Path]:
-    """``threshold.json`` beside the model, else in the run folder's ``evaluate/`` (``.../finetune/model.pt``
-    -> ``.../evaluate/threshold.json``); None when neither exists."""
+def find_threshold_file(model_path: str | Path, kind: str = "detector") -> Optional[Path]:
+    """``threshold.json`` beside the model, else in the run folder's evaluation folder of that kind of
+    model (:data:`EVALUATE_DIRS`: ``.../finetune/model.pt`` -> ``.../evaluate/threshold.json``,
+    ``.../knn/model.pt`` -> ``.../evaluate_knn/threshold.json``); None when neither exists."""
     model_path = Path(model_path)
-    for p in (model_path.parent / THRESHOLD_FILE, model_path.parent.parent / "evaluate" / THRESHOLD_FILE):
+    for p in (model_path.parent / THRESHOLD_FILE, model_path.parent.parent / EVALUATE_DIRS[kind] / THRESHOLD_FILE):
         if p.is_file():
             return p
     return None
@@ -123,5 +164,5 @@ def read_threshold(path: str | Path) -> dict[str, Any]:
     return rec
 
 
-__all__ = ["THRESHOLD_FILE", "quantile_threshold", "image_threshold", "normal_pixel_sample", "choose_threshold",
-           "decide", "confusion_at", "find_threshold_file", "read_threshold"]
+__all__ = ["THRESHOLD_FILE", "EVALUATE_DIRS", "quantile_threshold", "image_threshold", "normal_pixel_sample", "choose_threshold",
+           "write_threshold", "decide", "confusion_at", "find_threshold_file", "read_threshold"]

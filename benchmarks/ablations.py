@@ -20,8 +20,8 @@ On a CPU the schedule must be SHORTENED (``--pretrain-epochs``, ``--finetune-epo
 300 + 100) and the table says so; at that length differences between rows are mostly noise.
 The paper schedule needs a GPU::
 
-    .venv/bin/python benchmarks/ablations.py --device cpu --seeds 0                      # CPU, shortened
-    .venv/bin/python benchmarks/ablations.py --device cuda --pretrain-epochs 300 --finetune-epochs 100 --seeds 0 1 2
+    .venv/bin/python -m benchmarks.ablations --device cpu --seeds 0                      # CPU, shortened
+    .venv/bin/python -m benchmarks.ablations --device cuda --pretrain-epochs 300 --finetune-epochs 100 --seeds 0 1 2
 """
 from __future__ import annotations
 
@@ -29,8 +29,6 @@ import argparse
 import datetime as dt
 import json
 import logging
-import os
-import shlex
 import sys
 import time
 import warnings
@@ -38,20 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from quality import METRICS, fmt, schedule_config, versions  # noqa: E402
-
-from apmask_lib.config import replace  # noqa: E402
-from apmask_lib.evaluate import run_evaluate  # noqa: E402
-from apmask_lib.finetune import run_finetune  # noqa: E402
-from apmask_lib.metrics import aggregate_seeds  # noqa: E402
-from apmask_lib.pretrain import run_pretrain  # noqa: E402
-from apmask_lib.utils import atomic_write_text, cpu_model, resolve_device  # noqa: E402
+from apmask_lib.config import replace
+from apmask_lib.devices import resolve_device
+from apmask_lib.evaluate import run_evaluate
+from apmask_lib.files import atomic_write_text
+from apmask_lib.finetune import run_finetune
+from apmask_lib.metrics import aggregate_seeds
+from apmask_lib.pretrain import run_pretrain
+from benchmarks.common import METRICS, ROOT, command, fmt, machine, schedule_config, versions
 
 
 @dataclass(frozen=True)
@@ -162,21 +154,20 @@ def main(argv=None) -> int:
         while j < len(argv_clean) and not argv_clean[j].startswith("--"):
             j += 1
         argv_clean = argv_clean[:i] + argv_clean[j:]
-    machine = (f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device {device}"
-               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    # --render-only measures nothing: the machine is the one the rows were measured on
+    machine_text = previous.get("machine", machine(device)) if args.render_only else machine(device)
     t_all = time.perf_counter()
     for name in names:
         rows[name] = [run_variant(args, BY_NAME[name], dataset, category, s) for s in args.seeds]
-        commands[name] = ".venv/bin/python benchmarks/ablations.py " + " ".join(
-            shlex.quote(a) for a in argv_clean + ["--only", name])
+        commands[name] = command("ablations", argv_clean + ["--only", name])
         atomic_write_text(json_path, json.dumps({"setting": [args.dataset, args.pretrain_epochs, args.finetune_epochs,
                                                              args.backbone],
-                                                 "rows": rows, "commands": commands, "machine": machine}, indent=1))
+                                                 "rows": rows, "commands": commands, "machine": machine_text}, indent=1))
     shortened = args.pretrain_epochs < 300 or args.finetune_epochs < 100
     lines = ["# Ablations on real data", "",
-             f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by `benchmarks/ablations.py` "
+             f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by `python -m benchmarks.ablations` "
              f"({time.perf_counter() - t_all:.0f} s for the rows computed in this call).", "",
-             f"Data: {args.dataset}. Backbone: `{args.backbone}`. Machine: {machine}. Versions: {versions()}.", ""]
+             f"Data: {args.dataset}. Backbone: `{args.backbone}`. Machine: {machine_text}. Versions: {versions()}.", ""]
     if shortened:
         lines += [f"**SHORTENED schedule: pre-training {args.pretrain_epochs} epoch(s) (paper 300), fine-tuning "
                   f"{args.finetune_epochs} epoch(s) (paper 100), warm-up scaled. At this length the rows are far "

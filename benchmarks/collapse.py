@@ -41,11 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import versions  # noqa: E402
+from benchmarks.common import versions  # noqa: E402
 
 from apmask_lib.collapse import STAT_COLUMNS  # noqa: E402
 from apmask_lib.config import load_params  # noqa: E402
-from apmask_lib.utils import atomic_write_text, cpu_model  # noqa: E402
+from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.machine import cpu_model  # noqa: E402
 
 JSON = ROOT / "results" / "collapse.json"
 MD = ROOT / "results" / "collapse.md"

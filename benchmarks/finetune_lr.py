@@ -3,8 +3,8 @@
 Fine-tunes one demo category from an existing pre-trained backbone with a given peak LR and
 epoch count, evaluates it, and prints image / pixel AUROC, AU-PRO and the loss per epoch.
 
-    python benchmarks/finetune_lr.py --backbone runs/demo/brick/s0/pretrain/backbone.pt --lr 5e-4 --epochs 30
-    python benchmarks/finetune_lr.py --backbone runs/demo/brick/s0/pretrain/backbone.pt --lr 5e-5 --epochs 15
+    python -m benchmarks.finetune_lr --backbone runs/demo/brick/s0/pretrain/backbone.pt --lr 5e-4 --epochs 30
+    python -m benchmarks.finetune_lr --backbone runs/demo/brick/s0/pretrain/backbone.pt --lr 5e-5 --epochs 15
 """
 from __future__ import annotations
 

@@ -39,11 +39,12 @@ sys.path.insert(0, str(ROOT))
 from apmask_lib.config import Config  # noqa: E402
 from apmask_lib.data import build_dataset  # noqa: E402
 from apmask_lib.data.mvtec import load_mvtec  # noqa: E402
-from apmask_lib.evaluate import pixel_ground_truth  # noqa: E402
+from apmask_lib.data.ground_truth import pixel_ground_truth  # noqa: E402
 from apmask_lib.knn import KnnScorer, average_outputs  # noqa: E402
 from apmask_lib.metrics import PixelMetrics, image_auroc  # noqa: E402
-from apmask_lib.models import build_backbone  # noqa: E402
-from apmask_lib.utils import atomic_write_text, cpu_model  # noqa: E402
+from apmask_lib.weights import build_backbone  # noqa: E402
+from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.machine import cpu_model  # noqa: E402
 
 
 def crop_window(hw: tuple[int, int], rng: np.random.Generator, centre=None, lo: int = 112,

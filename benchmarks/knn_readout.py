@@ -43,15 +43,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import versions  # noqa: E402
+from benchmarks.common import versions  # noqa: E402
 
 from apmask_lib.config import Config  # noqa: E402
 from apmask_lib.data import build_dataset  # noqa: E402
-from apmask_lib.evaluate import pixel_ground_truth  # noqa: E402
+from apmask_lib.data.ground_truth import pixel_ground_truth  # noqa: E402
 from apmask_lib.knn import SIGMA_AT, KnnScorer, distance_map, top_fraction_mean  # noqa: E402
 from apmask_lib.metrics import PixelMetrics, image_auroc  # noqa: E402
-from apmask_lib.models import build_backbone  # noqa: E402
-from apmask_lib.utils import atomic_write_text, cpu_model  # noqa: E402
+from apmask_lib.weights import build_backbone  # noqa: E402
+from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.machine import cpu_model  # noqa: E402
 
 DATA_ROOTS = {"mvtec": "../shared/data/mvtec_ad", "nih": "../shared/data/nih_cxr14", "demo": "/tmp/apmask_demo"}
 DEFAULT_DATASETS = ("mvtec:bottle", "demo:brick", "demo:grass", "demo:gravel", "nih:all")

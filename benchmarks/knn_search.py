@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from apmask_lib.knn import knn_distances  # noqa: E402
-from apmask_lib.utils import atomic_write_text, cpu_model  # noqa: E402
+from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.machine import cpu_model  # noqa: E402
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ Measures, on MVTec bottle, the wall time of *bank + inference* (images read and 
 features of every training image, memory bank, patch features + nearest-neighbour search + pixel
 maps of every test image; the metrics are computed afterwards and not timed) for
 
-* ``ours``: the kNN extension as ``evaluate.KnnExtension`` runs it with ``fusion="knn"`` (offline
+* ``ours``: the kNN extension as ``knn_fusion.KnnExtension`` runs it with ``fusion="knn"`` (offline
   ViT-S/14 block 7, sizes 224 + 448, k = 1, exact fp32 search, maps bilinear + Gaussian sigma 4 px
   at the stored resolution, scores and maps averaged over the sizes), with its phases timed
   separately (the profile);
@@ -52,7 +52,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from apmask_lib.utils import atomic_write_text, cpu_model  # noqa: E402
+from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.machine import cpu_model  # noqa: E402
 
 DATA_ROOT = "../shared/data/mvtec_ad"
 
@@ -80,7 +81,7 @@ def batches(items: Sequence, size: int):
 def run_ours(ds, train, test, sizes=(224, 448), batch_size: int = 8, feature_bf16: bool = False) -> dict[str, Any]:
     """Bank + inference of the kNN extension; returns timings per phase, scores and maps."""
     from apmask_lib.knn import KnnScorer, average_outputs
-    from apmask_lib.models import build_backbone
+    from apmask_lib.weights import build_backbone
 
     backbone = build_backbone("dinov2-s14-offline").eval()
     t = {"train_features_s": 0.0, "fit_s": 0.0, "test_features_s": 0.0, "search_s": 0.0, "readout_s": 0.0}
@@ -120,7 +121,7 @@ def run_ours(ds, train, test, sizes=(224, 448), batch_size: int = 8, feature_bf1
 
 def run_anomalydino(ds, train, test, size: int = 252, batch_size: int = 8) -> dict[str, Any]:
     """Bank + inference of anomalib's AnomalyDINO as benchmarks/peers.py configures it."""
-    from peers import build_anomalydino
+    from benchmarks.peers import build_anomalydino
 
     peer = build_anomalydino(7, size)
     t_all = time.perf_counter()
@@ -144,12 +145,12 @@ def run_anomalydino(ds, train, test, size: int = 252, batch_size: int = 8) -> di
 def quality(ds, test, scores, maps, method: str) -> dict[str, float]:
     """Image AUROC / pixel AUROC / AU-PRO (%) as knn_readout.py (ours) and peers.py (anomalib) score them."""
     from apmask_lib.config import Config
-    from apmask_lib.evaluate import pixel_ground_truth
+    from apmask_lib.data.ground_truth import pixel_ground_truth
     from apmask_lib.metrics import PixelMetrics, image_auroc
 
     labels = np.array([s.label for s in test])
     if method == "anomalydino":
-        from peers import peer_metrics
+        from benchmarks.peers import peer_metrics
 
         import copy
 
@@ -170,7 +171,7 @@ def quality(ds, test, scores, maps, method: str) -> dict[str, float]:
 def extract_cache(ds, train, test, path: Path, sizes=(224, 448), batch_size: int = 8) -> dict[str, Any]:
     """Features of ``train`` and ``test`` at every size, timed per image and saved to ``path``."""
     from apmask_lib.knn import KnnScorer
-    from apmask_lib.models import build_backbone
+    from apmask_lib.weights import build_backbone
 
     backbone = build_backbone("dinov2-s14-offline").eval()
     out: dict[str, Any] = {"train_s": [], "test_s": [], "shapes": [list(ds.image(s).shape[:2]) for s in test]}
@@ -195,7 +196,7 @@ def extract_cache(ds, train, test, path: Path, sizes=(224, 448), batch_size: int
 def search_cached(path: Path, n: int, shapes: Sequence[tuple[int, int]], sizes=(224, 448), batch_size: int = 8) -> dict[str, Any]:
     """Bank fit on the first ``n`` cached training images + search + maps of the cached test images."""
     from apmask_lib.knn import KnnScorer
-    from apmask_lib.models import build_backbone
+    from apmask_lib.weights import build_backbone
 
     cache = torch.load(path, weights_only=True, mmap=True)
     backbone = build_backbone("dinov2-s14-offline").eval()

@@ -50,10 +50,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import METRICS, scaled_warmup, versions  # noqa: E402
+from benchmarks.common import METRICS, scaled_warmup, versions  # noqa: E402
 
 from apmask_lib.config import load_params  # noqa: E402
-from apmask_lib.utils import atomic_write_text, cpu_model, resolve_device  # noqa: E402
+from apmask_lib.devices import resolve_device  # noqa: E402
+from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.machine import cpu_model  # noqa: E402
 
 JSON = ROOT / "results" / "learning_curve.json"
 MD = ROOT / "results" / "learning_curve.md"
@@ -140,8 +142,8 @@ def run_untrained(args) -> None:
     from apmask_lib.config import replace
     from apmask_lib.evaluate import run_evaluate
     from apmask_lib.finetune import build_detector, initial_backbone
-    from apmask_lib.models.detector import save_detector
-    from apmask_lib.utils import seed_everything
+    from apmask_lib.weights import save_detector
+    from apmask_lib.rng import seed_everything
 
     base = ROOT / args.runs / f"{args.category}_seed{args.seed}"
     cfg = curve_config(args, base / "untrained", args.backbone)

@@ -14,31 +14,25 @@ Prints a table and appends it, with the command and the machine, to
 ``results/benchmarks_masking.md``. Random inputs (timing does not depend on pixels) and random
 weights by default. Example (CPU, ~1-2 min on 2 cores)::
 
-    .venv/bin/python benchmarks/masking_speed.py --device cpu --batch-size 2 --steps 3
+    .venv/bin/python -m benchmarks.masking_speed --device cpu --batch-size 2 --steps 3
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import shlex
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from apmask_lib.utils import cpu_model  # noqa: E402
-from apmask_lib import pretrain as P  # noqa: E402
-from apmask_lib.config import Config, replace  # noqa: E402
-from apmask_lib.multicrop import MultiCropViews  # noqa: E402
-from apmask_lib.utils import resolve_device, synchronize as sync  # noqa: E402
-
-
+from apmask_lib import pretrain as P
+from apmask_lib.config import Config, replace
+from apmask_lib.devices import resolve_device, synchronize as sync
+from apmask_lib.machine import versions_line
+from apmask_lib.multicrop import MultiCropViews
+from benchmarks.common import ROOT, command, machine
 
 def timed(fn, steps: int, warmup: int, device: torch.device) -> list[float]:
     for _ in range(warmup):
@@ -134,11 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     med = {name: statistics.median(t) for name, t in rows}
     student_ratio = med[rows[0][0]] / med[rows[1][0]]
     token_ratio = n_tokens["masked"] / n_tokens["full"]
-    cmd = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
-    machine = (f"CPU {cpu_model()} ({torch.get_num_threads()} torch threads), torch {torch.__version__}, "
-               f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    cmd = command("masking_speed", argv)
     lines = [f"## {dt.datetime.now().isoformat(timespec='seconds')}", "",
-             f"- command: `{cmd}`", f"- machine: {machine}",
+             f"- command: `{cmd}`", f"- machine: {machine(device)}; {versions_line()}",
              f"- setting: backbone {args.backbone}, batch {B}, 1 global {G}px + {V} local {L}px views, "
              f"{args.steps} timed steps (+{args.warmup} warm-up), median reported",
              f"- tokens through the student per step: {n_tokens['masked']} masked vs {n_tokens['full']} "

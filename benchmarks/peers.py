@@ -22,7 +22,7 @@ coreset / ``fit``; test: eval-mode forward giving ``pred_score`` and ``anomaly_m
 Lightning ``Engine``, post-processor and evaluator are NOT used: their figures disagreed with the
 official metrics on some runs. Metrics are computed here with :mod:`apmask_lib.metrics` exactly as
 :mod:`apmask_lib.evaluate` does for our method: image AUROC on the raw ``pred_score``; pixel AUROC
-and AU-PRO (FPR <= 0.3) against the ground truth loaded by ``evaluate.pixel_ground_truth`` at each
+and AU-PRO (FPR <= 0.3) against the ground truth loaded by ``data.ground_truth.pixel_ground_truth`` at each
 image's stored resolution, the peer map (anomalib's: nearest upsampling of the patch scores to the
 input size + Gaussian sigma 4) upsampled bilinearly to that resolution; pixel metrics stream through
 the same 2^20-bin histogram, over the peer maps' own [min, max] (bilinear upsampling stays inside it).
@@ -30,7 +30,7 @@ the same 2^20-bin histogram, over the peer maps' own [min, max] (bilinear upsamp
 anomalib is an optional extra: ``pip install -e '.[peers]'``. CLI (writes results/peers.md and
 results/peers.json atomically)::
 
-    .venv/bin/python benchmarks/peers.py --data-root ../shared/data/mvtec_ad --category bottle
+    .venv/bin/python -m benchmarks.peers --data-root ../shared/data/mvtec_ad --category bottle
 """
 from __future__ import annotations
 
@@ -39,10 +39,6 @@ import contextlib
 import datetime as dt
 import functools
 import json
-import os
-import platform
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,14 +49,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from apmask_lib.config import EvaluateConfig  # noqa: E402
-from apmask_lib.data import AnomalyDataset, build_dataset  # noqa: E402
-from apmask_lib.evaluate import pixel_ground_truth  # noqa: E402
-from apmask_lib.metrics import PixelMetrics, image_auroc  # noqa: E402
-from apmask_lib.utils import atomic_write_text, cpu_model, resolve_device, seed_everything, write_json  # noqa: E402
+from apmask_lib.config import EvaluateConfig
+from apmask_lib.data import AnomalyDataset, build_dataset
+from apmask_lib.data.ground_truth import pixel_ground_truth
+from apmask_lib.metrics import PixelMetrics, image_auroc
+from apmask_lib.devices import resolve_device
+from apmask_lib.files import atomic_write_text, write_json
+from apmask_lib.machine import versions as machine_versions
+from apmask_lib.rng import seed_everything
+from apmask_lib.weights import build_backbone
+from benchmarks.common import ROOT, command as recorded_command, machine
 
 PEERS = ("patchcore", "anomalydino7", "anomalydino_last")
 INSTALL_HINT = "pip install -e '.[peers]'"
@@ -220,8 +218,6 @@ def build_anomalydino(block: int, size: int = 252, num_neighbours: int = 1) -> P
     """anomalib AnomalyDINO on the offline DINOv2 ViT-S/14, patch tokens of block ``block`` (0-based)."""
     from anomalib.models.image.anomaly_dino.torch_model import AnomalyDINOModel
 
-    from apmask_lib.models.weights import build_backbone
-
     if not 0 <= block < DINO_DEPTH:
         raise ValueError(f"block must be in [0, {DINO_DEPTH - 1}], got {block}")
     with offline_anomalydino_extractor(block):
@@ -364,11 +360,9 @@ def run_peers(data_root: str | Path, category: str = "bottle", peers: Sequence[s
 # report
 # --------------------------------------------------------------------------------------------
 def versions() -> dict[str, str]:
-    import timm
-
-    anomalib = require_anomalib()
-    return {"python": platform.python_version(), "anomalib": anomalib.__version__, "torch": torch.__version__,
-            "timm": timm.__version__}
+    """python, torch, timm and anomalib versions (anomalib's absence is an error naming the install)."""
+    require_anomalib()
+    return machine_versions("timm", "anomalib")
 
 
 def settings_text(s: Mapping[str, Any]) -> str:
@@ -412,7 +406,7 @@ def report(rows: Sequence[Mapping[str, Any]], command: str, machine: str, total_
         "evaluator). Image AUROC from the raw `pred_score`; pixel AUROC and AU-PRO (FPR ≤ 0.3, normalised) from "
         "the raw `anomaly_map` (anomalib: nearest upsampling of the patch scores to the input size, Gaussian "
         "sigma 4), upsampled bilinearly to each image's stored resolution and compared with the masks loaded "
-        "by `apmask_lib.evaluate.pixel_ground_truth`, i.e. the same resolution and mask loading as our "
+        "by `apmask_lib.data.ground_truth.pixel_ground_truth`, i.e. the same resolution and mask loading as our "
         "evaluation, with `apmask_lib.metrics` (pixel metrics through the same 2^20-bin histogram, here over "
         f"each peer's own map range; AUROC bin error bound ≤ "
         f"{max(r['pixel_auroc_bin_error_bound'] for r in rows):.1e}). fit = feature extraction over all "
@@ -447,9 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     require_anomalib()
     t0 = time.perf_counter()
-    command = ".venv/bin/python benchmarks/peers.py " + \
-        " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    machine = f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device {args.device}"
+    command = recorded_command("peers", argv)
+    machine_text = machine(args.device)
     jobs = [f"{pid} {s} px" if pid.startswith("anomalydino") else pid
             for pid in args.peers for s in (args.dino_sizes if pid.startswith("anomalydino") else (None,))]
     out = Path(args.out)
@@ -463,10 +456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         pending = jobs[len(rows):]
         rows = kept + [dict(r, command=command) for r in rows]
         commands = list(dict.fromkeys(r["command"] for r in rows)) or [command]
-        write_json(out.with_suffix(".json"), {"command": "; ".join(commands), "machine": machine,
+        write_json(out.with_suffix(".json"), {"command": "; ".join(commands), "machine": machine_text,
                                               "versions": versions(), "complete": not pending, "pending": pending,
                                               "rows": rows})
-        atomic_write_text(out, report(rows, " ; ".join(commands), machine, time.perf_counter() - t0, pending))
+        atomic_write_text(out, report(rows, " ; ".join(commands), machine_text, time.perf_counter() - t0, pending))
         print(f"wrote {out} and {out.with_suffix('.json')} ({len(rows)}/{len(jobs)} peers)", flush=True)
 
     rows = run_peers(args.data_root, args.category, args.peers, args.device, args.dino_sizes, args.seed,

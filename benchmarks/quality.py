@@ -20,7 +20,7 @@ Prints the table and writes it, with the exact command, the machine and the vers
 ``results/quality.md`` (atomically). Runs go to ``runs/quality/<dataset>_<category>/seed<k>``
 (git-ignored). Example (one seed, ~15-20 min on 2 shared CPU cores)::
 
-    .venv/bin/python benchmarks/quality.py --device cpu --seeds 0
+    .venv/bin/python -m benchmarks.quality --device cpu --seeds 0
 
 Also on the built-in demo textures and the NIH subset: ``--datasets demo:brick nih:all``.
 """
@@ -30,68 +30,31 @@ import argparse
 import datetime as dt
 import json
 import logging
-import math
-import os
-import platform
-import shlex
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from apmask_lib.config import Config, replace
+from apmask_lib.devices import resolve_device
+from apmask_lib.evaluate import run_evaluate
+from apmask_lib.files import atomic_write_text
+from apmask_lib.finetune import run_finetune
+from apmask_lib.metrics import aggregate_seeds
+from apmask_lib.pretrain import run_pretrain
+from apmask_lib.reference import PAPER_TABLE1_MVTEC
+from benchmarks.ablations import BY_NAME, run_dirs
+from benchmarks.common import METRICS, ROOT, command, data_root, fmt, machine, schedule_config, versions
+from benchmarks.peers import run_peers
 
-from apmask_lib.utils import cpu_model  # noqa: E402
-from apmask_lib.config import Config, replace  # noqa: E402
-from apmask_lib.evaluate import run_evaluate  # noqa: E402
-from apmask_lib.finetune import run_finetune  # noqa: E402
-from apmask_lib.metrics import aggregate_seeds  # noqa: E402
-from apmask_lib.pretrain import run_pretrain  # noqa: E402
-from apmask_lib.reference import PAPER_TABLE1_MVTEC  # noqa: E402
-from apmask_lib.utils import atomic_write_text, resolve_device  # noqa: E402
-
-PAPER_EPOCHS = {"pretrain": (300, 10), "finetune": (100, 10)}  # (epochs, warm-up epochs) in the paper
-METRICS = ("image_auroc", "pixel_auroc", "au_pro")
 ROWS = (("paper", "paper method (shortened schedule)"),
         ("knn", "kNN (training-free, offline backbone block {layer}, {sizes} px)"),
         ("fused", "apmask + kNN fused (extension)"))
 # peer rows: measured in this run with --peers (benchmarks/peers.py, optional extra "peers"), else read
 # from the last `benchmarks/peers.py` run (results/peers.json); never typed in by hand
 PEERS_JSON = ROOT / "results" / "peers.json"
-DATA_ROOTS = {"mvtec": "../shared/data/mvtec_ad", "nih": "../shared/data/nih_cxr14", "demo": "/tmp/apmask_demo"}
 
-
-
-def versions() -> str:
-    import timm
-
-    return f"python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}"
-
-
-def scaled_warmup(stage: str, epochs: int) -> int:
-    """Warm-up epochs scaled with the shortened schedule (paper ratio, rounded), at least 1 when the
-    run has 2 or more epochs (rounding alone gave 0 for every schedule under 50 / 150 epochs, i.e. no
-    warm-up at all); 0 for a 1-epoch run, which cannot warm up and then decay."""
-    paper_epochs, paper_warm = PAPER_EPOCHS[stage]
-    if epochs < 2:
-        return 0
-    return max(1, int(round(epochs * paper_warm / paper_epochs)))
-
-
-def schedule_config(args, dataset: str, category: str, seed: int, out_dir: Path) -> Config:
-    """The run config every benchmark here shares: data, backbone, device, the (shortened) schedule with
-    its scaled warm-up, data-loader workers; everything else at the defaults. Used by ablations.py too."""
-    root = args.data_root if dataset == "mvtec" and args.data_root else DATA_ROOTS[dataset]
-    root = str((ROOT / root).resolve()) if not os.path.isabs(root) else root
-    return replace(Config(), seed=seed, device=args.device, backbone=args.backbone, out_dir=str(out_dir),
-                   data={"dataset": dataset, "root": root, "category": category},
-                   pretrain={"epochs": args.pretrain_epochs, "num_workers": args.workers,
-                             "warmup_epochs": scaled_warmup("pretrain", args.pretrain_epochs)},
-                   finetune={"epochs": args.finetune_epochs, "num_workers": args.workers,
-                             "warmup_epochs": scaled_warmup("finetune", args.finetune_epochs)})
 
 
 def run_config(args, dataset: str, category: str, seed: int) -> Config:
@@ -104,13 +67,11 @@ def run_config(args, dataset: str, category: str, seed: int) -> Config:
 def trained_by_ablations(args, dataset: str, category: str, seed: int) -> tuple[Path, dict]:
     """The paper-configuration detector that ``benchmarks/ablations.py`` trained (row "apmask") for this
     seed and schedule, and its training times read from the runs' per-epoch logs."""
-    from ablations import BY_NAME, run_dirs  # ablations imports this module: import here, not at the top
-
     pdir, fdir = run_dirs(ROOT / args.trained_runs, BY_NAME["apmask"], dataset, category, seed)
     times = {}
     for stage, d, epochs in (("pretrain", pdir, args.pretrain_epochs), ("finetune", fdir, args.finetune_epochs)):
         if not (d / "config.json").is_file() or not (d / "log.jsonl").is_file():
-            raise SystemExit(f"{d} has no finished run: run `benchmarks/ablations.py --only apmask` with the same "
+            raise SystemExit(f"{d} has no finished run: run `python -m benchmarks.ablations --only apmask` with the same "
                              "schedule first, or drop --trained-runs")
         ran = json.loads((d / "config.json").read_text())[stage]["epochs"]
         if ran != epochs:
@@ -153,22 +114,12 @@ def one_seed(args, dataset: str, category: str, seed: int) -> dict:
                                                           "holdout_images", "fusion_stats")}}
 
 
-def fmt(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
-    if not stat or stat.get("mean") is None or not math.isfinite(stat["mean"]):
-        return "—"
-    se = stat.get("se")
-    return f"{scale * stat['mean']:.{digits}f}" + (f" ± {scale * se:.{digits}f}" if se is not None else "")
-
-
 def load_peers(args, dataset: str, category: str) -> dict | None:
     """Peer rows for an MVTec category: run now (``--peers``) or the last results/peers.json."""
     if dataset != "mvtec":
         return None
     if args.peers:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from peers import run_peers
-
-        root = args.data_root or str((ROOT / DATA_ROOTS["mvtec"]).resolve())
+        root = data_root("mvtec", args.data_root)
         return {"same_run": True, "rows": run_peers(root, category, device=args.device)}  # metrics in %
     if not PEERS_JSON.is_file():
         return None
@@ -242,10 +193,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     device = resolve_device(args.device)
-    cmd = ".venv/bin/python " + " ".join(shlex.quote(a) for a in
-                                                                              [sys.argv[0]] + sys.argv[1:])
-    machine = (f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device {device}"
-               + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    cmd = command("quality", argv)
+    machine_text = machine(device)
     shortened = (f"SHORTENED schedule: pre-training {args.pretrain_epochs} epoch(s) (paper 300), fine-tuning "
                  f"{args.finetune_epochs} epoch(s) (paper 100); warm-up scaled. The full 300 + 100-epoch schedule "
                  "needs a GPU (device checks are done in another session); the paper-method row is therefore NOT "
@@ -263,12 +212,12 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{json_path} not found: run without --render-only first")
             saved = json.loads(json_path.read_text())
             results = saved["results"]
-            cmd, machine, generated = saved["command"], saved["machine"], saved["generated"]
+            cmd, machine_text, generated = saved["command"], saved["machine"], saved["generated"]
             rerendered = (f" (total {saved['total_s']:.0f} s). Re-rendered {dt.datetime.now().isoformat(timespec='seconds')} with `--render-only`: "
                           "peer rows re-read from results/peers.json, nothing else re-measured.")
         else:
             results = [one_seed(args, dataset, category or "all", s) for s in args.seeds]
-            atomic_write_text(json_path, json.dumps({"command": cmd, "machine": machine, "generated": generated,
+            atomic_write_text(json_path, json.dumps({"command": cmd, "machine": machine_text, "generated": generated,
                                                      "total_s": time.perf_counter() - t_all, "results": results},
                                                     indent=1, default=str))
         sections.append(table(dataset, category or "all", results, args, load_peers(args, dataset, category or "all")))
@@ -276,10 +225,10 @@ def main(argv=None) -> int:
     print("\n" + body, flush=True)
     doc = "\n".join([
         "# Quality: paper method vs. kNN extension", "",
-        f"Generated {generated} by `benchmarks/quality.py`"
+        f"Generated {generated} by `python -m benchmarks.quality`"
         + (rerendered if rerendered else f" (total {time.perf_counter() - t_all:.0f} s)."), "",
         f"Command: `{cmd}`", "",
-        f"Machine: {machine}. Versions: {versions()}.", "",
+        f"Machine: {machine_text}. Versions: {versions()}.", "",
         f"**{shortened}**", "",
         *([f"Training: the paper-method detector of each seed is the one `benchmarks/ablations.py` trained for its "
            f"\"apmask\" row (`--trained-runs {args.trained_runs}`: same data, seed, schedule and defaults); its "
@@ -291,7 +240,7 @@ def main(argv=None) -> int:
         f"bilinear + Gaussian sigma 4 px maps) on block {args.knn_layer} tokens, one bank of all training patches per "
         "input size, maps and scores averaged over the sizes (the paper's multi-scale averaging; 448 alone = "
         "AnomalyDINO); fused = z_kNN + z_detector with statistics from held-out normal TRAINING images "
-        "(apmask_lib/evaluate.py docstring). Pixel metrics at the images' stored resolution (bottle: 512 px, "
+        "(apmask_lib/knn_fusion.py docstring). Pixel metrics at the images' stored resolution (bottle: 512 px, "
         "downscaled from 900 px). Peer rows (anomalib PatchCore / AnomalyDINO on the same images, their raw "
         "scores and maps scored with our metric code) come from `benchmarks/peers.py`: run in this process with "
         "`--peers`, else quoted from its last run (results/peers.json, command and date in the row header).", "",

@@ -5,7 +5,7 @@ per variant -- each variant changes one setting of the numerical environment -- 
 per-step losses (hex floats, exact) and an md5 over the pre-trained weights. Variants whose digest
 equals the baseline's do not affect the numbers.
 
-    .venv/bin/python benchmarks/repro_check.py --steps 3 --out results/repro_check.md
+    .venv/bin/python -m benchmarks.repro_check --steps 3 --out results/repro_check.md
 
 Not pinned here on purpose (the script calls run_pretrain directly, not through the `apmask`
 command line, so apmask_lib.repro is not applied): it measures the raw effect of each setting.
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, machine
 
 CHILD = r"""
 import hashlib, json, os, sys, tempfile, torch
@@ -74,9 +74,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default=None, help="Markdown report (default: print only)")
     args = ap.parse_args()
-    from apmask_lib.utils import cpu_model
-
-    load = os.getloadavg()
+    machine_text = machine(load=True)
     rows = []
     for name, changes in VARIANTS.items():
         res = run_variant(changes, args.steps)
@@ -84,8 +82,7 @@ def main() -> None:
         print(name, json.dumps(res), flush=True)
     base = rows[0][1]["weights_md5"]
     lines = [f"# Which settings change the numbers ({args.steps} demo pre-training steps)", "",
-             f"Command: `.venv/bin/python benchmarks/repro_check.py --steps {args.steps}`. Machine: {cpu_model()}, "
-             f"{os.cpu_count()} cores, load average at start {load[0]:.1f}.", "",
+             f"Command: `.venv/bin/python -m benchmarks.repro_check --steps {args.steps}`. Machine: {machine_text}.", "",
              "| variant | threads | ATen ISA | step losses (hex) | weights md5 | equals baseline |", "|---|---|---|---|---|---|"]
     for name, r in rows:
         lines.append(f"| {name} | {r['threads']} | {r['isa']} | {' '.join(r['losses'])} | {r['weights_md5']} | "

@@ -64,7 +64,9 @@ from apmask_lib.fastpath import COMPILE_MODES, compile_blocks  # noqa: E402
 from apmask_lib.multicrop import MultiCrop, cache_short_side, load_image_bank  # noqa: E402
 from apmask_lib.multiscale import predict_multiscale, scale_sizes  # noqa: E402
 from apmask_lib.sinkhorn import sinkhorn, swapped_prediction_loss  # noqa: E402
-from apmask_lib.utils import atomic_write_text, cpu_model, resolve_device, synchronize as sync  # noqa: E402
+from apmask_lib.devices import resolve_device, synchronize as sync  # noqa: E402
+from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.machine import cpu_model  # noqa: E402
 
 # dense (no sparsity) bf16 tensor-core peak, FLOP/s, from the vendors' data sheets
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "L4": 121e12,

@@ -50,6 +50,6 @@ def oracle_dir() -> Path:
 @pytest.fixture(scope="session")
 def offline_backbone():
     """The real offline DINOv2 ViT-S/14 (converted once, cached)."""
-    from apmask_lib.models import build_backbone
+    from apmask_lib.weights import build_backbone
 
     return build_backbone("dinov2-s14-offline").eval()

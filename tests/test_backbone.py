@@ -9,8 +9,9 @@ import pytest
 import timm
 import torch
 
-from apmask_lib.models import ARCHS, BackboneUnavailable, VisionTransformer, build_backbone
-from apmask_lib.models.weights import clean_state_dict, load_file
+from apmask_lib.models import ARCHS, VisionTransformer
+from apmask_lib.weights import BackboneUnavailable, build_backbone
+from apmask_lib.weights.backbones import clean_state_dict, load_file
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_offline_dinov2_matches_onnx(offline_backbone):
     import onnx
     import onnxruntime as ort
 
-    from apmask_lib.models.dinov2_onnx import ONNX_BACKBONE_OUTPUT, convert_onnx, find_onnx
+    from apmask_lib.weights.dinov2_onnx import ONNX_BACKBONE_OUTPUT, convert_onnx, find_onnx
 
     path = find_onnx()
     # the converted state dict loads strictly into timm's vit_small_patch14_dinov2

@@ -221,7 +221,6 @@ def test_kill_during_the_last_save_is_repaired_on_resume(data_root, tmp_path):
     leaving the previous epoch's backbone.pt and a temporary file behind."""
     p = child(f"""
         import os, signal, torch
-        import apmask_lib.utils as U
         from tests.test_bad_input import tiny_cfg, run_pretrain
         from pathlib import Path
         real, n = os.replace, []
@@ -238,7 +237,7 @@ def test_kill_during_the_last_save_is_repaired_on_resume(data_root, tmp_path):
     assert p.returncode == -9
     out = tmp_path / "pretrain"
     assert list(out.glob("*.tmp")) or list(out.glob(".*.tmp"))
-    from apmask_lib.utils import load_checkpoint
+    from apmask_lib.files import load_checkpoint
 
     ck = load_checkpoint(out / "checkpoint.pt")
     assert ck["done"]
@@ -255,7 +254,7 @@ def test_kill_during_the_last_save_is_repaired_on_resume(data_root, tmp_path):
 def test_an_export_changed_after_the_run_is_rederived(data_root, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path)
     out = run_finetune(cfg, max_steps=2)
-    from apmask_lib.models.detector import read_detector_checkpoint
+    from apmask_lib.weights import read_detector_checkpoint
 
     good = read_detector_checkpoint(out / "model.pt")
     blob = (out / "model.pt").read_bytes()
@@ -398,9 +397,9 @@ def test_truncated_nih_table_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("payload", [b"garbage, not a checkpoint", None])
 def test_garbage_checkpoint_never_suggests_weights_only_false(tmp_path, payload):
-    from apmask_lib.models import build_backbone
-    from apmask_lib.models.detector import load_detector
-    from apmask_lib.utils import load_checkpoint
+    from apmask_lib.weights import build_backbone
+    from apmask_lib.weights import load_detector
+    from apmask_lib.files import load_checkpoint
 
     path = tmp_path / "x.pt"
     if payload is None:  # a pickle of an arbitrary object (as DINO's args): refused by weights_only
@@ -417,7 +416,7 @@ def test_garbage_checkpoint_never_suggests_weights_only_false(tmp_path, payload)
 
 
 def test_corrupt_offline_backbone_cache_is_rebuilt(tmp_path, monkeypatch):
-    from apmask_lib.models.dinov2_onnx import CACHE_NAME, load_offline_dinov2
+    from apmask_lib.weights.dinov2_onnx import CACHE_NAME, load_offline_dinov2
 
     pytest.importorskip("onnx")
     monkeypatch.setenv("APMASK_CACHE", str(tmp_path))
@@ -430,8 +429,8 @@ def test_corrupt_offline_backbone_cache_is_rebuilt(tmp_path, monkeypatch):
 
 def test_a_tiny_checkpoint_cannot_declare_a_huge_architecture(tmp_path):
     """Refused before anything is allocated (unbounded, this asked for ~450 GB)."""
-    from apmask_lib.models import build_backbone
-    from apmask_lib.models.detector import FORMAT, load_detector
+    from apmask_lib.weights import build_backbone
+    from apmask_lib.weights import FORMAT, load_detector
 
     sd = {"patch_embed.proj.weight": torch.zeros(1536, 3, 16, 16), "pos_embed": torch.zeros(1, 197, 1536),
           "blocks.3999.norm1.weight": torch.zeros(1)}
@@ -446,7 +445,7 @@ def test_a_tiny_checkpoint_cannot_declare_a_huge_architecture(tmp_path):
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_atomic_files_respect_the_umask(tmp_path, umask, mode):
-    from apmask_lib.utils import atomic_write_text, save_checkpoint
+    from apmask_lib.files import atomic_write_text, save_checkpoint
 
     old = os.umask(umask)
     try:

@@ -4,53 +4,22 @@ from __future__ import annotations
 import csv
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import roc_auc_score
-from torch import nn
 
-from apmask_lib.config import Config, replace
+from apmask_lib.config import Config
 from apmask_lib.data import AnomalyDataset, Sample, build_dataset
-from apmask_lib.evaluate import (cap_per_defect, finite_or_none, has_pixel_gt, per_defect_auroc,
-                                 pick_figure_samples, pixel_ground_truth, run_evaluate)
+from helpers import ConstantMap, micro_cfg
+
+from apmask_lib.data.ground_truth import cap_per_defect, has_pixel_gt, pick_figure_samples, pixel_ground_truth
+from apmask_lib.evaluate import run_evaluate
+from apmask_lib.metrics import finite_or_none, per_defect_auroc
 
 RESULT_FILES = ("metrics.json", "scores.csv", "features.npz", "config.json", "fig4a_localization.png", "roc.png",
                 "fig5_tsne.png")
-
-
-@dataclass
-class FakeOutput:
-    logit: torch.Tensor
-    seg_logits: torch.Tensor
-    cls: torch.Tensor
-
-
-class ConstantMap(nn.Module):
-    """Every pixel gets probability 0.5 (all tied); image logit from the mean red value."""
-
-    patch_size = 16
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        red = x[:, 0].mean(dim=(1, 2))
-        return FakeOutput(10 * (red - 0.5), torch.zeros(x.shape[0], *x.shape[-2:]), x.mean(dim=(2, 3)))
-
-
-def micro_cfg(tmp_path: Path, mvtec_root: Path, **evaluate) -> Config:
-    cfg = Config()
-    return replace(cfg, out_dir=str(tmp_path / "run"), device="cpu", backbone="random:vit_tiny16",
-                   data={"dataset": "mvtec", "root": str(mvtec_root), "category": "bottle", "max_test": 2,
-                         "max_train": 4},
-                   finetune={"epochs": 1, "batch_size": 4, "init": "random:vit_tiny16", "warmup_epochs": 0,
-                             "num_workers": 0},
-                   evaluate={"scales": (224, 320), "batch_size": 4, **evaluate})
 
 
 def read_scores(path: Path) -> list[dict[str, str]]:

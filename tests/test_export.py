@@ -27,8 +27,9 @@ SCALES = (224, 320)
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    from apmask_lib.models import build_backbone
-    from apmask_lib.models.detector import AnomalyDetector, save_detector
+    from apmask_lib.weights import build_backbone
+    from apmask_lib.models.detector import AnomalyDetector
+    from apmask_lib.weights import save_detector
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -51,7 +52,7 @@ def _batch(images: list[np.ndarray], size: int) -> np.ndarray:
 
 
 def test_onnx_agrees_with_pytorch_on_real_images(model_path, images, tmp_path):
-    from apmask_lib.models.detector import load_detector
+    from apmask_lib.weights import load_detector
 
     out = export_detector(model_path, tmp_path / "detector.onnx", "onnx", scales=SCALES)
     info = json.loads((tmp_path / "detector.onnx.json").read_text())
@@ -90,7 +91,7 @@ def test_torchscript_agrees_and_threshold_travels(model_path, images, tmp_path):
     loaded = torch.jit.load(str(out), _extra_files=extra)
     assert json.loads(extra["apmask.json"])["threshold"]["image_threshold"] == 0.42
     x = torch.from_numpy(_batch(images, 320))
-    from apmask_lib.models.detector import load_detector
+    from apmask_lib.weights import load_detector
 
     with torch.no_grad():
         got, want = loaded(x), MultiScaleDetector(load_detector(model), SCALES)(x)
@@ -103,7 +104,7 @@ def test_torchscript_agrees_and_threshold_travels(model_path, images, tmp_path):
 def test_export_refuses_bad_input(model_path, tmp_path):
     with pytest.raises(ValueError, match="onnx, torchscript"):
         export_detector(model_path, tmp_path / "x.bin", "tflite")
-    from apmask_lib.models.detector import load_detector, save_detector
+    from apmask_lib.weights import load_detector, save_detector
 
     model = load_detector(model_path)
     with torch.no_grad():

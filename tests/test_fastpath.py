@@ -19,35 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo import config as dynamo_config
 
+from helpers import TINY, tiny_setup
+
 from apmask_lib import pretrain as P
 from apmask_lib.config import Config, replace
 from apmask_lib.fastpath import COMPILE_MODES, compile_blocks
-from apmask_lib.multicrop import MultiCrop
 from apmask_lib.sinkhorn import sinkhorn
-from apmask_lib.utils import load_checkpoint
+from apmask_lib.files import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .random")
-
-TINY = {"global_size": 64, "local_size": 32, "n_local": 3, "hidden_dim": 64, "batch_size": 4, "epochs": 1,
-        "warmup_epochs": 0, "log_every": 1}
-
-
-def tiny_setup(mask: str, seed: int = 0, sizes=((80, 72),) * 4, **pretrain):
-    """Tiny config, student, a perturbed teacher and one batch of views of 4 random images;
-    ``sizes`` the images' valid (h, w), ``pretrain`` further pretrain overrides."""
-    cfg = replace(Config(), seed=seed, backbone="random:vit_tiny16", device="cpu",
-                  pretrain={**TINY, "mask": mask, **pretrain})
-    torch.manual_seed(seed)
-    student = P.build_student(cfg)
-    teacher = copy.deepcopy(student).eval()
-    with torch.no_grad():  # a teacher that differs from the student, as after some EMA steps
-        for p in teacher.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    g = torch.Generator().manual_seed(seed)
-    imgs = torch.randint(0, 256, (4, 3, 80, 72), dtype=torch.uint8, generator=g)
-    views = MultiCrop.from_config(cfg.pretrain)(imgs, torch.tensor(sizes), g)
-    return cfg, student, teacher, views
-
 
 def plain_loss(student, teacher, views, p) -> torch.Tensor:
     """Eq. 1-4 one view at a time (see the module docstring)."""

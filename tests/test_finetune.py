@@ -13,9 +13,9 @@ import torch
 from apmask_lib.config import Config, replace
 from apmask_lib.data import build_dataset, resize_image
 from apmask_lib.losses import detection_loss, dice_loss, finetune_loss
-from apmask_lib.models import build_backbone
-from apmask_lib.models.detector import (AnomalyDetector, attention_features, load_detector, read_detector_checkpoint,
-                                        save_detector)
+from apmask_lib.weights import build_backbone
+from apmask_lib.models.detector import AnomalyDetector, attention_features
+from apmask_lib.weights import load_detector, read_detector_checkpoint, save_detector
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .random.*random weights")
 
@@ -215,7 +215,7 @@ def test_run_writes_logs_and_model(tmp_path, bottle):
 
 def test_resume_is_exact_and_finished_runs_are_kept(tmp_path, bottle):
     from apmask_lib.finetune import run_finetune
-    from apmask_lib.utils import load_checkpoint
+    from apmask_lib.files import load_checkpoint
 
     full = run_finetune(_cfg(tmp_path / "a"), bottle, progress=False)  # 3 epochs x 2 steps
     part = run_finetune(_cfg(tmp_path / "b"), bottle, max_steps=3, progress=False)  # stops mid-epoch
@@ -286,14 +286,14 @@ def test_figures_are_written(tmp_path, bottle):
 
     images = [bottle.image(s) for s in bottle.train[:2]]
     bb = _tiny()
-    p1 = fig_attention_panel(images, bb, tmp_path / "fig1.png", size=112)
+    p1 = fig_attention_panel(images, bb, tmp_path / "fig1.png", size=112, run="mvtec / bottle / seed 0")
     p2 = fig_synthetic_grid(images, ["attention", "cutpaste", "scar", "nsa", "fpi"], tmp_path / "fig4b.png",
-                            backbone=bb, size=112)
+                            backbone=bb, size=112, run="mvtec / bottle / seed 0")
     for p in (p1, p2):
         assert p.is_file() and p.stat().st_size > 20_000
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="attention"):
-        fig_synthetic_grid(images, ["attention"], tmp_path / "x.png")
+        fig_synthetic_grid(images, ["attention"], tmp_path / "x.png", run="mvtec / bottle / seed 0")
 
 
 def test_compiled_blocks_train_like_eager(tmp_path, bottle):

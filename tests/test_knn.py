@@ -18,9 +18,9 @@ from apmask_lib import knn
 from apmask_lib.config import replace
 from apmask_lib.data import build_dataset
 from apmask_lib.evaluate import run_evaluate
-from apmask_lib.models import build_backbone
+from apmask_lib.weights import build_backbone
 
-from test_evaluate import ConstantMap, micro_cfg
+from helpers import ConstantMap, micro_cfg
 
 
 def unit(x: torch.Tensor) -> torch.Tensor:
@@ -211,24 +211,6 @@ def test_non_square_grey_defect_is_localised(offline_backbone):
     assert m.shape == (96, 160)
     y, x = np.unravel_index(np.argmax(m), m.shape)
     assert 30 <= y < 74 and 100 <= x < 144, (y, x)
-
-
-def test_fusion_helpers():
-    z = np.linspace(-1e4, 1e4, 10001)
-    u = knn.squash(z)
-    assert (np.diff(u) > 0).all() and u.min() > 0 and u.max() < 1 and knn.squash(0.0) == 0.5
-    st = knn.RunningStats()
-    v = np.random.default_rng(1).normal(3, 2, size=(7, 9))
-    st.update(v[:3])
-    st.update(v[3:])
-    assert st.mean == pytest.approx(v.mean()) and st.std == pytest.approx(v.std(ddof=1))
-    np.testing.assert_allclose(knn.standardise(v, st), (v - v.mean()) / v.std(ddof=1))
-    np.testing.assert_allclose(knn.logit(np.array([0.5, 0.25])), [0.0, np.log(1 / 3)])
-    h = knn.holdout_indices(209, 0.1)
-    assert len(h) == 21 and h[0] == 0 and h[-1] == 208 and len(set(h.tolist())) == 21
-    assert len(knn.holdout_indices(4, 0.1)) == 2 and len(knn.holdout_indices(2, 0.1)) == 1
-    with pytest.raises(ValueError, match="at least 2"):
-        knn.holdout_indices(1, 0.1)
 
 
 # --- real data -------------------------------------------------------------------------------

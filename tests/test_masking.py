@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from apmask_lib.masking import dropped_mask, keep_indices, num_dropped
-from apmask_lib.models import build_backbone
+from apmask_lib.weights import build_backbone
 
 
 def _check_keep(keep: torch.Tensor, B: int, N: int, k: int) -> None:

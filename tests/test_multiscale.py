@@ -1,21 +1,13 @@
 """Multi-scale inference: sizes, voting, and maps at the original resolution averaged over scales."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from apmask_lib.multiscale import (majority_vote, model_patch_size, predict_multiscale, scale_sizes, snap_size)
-
-
-@dataclass
-class FakeOutput:
-    logit: torch.Tensor
-    seg_logits: torch.Tensor
-    cls: torch.Tensor
+from helpers import FakeOutput
 
 
 class ConstantPerScale(nn.Module):
@@ -108,7 +100,7 @@ def test_patch_size_lookup():
 
 def test_real_detector_multiscale_shapes():
     """The real AnomalyDetector (tiny random backbone) through the multi-scale path."""
-    from apmask_lib.models import build_backbone
+    from apmask_lib.weights import build_backbone
     from apmask_lib.models.detector import AnomalyDetector
 
     with pytest.warns(UserWarning, match="random weights"):

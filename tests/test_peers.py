@@ -1,25 +1,17 @@
 """benchmarks/peers.py: offline weight mapping for the peers (anomalib itself is optional and not needed here)."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
 import torch
 
-PEERS_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "peers.py"
+from benchmarks import peers as peers_module
 
 
 @pytest.fixture(scope="module")
 def peers():
-    spec = importlib.util.spec_from_file_location("peers_benchmark", PEERS_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return peers_module
 
 
 def toy(names_shapes):

@@ -166,7 +166,7 @@ def test_pipeline_root_is_found_from_the_current_folder(tmp_path, monkeypatch):
 
 def test_drop_resume_state_keeps_unfinished_runs(tmp_path):
     from apmask_lib.cli import main
-    from apmask_lib.utils import save_checkpoint
+    from apmask_lib.files import save_checkpoint
 
     done, running = tmp_path / "done", tmp_path / "running"
     save_checkpoint(done / "checkpoint.pt", step=4, done=True)

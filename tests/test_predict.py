@@ -22,8 +22,9 @@ from apmask_lib.predict import collect_inputs, heatmap_name, predict
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory) -> Path:
-    from apmask_lib.models import build_backbone
-    from apmask_lib.models.detector import AnomalyDetector, save_detector
+    from apmask_lib.weights import build_backbone
+    from apmask_lib.models.detector import AnomalyDetector
+    from apmask_lib.weights import save_detector
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -187,8 +188,9 @@ def test_nan_detector_is_refused_by_predict_and_evaluate_alike(mvtec_root, folde
     from apmask_lib.config import Config
     from apmask_lib.data import build_dataset
     from apmask_lib.evaluate import run_evaluate
-    from apmask_lib.models import build_backbone
-    from apmask_lib.models.detector import AnomalyDetector, save_detector
+    from apmask_lib.weights import build_backbone
+    from apmask_lib.models.detector import AnomalyDetector
+    from apmask_lib.weights import save_detector
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -17,9 +17,9 @@ import torch.multiprocessing as mp
 from apmask_lib import pretrain as P
 from apmask_lib.config import Config, replace
 from apmask_lib.masking import keep_indices
-from apmask_lib.models import build_backbone
+from apmask_lib.weights import build_backbone
 from apmask_lib.multicrop import MultiCrop
-from apmask_lib.utils import load_checkpoint
+from apmask_lib.files import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .random")
 

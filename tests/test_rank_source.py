@@ -15,16 +15,16 @@ from apmask_lib import multicrop as mc
 from apmask_lib import pretrain as P
 from apmask_lib.config import Config, load_params, replace
 from apmask_lib.masking import attention_on_boxes, dropped_mask, keep_indices
-from apmask_lib.utils import config_fingerprint, load_checkpoint
+from apmask_lib.files import load_checkpoint
+from apmask_lib.fingerprint import config_fingerprint
 
-import test_fastpath as fp
-from test_fastpath import TINY
+from helpers import TINY, tiny_setup as fastpath_setup
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .random")
 
 def tiny_setup(teacher_view: str = "second", mask: str = "apmask", **pretrain):
     """test_fastpath's tiny setup with one image of another size and ``teacher_view``."""
-    return fp.tiny_setup(mask, sizes=((80, 72), (80, 72), (70, 60), (80, 72)), teacher_view=teacher_view,
+    return fastpath_setup(mask, sizes=((80, 72), (80, 72), (70, 60), (80, 72)), teacher_view=teacher_view,
                          **pretrain)
 
 

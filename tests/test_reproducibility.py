@@ -112,7 +112,7 @@ def test_equal_checkpoints_are_equal_files(tmp_path):
     """save_checkpoint's bytes depend on the content only (not on its temporary file name)."""
     import torch
 
-    from apmask_lib.utils import save_checkpoint
+    from apmask_lib.files import save_checkpoint
 
     for name in ("a", "b"):
         save_checkpoint(tmp_path / name / "model.pt", state_dict={"w": torch.arange(6.0)}, meta={"step": 3})

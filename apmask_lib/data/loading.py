@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from .images import resize_image, resize_mask
 from .types import AnomalyDataset, Sample
+from .verify import check_sample
 
 
 def _size(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -47,7 +48,5 @@ def verify_dataset(ds: AnomalyDataset, progress: bool = True) -> None:
     Raises :class:`ImageReadError` naming the first bad file (corrupt image, unreadable mask,
     size mismatch). Boxes reaching outside their image are reported the same way. (Cached by file
     size and mtime: :func:`apmask_lib.data.verify.verify_split`.)"""
-    from .verify import check_sample
-
     for s in tqdm(ds.train + ds.val + ds.test, desc=f"verify {ds.name}", disable=not progress, leave=False):
         check_sample(s)

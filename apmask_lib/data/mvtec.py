@@ -19,6 +19,7 @@ import logging
 import warnings
 from pathlib import Path
 
+from .loading import verify_dataset
 from .types import AnomalyDataset, Sample
 
 CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -105,7 +106,5 @@ def load_mvtec(root: str | Path, category: str, known: tuple[str, ...] | None = 
         raise FileNotFoundError(f"no test images under {cat / 'test'} (expected test/good and test/<defect type>)")
     ds = AnomalyDataset(name=f"{name}/{category}", train=train, test=test)
     if verify:
-        from .loading import verify_dataset
-
         verify_dataset(ds)
     return ds

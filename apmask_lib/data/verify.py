@@ -15,6 +15,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from ..files import cache_dir, write_json
 from .images import ImageReadError
 from .types import AnomalyDataset, Sample
 
@@ -41,8 +42,6 @@ def _stamp(s: Sample) -> list:
 
 
 def default_cache(ds: AnomalyDataset) -> Path:
-    from ..models.weights import cache_dir
-
     first = str(Path(ds.train[0].path).resolve()) if ds.train else ds.name
     key = hashlib.sha1(f"{ds.name}|{first}".encode()).hexdigest()[:16]
     return cache_dir() / "verified" / f"{ds.name.replace('/', '_')}_{key}.json"
@@ -52,8 +51,6 @@ def verify_split(ds: AnomalyDataset, cache: Optional[Path] = None, progress: boo
     """Check every sample of ``ds`` (:func:`check_sample`), skipping those whose files are unchanged
     since they last passed (``cache``: a JSON file; None = :func:`default_cache`). Raises on the
     first bad file; returns (checked now, taken from the cache)."""
-    from ..utils import write_json
-
     cache = cache or default_cache(ds)
     try:
         known = json.loads(cache.read_text())

@@ -1,6 +1,7 @@
-"""Torch models: the ViT backbone and the small heads on top. No training loops, no files."""
+"""Torch models: the ViT backbone, the projection heads and the anomaly detector. No training loops,
+no files: weights are read and written by :mod:`apmask_lib.weights`."""
+from .detector import AnomalyDetector, DetectorOutput
 from .vit import ARCHS, IMAGENET_MEAN, IMAGENET_STD, ViTConfig, ViTOutput, VisionTransformer
-from .weights import BackboneUnavailable, build_backbone
 
 __all__ = ["ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "ViTConfig", "ViTOutput", "VisionTransformer",
-           "BackboneUnavailable", "build_backbone"]
+           "AnomalyDetector", "DetectorOutput"]

@@ -27,7 +27,9 @@ from typing import Mapping
 
 import torch
 
-from .vit import ARCHS, ViTConfig, VisionTransformer
+from ..files import safe_torch_load
+from ..models.vit import ARCHS, ViTConfig, VisionTransformer
+from .dinov2_onnx import load_offline_dinov2
 
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"
 ALTERNATIVES = (
@@ -39,11 +41,6 @@ ALTERNATIVES = (
 
 class BackboneUnavailable(RuntimeError):
     """The requested weights cannot be obtained; the message says what to use instead."""
-
-
-def cache_dir() -> Path:
-    """``$APMASK_CACHE`` or ``~/.cache/apmask``."""
-    return Path(os.environ.get("APMASK_CACHE", Path.home() / ".cache" / "apmask"))
 
 
 def clean_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -123,8 +120,6 @@ def load_file(path: str | os.PathLike) -> VisionTransformer:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"backbone checkpoint not found: {path}. {ALTERNATIVES}")
-    from ..utils import safe_torch_load
-
     sd = safe_torch_load(path, "checkpoint")
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path} does not hold a state dict (got {type(sd).__name__})")
@@ -176,8 +171,6 @@ def build_backbone(source: str = "dinov2-s14-offline", seed: int = 0) -> VisionT
     if source.startswith("file:"):
         return load_file(source[len("file:"):])
     if source == "dinov2-s14-offline":
-        from .dinov2_onnx import load_offline_dinov2
-
         return load_offline_dinov2()
     if source == "random" or source.startswith("random:"):
         arch = source.split(":", 1)[1] if ":" in source else "vit_s16"

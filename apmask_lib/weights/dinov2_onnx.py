@@ -18,13 +18,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .vit import ARCHS, VisionTransformer
+from ..files import atomic_torch_save, cache_dir, safe_torch_load
+from ..models.vit import ARCHS, VisionTransformer
 
 ONNX_RELPATH = Path("models") / "vit_s_focus.onnx"
 CACHE_NAME = "dinov2_s14_offline_v1.pt"
@@ -120,11 +122,6 @@ def load_offline_dinov2(cache: Path | None = None) -> VisionTransformer:
     """Convert once (≈5 s), cache the state dict atomically, load it strictly. A cache file that
     cannot be read or does not fit the architecture (killed write, disk error, another version)
     is reported by name and rebuilt."""
-    import warnings
-
-    from ..utils import atomic_torch_save, safe_torch_load
-    from .weights import cache_dir
-
     cache = cache or cache_dir() / CACHE_NAME
     model = VisionTransformer(ARCHS["vit_s14"])
     if cache.is_file():

@@ -1,0 +1,58 @@
+"""The machine and software a number was measured on: one description for run folders
+(``metrics.json``'s ``machine``) and for every benchmark report."""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def cpu_model() -> str:
+    """The CPU's model name (for benchmark reports)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """Platform, python and torch versions, device (and its name on CUDA), cores and torch threads."""
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_line(device: torch.device | str | None = None, load: bool = False) -> str:
+    """One line for a report: CPU model, cores, torch threads, [device (+ GPU name)], [load average]."""
+    text = f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    if device is not None:
+        dev = torch.device(device)
+        text += f", device {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else "")
+    if load:
+        text += f", load average at start {os.getloadavg()[0]:.1f}"
+    return text
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """``{"python": ..., "torch": ..., <package>: <its __version__>}`` for the named extra packages."""
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in packages:
+        out[name] = getattr(importlib.import_module(name), "__version__", "unknown")
+    return out
+
+
+def versions_line(*packages: str) -> str:
+    """:func:`versions` as ``"python 3.11.9, torch 2.x, timm 1.x"``."""
+    return ", ".join(f"{k} {v}" for k, v in versions(*packages).items())
+
+
+__all__ = ["cpu_model", "machine_info", "machine_line", "versions", "versions_line"]

@@ -1,0 +1,77 @@
+"""What the benchmarks share: the project root and data roots, the shortened-schedule run config
+with its scaled warm-up, the recorded command, the machine/versions line and number formatting.
+
+Imports only ``apmask_lib`` (never another benchmark), so any benchmark can import it."""
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from apmask_lib.config import Config, replace
+from apmask_lib.machine import machine_line, versions_line
+
+ROOT = Path(__file__).resolve().parents[1]
+#: default data roots, relative to the project root (``--data-root`` overrides MVTec's)
+DATA_ROOTS = {"mvtec": "../shared/data/mvtec_ad", "nih": "../shared/data/nih_cxr14", "demo": "/tmp/apmask_demo"}
+PAPER_EPOCHS = {"pretrain": (300, 10), "finetune": (100, 10)}  # (epochs, warm-up epochs) in the paper
+METRICS = ("image_auroc", "pixel_auroc", "au_pro")
+
+
+def data_root(dataset: str, override: str | None = None) -> str:
+    """Absolute root of ``dataset``: ``override`` for MVTec when given, else :data:`DATA_ROOTS`."""
+    root = override if dataset == "mvtec" and override else DATA_ROOTS[dataset]
+    return str((ROOT / root).resolve()) if not os.path.isabs(root) else root
+
+
+def scaled_warmup(stage: str, epochs: int) -> int:
+    """Warm-up epochs scaled with the shortened schedule (paper ratio, rounded), at least 1 when the
+    run has 2 or more epochs (rounding alone gave 0 for every schedule under 50 / 150 epochs, i.e. no
+    warm-up at all); 0 for a 1-epoch run, which cannot warm up and then decay."""
+    paper_epochs, paper_warm = PAPER_EPOCHS[stage]
+    if epochs < 2:
+        return 0
+    return max(1, int(round(epochs * paper_warm / paper_epochs)))
+
+
+def schedule_config(args, dataset: str, category: str, seed: int, out_dir: Path) -> Config:
+    """The run config the quality and ablation benchmarks share: data, backbone, device, the (shortened)
+    schedule with its scaled warm-up, data-loader workers; everything else at the defaults."""
+    return replace(Config(), seed=seed, device=args.device, backbone=args.backbone, out_dir=str(out_dir),
+                   data={"dataset": dataset, "root": data_root(dataset, args.data_root), "category": category},
+                   pretrain={"epochs": args.pretrain_epochs, "num_workers": args.workers,
+                             "warmup_epochs": scaled_warmup("pretrain", args.pretrain_epochs)},
+                   finetune={"epochs": args.finetune_epochs, "num_workers": args.workers,
+                             "warmup_epochs": scaled_warmup("finetune", args.finetune_epochs)})
+
+
+def command(module: str, argv: Sequence[str] | None = None) -> str:
+    """The command to record in a report: ``.venv/bin/python -m benchmarks.<module> <args>``, run from
+    the project root (``argv``: the arguments, default ``sys.argv[1:]``)."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join([".venv/bin/python -m", f"benchmarks.{module}", *(shlex.quote(a) for a in args)])
+
+
+def machine(device=None, load: bool = False) -> str:
+    """The machine line of every report (:func:`apmask_lib.machine.machine_line`)."""
+    return machine_line(device, load)
+
+
+def versions() -> str:
+    """``python X, torch Y, timm Z`` (:func:`apmask_lib.machine.versions_line`)."""
+    return versions_line("timm")
+
+
+def fmt(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± se`` of an :func:`apmask_lib.metrics.aggregate_seeds` entry, scaled; — when missing."""
+    if not stat or stat.get("mean") is None or not math.isfinite(stat["mean"]):
+        return "—"
+    se = stat.get("se")
+    return f"{scale * stat['mean']:.{digits}f}" + (f" ± {scale * se:.{digits}f}" if se is not None else "")
+
+
+__all__ = ["ROOT", "DATA_ROOTS", "PAPER_EPOCHS", "METRICS", "data_root", "scaled_warmup", "schedule_config",
+           "command", "machine", "versions", "fmt"]

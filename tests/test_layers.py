@@ -1,0 +1,98 @@
+"""The package's layering: no import circles among ``apmask_lib`` and ``benchmarks`` (imports at
+module level and inside functions alike: a circle hidden in a function is still a circle), and ``apmask_lib.models`` holds torch modules only (no files, environment or network)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("apmask_lib", "benchmarks")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+
+
+def imports(name: str) -> set[str]:
+    """Modules of :data:`PACKAGES` imported anywhere in ``name`` (relative imports resolved;
+    ``from X import y`` counts X.y where that is a module, else X)."""
+    path = MODULES[name]
+    is_pkg = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = name.split(".") if is_pkg else name.split(".")[:-1]
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
+        else:
+            continue
+        out.update(t for t in targets if t in MODULES and t != name)
+    return out
+
+
+def find_cycle() -> list[str] | None:
+    graph = {m: imports(m) for m in MODULES}
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if m.startswith(n + "."):  # a submodule importing its own package's __init__ (already running)
+                continue
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state and (cycle := visit(n)):
+                return cycle
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def test_the_walk_sees_imports():
+    """Guard: the walk resolves relative and absolute imports (else a circle could go unseen)."""
+    assert "apmask_lib.weights.dinov2_onnx" in imports("apmask_lib.weights.backbones")
+    assert "apmask_lib.models.vit" in imports("apmask_lib.weights.backbones")
+    assert "benchmarks.common" in imports("benchmarks.ablations")
+
+
+def test_no_import_circles():
+    cycle = find_cycle()
+    assert cycle is None, f"import circle: {' -> '.join(cycle)}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "apmask_lib" / "models").glob("*.py")), ids=lambda p: p.name)
+def test_models_are_models_only(path):
+    """No files, environment variables or sockets in ``apmask_lib.models``: weights are read and
+    written by ``apmask_lib.weights``, files by ``apmask_lib.files``."""
+    forbidden = {"os", "pathlib", "socket", "urllib", "shutil", "tempfile", "apmask_lib.files", "apmask_lib.weights"}
+    name = module_name(path)
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                parts = name.split(".")[: len(name.split(".")) - node.level]
+                mod = ".".join(parts + ([mod] if mod else []))
+            imported.add(mod)
+    bad = {m for m in imported for f in forbidden if m == f or m.startswith(f + ".")}
+    assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
