@@ -78,7 +78,7 @@ CONSTRAINTS: dict[str, Any] = {
     "pretrain.global_scale": "range(0,1]", "pretrain.local_scale": "range(0,1]",
     "pretrain.out_dim": "int>0", "pretrain.hidden_dim": "int>0", "pretrain.bottleneck_dim": "int>0",
     "pretrain.n_prototypes": "int>0", "pretrain.temperature": "num>0", "pretrain.sinkhorn_eps": "num>0",
-    "pretrain.sinkhorn_iters": "int>0", "pretrain.lr": "num>=0", "pretrain.start_lr": "num>=0",
+    "pretrain.sinkhorn_iters": "int>0", "pretrain.queue_length": "int>=0", "pretrain.lr": "num>=0", "pretrain.start_lr": "num>=0",
     "pretrain.min_lr": "num>=0", "pretrain.warmup_epochs": "int>=0", "pretrain.weight_decay": "num>=0",
     "pretrain.weight_decay_end": "num>=0", "pretrain.clip_grad": "num>=0", "pretrain.momentum_teacher": "[0,1]",
     "pretrain.freeze_prototypes_iters": "int>=0", "pretrain.num_workers": "int>=0", "pretrain.log_every": "int>0",
@@ -99,7 +99,7 @@ CONSTRAINTS: dict[str, Any] = {
 # keys added after runs were written, with the value that reproduces the older behaviour: left out of
 # resume fingerprints while they hold it, so checkpoints written before the key existed still resume
 # (values as after a JSON round trip: a tuple reads back as a list)
-FINGERPRINT_OMIT_AT = {("pretrain", "rank_source"): "view",
+FINGERPRINT_OMIT_AT = {("pretrain", "rank_source"): "view", ("pretrain", "queue_length"): 0,
                        **{("data", k): v for k, v in (("normal_dir", None), ("abnormal_dir", []), ("mask_dir", None),
                                                       ("normal_test_dir", None), ("normal_test_split", 0.2),
                                                       ("normal_val_split", 0.1), ("split_seed", 0))}}
@@ -144,6 +144,8 @@ class PretrainConfig:
     temperature: float = 0.1         # tau in softmax(z.C / tau)
     sinkhorn_eps: float = 0.05
     sinkhorn_iters: int = 3
+    queue_length: int = 0            # SwAV's feature queue for small batches: the last L teacher embeddings join Sinkhorn's equal partition
+                                     # (apmask_lib/sinkhorn.py); 0 = no queue. Not checkpointed: a resumed run starts with an empty queue
     lr: float = 5e-4                 # peak LR after warm-up
     start_lr: float = 1e-5           # warm-up start
     min_lr: float = 1e-6             # cosine floor
