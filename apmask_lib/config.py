@@ -35,6 +35,7 @@ ThresholdOn = Literal["auto", "val", "test"]                            # evalua
 KnnBackbone = Literal["init", "finetuned"]                              # evaluate.knn_backbone
 KnnSigmaAt = Literal["output", "input"]                                 # evaluate.knn_sigma_at
 Fusion = Literal["knn", "fused"]                                        # evaluate.fusion
+KnnAspect = Literal["square", "keep"]                                   # evaluate.knn_aspect
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -77,7 +78,7 @@ CONSTRAINTS: dict[str, Any] = {
     "pretrain.global_scale": "range(0,1]", "pretrain.local_scale": "range(0,1]",
     "pretrain.out_dim": "int>0", "pretrain.hidden_dim": "int>0", "pretrain.bottleneck_dim": "int>0",
     "pretrain.n_prototypes": "int>0", "pretrain.temperature": "num>0", "pretrain.sinkhorn_eps": "num>0",
-    "pretrain.sinkhorn_iters": "int>0", "pretrain.lr": "num>=0", "pretrain.start_lr": "num>=0",
+    "pretrain.sinkhorn_iters": "int>0", "pretrain.queue_length": "int>=0", "pretrain.lr": "num>=0", "pretrain.start_lr": "num>=0",
     "pretrain.min_lr": "num>=0", "pretrain.warmup_epochs": "int>=0", "pretrain.weight_decay": "num>=0",
     "pretrain.weight_decay_end": "num>=0", "pretrain.clip_grad": "num>=0", "pretrain.momentum_teacher": "[0,1]",
     "pretrain.freeze_prototypes_iters": "int>=0", "pretrain.num_workers": "int>=0", "pretrain.log_every": "int>0",
@@ -98,7 +99,7 @@ CONSTRAINTS: dict[str, Any] = {
 # keys added after runs were written, with the value that reproduces the older behaviour: left out of
 # resume fingerprints while they hold it, so checkpoints written before the key existed still resume
 # (values as after a JSON round trip: a tuple reads back as a list)
-FINGERPRINT_OMIT_AT = {("pretrain", "rank_source"): "view",
+FINGERPRINT_OMIT_AT = {("pretrain", "rank_source"): "view", ("pretrain", "queue_length"): 0,
                        **{("data", k): v for k, v in (("normal_dir", None), ("abnormal_dir", []), ("mask_dir", None),
                                                       ("normal_test_dir", None), ("normal_test_split", 0.2),
                                                       ("normal_val_split", 0.1), ("split_seed", 0))}}
@@ -143,6 +144,8 @@ class PretrainConfig:
     temperature: float = 0.1         # tau in softmax(z.C / tau)
     sinkhorn_eps: float = 0.05
     sinkhorn_iters: int = 3
+    queue_length: int = 0            # SwAV's feature queue for small batches: the last L teacher embeddings join Sinkhorn's equal partition
+                                     # (apmask_lib/sinkhorn.py); 0 = no queue. Not checkpointed: a resumed run starts with an empty queue
     lr: float = 5e-4                 # peak LR after warm-up
     start_lr: float = 1e-5           # warm-up start
     min_lr: float = 1e-6             # cosine floor
@@ -222,6 +225,7 @@ class EvaluateConfig:
     knn_coreset: float = 1.0         # fraction of training patches kept in the bank (greedy coreset); 1.0 = all (AnomalyDINO full-shot)
     knn_sigma: float = 4.0           # Gaussian smoothing of kNN maps in pixels (PatchCore/AnomalyDINO: 4), at the resolution knn_sigma_at names
     knn_sigma_at: KnnSigmaAt = "output"  # where knn_sigma applies: output = the image's stored size (AnomalyDINO's dists2map) | input = the network input size (PatchCore/anomalib); results/knn_readout.md
+    knn_aspect: KnnAspect = "square"  # kNN input shape: square = every image stretched to size x size (AnomalyDINO/PatchCore) | keep = each image's own aspect ratio at about as many patches (results/knn_aspect.md)
     fusion: Fusion = "knn"           # with knn_layer set, extension outputs: knn (kNN alone) | fused (also z-normalised kNN + detector; helped only where the detector is good, results/quality*.md); in metrics.json under methods.*, top-level keys stay the paper method's
     knn_holdout: float = 0.1         # fraction of training images held out of a bank to estimate the normal statistics used by fusion
 

@@ -57,7 +57,7 @@ from .config import Config
 from .data import AnomalyDataset, Sample, dataset_from_config
 from .data.ground_truth import cap_per_defect, pick_figure_samples, pixel_ground_truth
 from .knn_fusion import KnnExtension
-from .metrics import (PixelMetrics, finite_or_none, image_auroc, method_metrics, paper_image_score, roc_curve,
+from .metrics import (PixelMetrics, finite_or_none, method_metrics, paper_image_score,
                       safe_auroc)
 from .knn_model import load_model, model_kind, run_sizes
 from .multiscale import predict_multiscale
@@ -67,6 +67,9 @@ from .devices import resolve_device
 from .files import write_json
 from .machine import machine_info
 from .rng import seed_everything
+from .viz.evaluation import KNN_MODEL_FEATURES, write_figures
+from .viz.figure import RunLabel
+from .viz.tsne import CLS_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -209,15 +212,10 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     write_json(out_dir / "config.json", cfg.to_dict())
 
     t0 = time.perf_counter()
-    figures = write_figures(out_dir, fig_items, rows, labels, pix, feats_arr, defects, cfg.seed)
-    if ext is not None:
-        from .viz.localization import fig_localization
-
-        for m in ext.methods:
-            if ext_fig[m]:
-                ims, maps, gts, titles = zip(*ext_fig[m])
-                figures[f"localization_{m}"] = str(fig_localization(
-                    ims, maps, gts, out_dir / f"fig4a_localization_{m}.png", titles))
+    figures = write_figures(out_dir, fig_items, rows, labels, pix, feats_arr, defects, cfg.seed,
+                            run=RunLabel.from_config(cfg), size=sizes[0], ext_items=ext_fig if ext is not None else None,
+                            method="knn_model" if kind == "knn" else "paper",
+                            features_desc=KNN_MODEL_FEATURES if kind == "knn" else CLS_FEATURES)
     t_fig = time.perf_counter() - t0
 
     metrics.update({
@@ -276,38 +274,4 @@ def score_split(model: torch.nn.Module, ds: AnomalyDataset, samples: Sequence[Sa
     return np.asarray(scores, dtype=np.float64), pixels
 
 
-def write_figures(out_dir: Path, fig_items, rows, labels, pix: PixelMetrics, feats: np.ndarray,
-                  defects: Sequence[str], seed: int) -> dict[str, Optional[str]]:
-    """Fig. 4a (localisation), ROC curves and Fig. 5 (t-SNE); a figure that cannot be drawn (e.g. a
-    single class) is recorded as None with a warning, never faked."""
-    from .viz.localization import fig_localization
-    from .viz.roc import RocCurve, fig_roc
-    from .viz.tsne import fig_tsne
-
-    figures: dict[str, Optional[str]] = {"localization": None, "roc": None, "tsne": None}
-    if fig_items:
-        ims, maps, gts, titles = zip(*fig_items)
-        figures["localization"] = str(fig_localization(ims, maps, gts, out_dir / "fig4a_localization.png", titles))
-    curves = []
-    score = [r["score"] for r in rows]
-    if 0 < labels.sum() < len(labels):
-        fpr, tpr, _ = roc_curve(score, labels)
-        curves.append(RocCurve("image level", fpr, tpr, image_auroc(score, labels)))
-    try:
-        fpr, tpr, _ = pix.roc_curve() if pix.n_maps else (None, None, None)
-        if fpr is not None:
-            curves.append(RocCurve("pixel level", fpr, tpr, pix.pixel_auroc()))
-    except ValueError as e:
-        warnings.warn(f"no pixel ROC: {e}", stacklevel=2)
-    if curves:
-        figures["roc"] = str(fig_roc(curves, out_dir / "roc.png"))
-    else:
-        warnings.warn("no ROC figure: a single class in the test set", stacklevel=2)
-    if len(feats) >= 4:
-        figures["tsne"] = str(fig_tsne(feats, labels, defects, out_dir / "fig5_tsne.png", seed=seed))
-    else:
-        warnings.warn(f"no t-SNE figure: {len(feats)} test images (< 4)", stacklevel=2)
-    return figures
-
-
-__all__ = ["run_evaluate", "score_split", "write_figures"]
+__all__ = ["run_evaluate", "score_split"]

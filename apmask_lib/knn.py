@@ -73,34 +73,43 @@ def patch_features(backbone: torch.nn.Module, images01: torch.Tensor, layer: int
     depth = len(backbone.blocks)
     if not -depth <= layer < depth:
         raise ValueError(f"layer must lie in [{-depth}, {depth - 1}] for a {depth}-block backbone, got {layer}")
-    layer = layer % depth
-    # the forward pass of VisionTransformer stopped after block `layer` (the later blocks are not
-    # needed: a third less compute at block 7 of 12); tests/test_knn.py checks it equals
+    # stops after block `layer` (block 7 of 12: 4 blocks skipped); tests/test_knn.py checks it equals
     # backbone(images01, attn=None, return_layers=(layer,)).layers[layer]
-    x, _ = backbone.prepare_tokens(images01)
-    for blk in backbone.blocks[:layer + 1]:
-        x, _ = blk(x, attn=None)
-    tokens = x[:, 1:]  # drop [CLS]
-    if final_norm:
-        tokens = backbone.norm(tokens)
+    tokens = backbone.forward_intermediates(images01, [layer], norm=final_norm, stop_early=True)[0]
     return F.normalize(tokens.float(), dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
 # nearest neighbours
 # --------------------------------------------------------------------------------------------
+SEARCHES = ("exact", "bf16")
+
+
 @torch.no_grad()
 def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, query_chunk: int = 1024,
-                  bank_chunk: int = 32768) -> torch.Tensor:
-    """Cosine distances 1 - <q, m> of each query to its ``k`` nearest bank rows, ascending. EXACT.
+                  bank_chunk: int = 32768, search: str = "exact",
+                  bank16: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cosine distances 1 - <q, m> of each query to its ``k`` nearest bank rows, ascending.
 
     queries (Q, C), bank (M, C), both l2-normalised. Returns (Q, k). Brute force as BLAS matrix
-    products in fp32, one ``query_chunk x bank_chunk`` similarity block at a time (128 MB at the
-    defaults, whatever the bank size: memory O(query_chunk * bank_chunk), time O(Q * M * C)). For
-    k = 1 each block is reduced with a row maximum (one pass, no sort); for k > 1 with ``topk`` and a
-    running merge. The result does not depend on the chunk sizes beyond float rounding of the dot
-    products (tests/test_knn.py checks both paths against scikit-learn's brute-force search).
-    Speed on the 2-core CPU: results/knn_speed.md."""
+    products, one ``query_chunk x bank_chunk`` similarity block at a time (memory
+    O(query_chunk * bank_chunk) whatever the bank size, time O(Q * M * C)).
+
+    ``search="exact"`` (default): fp32 products; for k = 1 each block is reduced with a row maximum
+    (one pass, no sort), for k > 1 with ``topk`` and a running merge. The result does not depend on
+    the chunk sizes beyond float rounding of the dot products (tests/test_knn.py checks both paths
+    against scikit-learn's brute-force search).
+
+    ``search="bf16"`` (an APPROXIMATION, opt-in): ``k + 3`` candidate neighbours per query are CHOSEN
+    on bf16 products (AMX / AVX512-BF16 kernels on CPUs that have them; the 3 extra absorb ties of the
+    coarse bf16 values), their similarities recomputed in fp32 and the best ``k`` kept. Each returned
+    value is thus the fp32 distance to a real bank row; it can only exceed the exact k-th distance
+    where bf16 rounding (about 4e-3 in similarity) left the true neighbour out of the candidates, and
+    it can depend on the chunk sizes there (ties among bf16 values).
+    ``bank16``: the bank already in bf16 (:class:`MemoryBank` keeps it), else converted here.
+    Quality cost and speed: results/knn_speed.md."""
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     if queries.dim() != 2 or bank.dim() != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(f"queries (Q, C) and bank (M, C) must share C, got {tuple(queries.shape)}, {tuple(bank.shape)}")
     if not 1 <= k <= bank.shape[0]:
@@ -108,6 +117,24 @@ def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, query_c
     bank = bank.to(queries.device, queries.dtype)
     qc, bc = max(1, int(query_chunk)), max(1, int(bank_chunk))
     out = torch.empty(queries.shape[0], k, dtype=queries.dtype, device=queries.device)
+    if search == "bf16":
+        bank16 = bank.bfloat16() if bank16 is None else bank16.to(queries.device)
+        for qs in range(0, queries.shape[0], qc):
+            q = queries[qs:qs + qc]
+            q16 = q.bfloat16()
+            best_v = best_i = None  # (q, k) bf16 similarities and bank indices of the best rows so far
+            for bs in range(0, bank.shape[0], bc):
+                block = torch.mm(q16, bank16[bs:bs + bc].T)
+                v, i = block.topk(min(k + 3, block.shape[1]), dim=1)
+                i = i + bs
+                if best_v is None:
+                    best_v, best_i = v, i
+                else:
+                    v, j = torch.cat([best_v, v], 1).topk(min(k + 3, best_v.shape[1] + v.shape[1]), dim=1)
+                    best_v, best_i = v, torch.cat([best_i, i], 1).gather(1, j)
+            exact = torch.einsum("qc,qkc->qk", q, bank[best_i])  # fp32 similarities of the candidates
+            out[qs:qs + q.shape[0]] = (1.0 - exact.topk(k, dim=1).values).clamp_min_(0.0)
+        return out
     sim = None  # one preallocated similarity block, reused
     for qs in range(0, queries.shape[0], qc):
         q = queries[qs:qs + qc]
@@ -172,10 +199,15 @@ class MemoryBank:
     """Bank of normal patch features and nearest-neighbour scoring (module docstring).
 
     coreset: fraction of the fitted patches kept (1.0 = all); coreset_method: "greedy" | "random";
-    seed: for the coreset; query_chunk, bank_chunk: block sizes of the distance computation."""
+    seed: for the coreset; query_chunk, bank_chunk: block sizes of the distance computation;
+    search: "exact" (fp32, default) | "bf16" (neighbours chosen on bf16 products, :func:`knn_distances`)."""
 
     def __init__(self, coreset: float = 1.0, coreset_method: str = "greedy", seed: int = 0,
-                 query_chunk: int = 1024, bank_chunk: int = 32768):
+                 query_chunk: int = 1024, bank_chunk: int = 32768, search: str = "exact"):
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+        self.search = search
+        self.features16: Optional[torch.Tensor] = None
         if not 0.0 < coreset <= 1.0:
             raise ValueError(f"coreset ratio must lie in (0, 1], got {coreset}")
         if coreset_method not in CORESET_METHODS:
@@ -209,6 +241,7 @@ class MemoryBank:
                    else random_coreset(self.n_fitted, count, self.seed))
             feats = feats[idx.to(feats.device)]
         self.features = feats.contiguous()
+        self.features16 = self.features.bfloat16() if self.search == "bf16" else None
         return self
 
     def score(self, features: torch.Tensor, k: int = 1) -> torch.Tensor:
@@ -218,7 +251,7 @@ class MemoryBank:
             raise RuntimeError("MemoryBank.score() before fit()")
         shape = features.shape[:-1]
         q = F.normalize(features.reshape(-1, features.shape[-1]).float(), dim=-1)
-        d = knn_distances(q, self.features, k, self.query_chunk, self.bank_chunk)
+        d = knn_distances(q, self.features, k, self.query_chunk, self.bank_chunk, self.search, self.features16)
         return d.mean(dim=1).reshape(shape)
 
 
@@ -329,12 +362,17 @@ class KnnScorer:
     input ``size`` (snapped to the patch grid; square, or each image's own aspect ratio with
     ``aspect="keep"``, :func:`input_shape`), a :class:`MemoryBank` and the AnomalyDINO read-out
     (module docstring). The caller loops over batches: :meth:`features` (or :meth:`features_list`)
-    for the training images, :meth:`fit` on them, then :meth:`predict` per test batch."""
+    for the training images, :meth:`fit` on them, then :meth:`predict` per test batch.
+
+    Two opt-in APPROXIMATIONS for speed on CPUs with bf16 units (AMX / AVX512-BF16), off by default
+    except ``feature_bf16`` on CUDA: ``feature_bf16=True`` runs the backbone under bf16 autocast;
+    ``search="bf16"`` chooses the nearest neighbours on bf16 products and recomputes their distances
+    in fp32 (:func:`knn_distances`). Measured speed and quality cost: results/knn_speed.md."""
 
     def __init__(self, backbone: torch.nn.Module, layer: int, size: int = 448, k: int = 1, sigma: float = 4.0,
                  final_norm: bool = True, coreset: float = 1.0, coreset_method: str = "greedy", seed: int = 0,
                  top_fraction: float = 0.01, device: torch.device | str = "cpu", sigma_at: str = "output",
-                 feature_bf16: Optional[bool] = None, aspect: str = "square"):
+                 feature_bf16: Optional[bool] = None, aspect: str = "square", search: str = "exact"):
         from .multiscale import snap_size
 
         if sigma_at not in SIGMA_AT:
@@ -349,7 +387,7 @@ class KnnScorer:
         self.size = snap_size(int(size), self.patch)
         self.grid = (self.size // self.patch,) * 2  # the square grid (aspect="keep": per image, grid_of)
         self.device = torch.device(device)
-        self.bank = MemoryBank(coreset, coreset_method, seed)
+        self.bank = MemoryBank(coreset, coreset_method, seed, search=search)
         # bf16 autocast of the backbone: default on CUDA only (an APPROXIMATION on the CPU, opt-in;
         # its quality cost and speed: results/knn_speed.md)
         self.feature_bf16 = self.device.type == "cuda" if feature_bf16 is None else bool(feature_bf16)
@@ -412,15 +450,17 @@ class KnnScorer:
                 for d, hw in zip(rows, shapes)]
         return KnnOutput(dists=dists, scores=scores, maps=maps)
 
+    def score_features(self, feats: Sequence[torch.Tensor], bank: Optional[MemoryBank] = None) -> torch.Tensor | list[torch.Tensor]:
+        """Patch distances of per-image features [(N_i, C)] to ``bank`` (default: the fitted one): one
+        (B, N) search when all images share a grid, else one (N_i,) row per image."""
+        bank = bank or self.bank
+        if len({f.shape for f in feats}) == 1:  # one search for the whole batch
+            return bank.score(torch.stack(list(feats)).to(self.device), self.k)
+        return [bank.score(f.to(self.device), self.k) for f in feats]
+
     def predict(self, images: Sequence[np.ndarray], bank: Optional[MemoryBank] = None) -> KnnOutput:
         """Score a batch of RGB uint8 images (any sizes) against ``bank`` (default: the fitted one)."""
-        bank = bank or self.bank
-        feats = self.features_list(images)
-        if len({f.shape for f in feats}) == 1:  # one search for the whole batch
-            dists = bank.score(torch.stack(feats), self.k)
-        else:
-            dists = [bank.score(f, self.k) for f in feats]
-        return self.readout(dists, [im.shape[:2] for im in images])
+        return self.readout(self.score_features(self.features_list(images), bank), [im.shape[:2] for im in images])
 
 
 def average_outputs(outputs: Sequence[KnnOutput]) -> KnnOutput:
@@ -435,5 +475,5 @@ def average_outputs(outputs: Sequence[KnnOutput]) -> KnnOutput:
     return KnnOutput(dists=outputs[0].dists, scores=scores, maps=maps)
 
 
-__all__ = ["CORESET_METHODS", "patch_features", "knn_distances", "random_coreset", "greedy_coreset", "MemoryBank",
+__all__ = ["CORESET_METHODS", "SEARCHES", "patch_features", "knn_distances", "random_coreset", "greedy_coreset", "MemoryBank",
            "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "SIGMA_AT", "distance_map", "KnnOutput", "ASPECTS", "input_shape", "KnnScorer", "average_outputs"]

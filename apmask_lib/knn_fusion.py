@@ -125,7 +125,7 @@ def bank_features(scorer: KnnScorer, dataset: AnomalyDataset, samples: Sequence,
     feats: list[torch.Tensor] = []
     for start in tqdm(range(0, len(samples), bs), desc=f"kNN bank features {scorer.size}px", unit="batch",
                       disable=None, leave=False):
-        feats += list(scorer.features([dataset.image(s) for s in samples[start:start + bs]]).cpu())
+        feats += [f.cpu() for f in scorer.features_list([dataset.image(s) for s in samples[start:start + bs]])]
     return feats
 
 
@@ -151,7 +151,7 @@ class KnnExtension:
         scorers: dict[int, KnnScorer] = {}
         for size in ecfg.knn_sizes:
             sc = KnnScorer(backbone, ecfg.knn_layer, size, k=ecfg.knn_k, sigma=ecfg.knn_sigma, sigma_at=ecfg.knn_sigma_at,
-                           coreset=ecfg.knn_coreset, seed=cfg.seed, device=device)
+                           coreset=ecfg.knn_coreset, seed=cfg.seed, device=device, aspect=ecfg.knn_aspect)
             scorers.setdefault(sc.size, sc)  # sizes that snap to the same grid are used once
         self.scorers = list(scorers.values())
         train = training_samples(cfg, dataset)
@@ -171,7 +171,7 @@ class KnnExtension:
                 outs = []
                 for start in range(0, len(held), bs):
                     idx = held[start:start + bs]
-                    dists = bank.score(torch.stack([feats[i] for i in idx]).to(device), sc.k)
+                    dists = sc.score_features([feats[i] for i in idx], bank)
                     outs.append(sc.readout(dists, [dataset.image(train[i]).shape[:2] for i in idx]))
                 held_outputs.append(outs)
                 del bank

@@ -12,8 +12,8 @@ from .config import Config, load_params
 from .files import atomic_write_text
 
 # Every notebook imports this module, so its module-level imports run in every DVC stage (and are
-# dependencies of each): the figure helpers at the bottom import the training and figure code they
-# need where they use it, so that a change there re-runs only the stages that draw those figures.
+# dependencies of each): keep them light. The figure helpers live in apmask_lib/viz (curves, tsne,
+# paper), imported by the notebooks that draw those figures.
 
 # tqdm.auto in a kernel without ipywidgets warns "IProgress not found" (with the venv's absolute path)
 # and falls back to the text bar, which is what we want: say nothing
@@ -64,28 +64,6 @@ def _yaml(value: Any) -> str:
     import yaml
 
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def loss_curve(csv_path: str | Path, columns: Iterable[str] = ("loss",), out_png: str | Path | None = None):
-    """Plot per-step columns of a training log; returns the matplotlib figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-
-    df = pd.read_csv(csv_path)
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for c in columns:
-        if c in df:
-            ax.plot(df["step"], df[c], label=c)
-    ax.set_xlabel("step")
-    ax.legend()
-    fig.tight_layout()
-    if out_png:
-        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=100)
-    return fig
 
 
 def project_root(start: str | Path | None = None) -> Path:
@@ -176,49 +154,3 @@ def normalize_executed(nb, root: str | Path):
         if cell.cell_type == "code":
             cell.outputs = kept
     return nb
-
-
-def tsne_from_run(run: str | Path, perplexity: float | None = None, seed: int = 0,
-                  out_png: str | Path | None = None) -> Path:
-    """Fig. 5 from a finished evaluation: t-SNE of ``evaluate/features.npz`` ([CLS] features
-    before the heads), normal vs each defect type. Written to ``out_png``, by default
-    ``runs/adhoc/figures/fig5_tsne__<run>.png`` (never into the run folder, a pipeline output)."""
-    import numpy as np
-
-    from .viz.tsne import fig_tsne
-
-    feats = Path(run) / "evaluate" / "features.npz"
-    if not feats.is_file():
-        raise FileNotFoundError(f"{feats} not found: run the evaluation (03_evaluate / apmask evaluate) first")
-    z = np.load(feats, allow_pickle=False)
-    n = len(z["labels"])
-    perp = min(perplexity or 30.0, max((n - 1) / 3.0, 1.0))
-    default = Path("runs/adhoc/figures") / f"fig5_tsne__{'-'.join(Path(run).parts)}.png"
-    return fig_tsne(z["cls"], z["labels"], z["defects"], out_png or default,
-                    seed=seed, perplexity=perp)
-
-
-def paper_figures(cfg: Config, figures_dir: str | Path, n_images: int = 4) -> list[Path]:
-    """Fig. 1 (input | attention | APMask | attention-guided anomaly) and Fig. 4b (grid of
-    synthetic anomalies of every kind) on ``n_images`` training images of the configured data."""
-    from .anomalies import KINDS
-    from .data import dataset_from_config, read_image
-    from .finetune import resolve_blend, resolve_poisson
-    from .viz.synthetic import fig_attention_panel, fig_synthetic_grid
-    from .weights import build_backbone
-
-    ds = dataset_from_config(cfg.data)
-    step = max(len(ds.train) // max(n_images, 1), 1)
-    images = [read_image(s.path) for s in ds.train[::step][:n_images]]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        backbone = build_backbone(cfg.backbone, seed=cfg.seed).eval()
-    poisson = resolve_poisson(cfg)
-    tag = cfg.data.category
-    out = Path(figures_dir)
-    return [
-        fig_attention_panel(images, backbone, out / f"fig1_attention_{tag}.png", mask_ratio=cfg.pretrain.mask_ratio,
-                            seed=cfg.seed, poisson=poisson),
-        fig_synthetic_grid(images, list(KINDS), out / f"fig4b_synthetic_{tag}.png", backbone=backbone,
-                           seed=cfg.seed, poisson=poisson, blend=resolve_blend(cfg)),
-    ]

@@ -63,7 +63,7 @@ from .masking import student_views
 from .models.swav import SwAVHead, SwAVNet
 from .multicrop import ImageBank, MultiCrop, cache_short_side, load_image_bank
 from .runfolder import RunFolder, resume_ignored
-from .sinkhorn import sinkhorn, swapped_prediction_loss
+from .sinkhorn import push_queue, sinkhorn, sinkhorn_with_queue, swapped_prediction_loss
 from .training import BAR, TrainLoop, progress_mode
 from .devices import accelerated, autocast_context, resolve_device
 from .files import atomic_torch_save
@@ -99,11 +99,30 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 def pretrain_loss(student: nn.Module, teacher: SwAVNet, views, cfg_p, generator: torch.Generator,
                   stats: Optional[dict] = None) -> torch.Tensor:
     """Eq. 1 for one batch of views (teacher pass, APMask, student pass, Sinkhorn, CE). ``stats``: a
-    dict to fill with the collapse diagnostics of :func:`~apmask_lib.collapse.assignment_stats`."""
-    t_scores, groups = student_views(teacher, views, cfg_p.mask, cfg_p.mask_ratio, generator,
-                                     getattr(cfg_p, "rank_source", "view"))
+    dict to fill with the collapse diagnostics of :func:`~apmask_lib.collapse.assignment_stats`.
+
+    ``pretrain.queue_length`` L > 0: SwAV's queue (:func:`~apmask_lib.sinkhorn.sinkhorn_with_queue`): the
+    teacher's projection output of this batch is captured (forward hook on ``teacher.head.projection``),
+    the last L of them (attribute ``teacher.sinkhorn_queue``, not in the state dict, so not checkpointed)
+    are scored with the teacher's current prototypes and balanced with the batch; then the batch is pushed."""
+    length = getattr(cfg_p, "queue_length", 0)
+    captured: list[torch.Tensor] = []
+    hook = teacher.head.projection.register_forward_hook(lambda m, i, o: captured.append(o)) if length else None
+    try:
+        t_scores, groups = student_views(teacher, views, cfg_p.mask, cfg_p.mask_ratio, generator,
+                                         getattr(cfg_p, "rank_source", "view"))
+    finally:
+        if hook is not None:
+            hook.remove()
     s_scores = student(groups)
-    q = sinkhorn(t_scores, eps=cfg_p.sinkhorn_eps, iters=cfg_p.sinkhorn_iters)
+    if length:
+        with torch.no_grad():
+            queue = getattr(teacher, "sinkhorn_queue", None)
+            q_scores = None if queue is None else teacher.head.prototypes(queue.to(captured[-1].dtype))
+            q = sinkhorn_with_queue(t_scores, q_scores, eps=cfg_p.sinkhorn_eps, iters=cfg_p.sinkhorn_iters)
+            teacher.sinkhorn_queue = push_queue(queue, captured[-1][:t_scores.shape[0]], length)
+    else:
+        q = sinkhorn(t_scores, eps=cfg_p.sinkhorn_eps, iters=cfg_p.sinkhorn_iters)
     codes = q / q.sum(dim=1, keepdim=True)  # = Q * B_global: per-sample code distributions
     if stats is not None:
         stats.update(assignment_stats(t_scores, codes, s_scores, cfg_p.temperature))

@@ -4,6 +4,12 @@ teacher, cross-entropy of the student's prototype predictions against them.
 * :func:`sinkhorn` turns teacher prototype scores ``z_t·C`` (B, K) into a transport plan Q
   with equal partition: every prototype receives mass 1/K and every sample 1/B
   (Caron et al., SwAV, NeurIPS 2020, Sec. 3.1 and their ``distributed_sinkhorn``).
+* :func:`sinkhorn_with_queue` and :func:`push_queue`: SwAV's feature queue for small batches
+  (Caron et al. 2020, the paragraph "Working with small batches" of Sec. 3.1, and ``main_swav.py`` of
+  facebookresearch/swav): the equal partition is computed over the batch *and* the stored teacher
+  embeddings of the last L images (scored with the current prototypes), and only the batch's rows
+  are used as codes. With B < K the batch alone cannot give every prototype 1/K of the mass with
+  confident rows; the queue gives Sinkhorn B + L samples to partition.
 * :func:`swapped_prediction_loss` is ``-Σ_k q_k log softmax(z_s·C / τ)_k``, averaged over
   the student views and the batch.
 
@@ -15,7 +21,7 @@ the scores are large (SwAV's ``exp(scores / eps)`` overflows for scores/eps > 88
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -73,6 +79,44 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.T
         return torch.exp(logq)
 
 
+@torch.no_grad()
+def sinkhorn_with_queue(scores: torch.Tensor, queue_scores: Optional[torch.Tensor], eps: float = 0.05,
+                        iters: int = 3) -> torch.Tensor:
+    """Sinkhorn codes of a batch, balanced together with a queue of earlier samples (SwAV, see module
+    docstring; their ``main_swav.py``: ``out = cat(queue @ prototypes.T, out)``, codes ``[-bs:]``).
+
+    scores:       (B, K) the batch's teacher scores.
+    queue_scores: (L, K) scores of the queued embeddings under the *current* prototypes, or None / L = 0.
+    Returns the batch's rows (B, K) of the plan over the B + L samples: each row sums to 1/(B + L)
+    (per-sample codes: divide by the row sum), every prototype's column over all B + L rows to ~1/K.
+    With no queue it is exactly :func:`sinkhorn` (the same tensor, bit for bit). Under
+    ``torch.distributed`` each rank concatenates its own queue, as SwAV does.
+    """
+    if queue_scores is None or queue_scores.shape[0] == 0:
+        return sinkhorn(scores, eps=eps, iters=iters)
+    if queue_scores.dim() != 2 or queue_scores.shape[1] != scores.shape[1]:
+        raise ValueError(f"queue scores {tuple(queue_scores.shape)} do not match the batch scores "
+                         f"{tuple(scores.shape)} (same K needed)")
+    B = scores.shape[0]
+    return sinkhorn(torch.cat([scores.float(), queue_scores.float()]), eps=eps, iters=iters)[:B]
+
+
+@torch.no_grad()
+def push_queue(queue: Optional[torch.Tensor], feats: torch.Tensor, length: int) -> torch.Tensor:
+    """FIFO queue of embeddings, newest first: ``cat(feats, queue)[:length]`` (SwAV's
+    ``queue[bs:] = queue[:-bs]; queue[:bs] = embedding``, but growing from empty instead of
+    zero-filled, so a partly filled queue holds only real samples). Returns a new tensor
+    (float32, detached); ``queue`` None or empty starts it. ``length`` must be > 0."""
+    if length <= 0:
+        raise ValueError(f"queue length must be > 0, got {length}")
+    feats = feats.detach().float()
+    if queue is None or queue.shape[0] == 0:
+        return feats[:length].clone()
+    if queue.shape[1:] != feats.shape[1:]:
+        raise ValueError(f"queue rows {tuple(queue.shape[1:])} and features {tuple(feats.shape[1:])} differ")
+    return torch.cat([feats, queue])[:length]
+
+
 def swapped_prediction_loss(codes: torch.Tensor, student_scores: Sequence[torch.Tensor],
                             temperature: float = 0.1) -> torch.Tensor:
     """Eq. 1: cross-entropy between the teacher codes and each student view's prediction.
@@ -96,4 +140,4 @@ def swapped_prediction_loss(codes: torch.Tensor, student_scores: Sequence[torch.
     return total / n_views
 
 
-__all__ = ["sinkhorn", "swapped_prediction_loss"]
+__all__ = ["push_queue", "sinkhorn", "sinkhorn_with_queue", "swapped_prediction_loss"]

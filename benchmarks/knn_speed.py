@@ -78,7 +78,8 @@ def batches(items: Sequence, size: int):
         yield items[i:i + size]
 
 
-def run_ours(ds, train, test, sizes=(224, 448), batch_size: int = 8, feature_bf16: bool = False) -> dict[str, Any]:
+def run_ours(ds, train, test, sizes=(224, 448), batch_size: int = 8, feature_bf16: bool = False,
+             search: str = "exact") -> dict[str, Any]:
     """Bank + inference of the kNN extension; returns timings per phase, scores and maps."""
     from apmask_lib.knn import KnnScorer, average_outputs
     from apmask_lib.weights import build_backbone
@@ -88,7 +89,7 @@ def run_ours(ds, train, test, sizes=(224, 448), batch_size: int = 8, feature_bf1
     outputs, banks = [], {}
     t_all = time.perf_counter()
     for size in sizes:
-        sc = KnnScorer(backbone, 7, size, feature_bf16=feature_bf16)
+        sc = KnnScorer(backbone, 7, size, feature_bf16=feature_bf16, search=search)
         t0 = time.perf_counter()
         feats = [sc.features([load(ds, it) for it in chunk]) for chunk in batches(train, batch_size)]
         t["train_features_s"] += time.perf_counter() - t0
@@ -235,7 +236,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     elif spec["method"] == "search":
         res = search_cached(Path(spec["cache"]), spec["n"], [ds.image(s).shape[:2] for s in test])
     elif spec["method"] == "ours":
-        res = run_ours(ds, train, test, feature_bf16=spec.get("feature_bf16", False))
+        res = run_ours(ds, train, test, feature_bf16=spec.get("feature_bf16", False), search=spec.get("search", "exact"))
     else:
         res = run_anomalydino(ds, train, test)
     row = {**spec, "n_train": len(train), "n_test": len(test), "timings": res["timings"],
@@ -262,8 +263,24 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def cpu_bf16_units() -> str:
+    """The CPU's bf16 matrix/vector units as /proc/cpuinfo lists them (what bf16 autocast can use)."""
+    try:
+        flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "CPU flags unknown"
+    have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return "flags " + (", ".join(have) if have else "no AVX-512 / bf16 units")
+
+
 def fmt_load(row) -> str:
     return f"{row['load_before'][0]:.1f} → {row['load_after'][0]:.1f}"
+
+
+def variant(row) -> str:
+    """How a row of ours ran: features fp32 / bf16 autocast, search exact fp32 / bf16-chosen."""
+    return ("224 + 448 px, " + ("bf16 features" if row.get("feature_bf16") else "fp32 features") + ", "
+            + ("bf16 search + fp32 re-rank" if row.get("search") == "bf16" else "exact fp32 search"))
 
 
 def render(res: dict[str, Any], cmd: str, machine: str) -> str:
@@ -286,8 +303,7 @@ def render(res: dict[str, Any], cmd: str, machine: str) -> str:
             for r in rnd:
                 q = r.get("quality", {})
                 ratio = r["timings"]["total_s"] / ad["timings"]["total_s"]
-                name = ("AnomalyDINO (anomalib 2.7, 252 px)" if r["method"] == "anomalydino" else
-                        "ours (224 + 448 px, exact fp32" + (", bf16 features)" if r.get("feature_bf16") else ")"))
+                name = "AnomalyDINO (anomalib 2.7, 252 px)" if r["method"] == "anomalydino" else f"ours ({variant(r)})"
                 lines.append(f"| {i} | {name} | {r['timings']['total_s']:.0f} s | {ratio:.2f} | "
                              f"{q.get('image_auroc', float('nan')):.2f} | {q.get('pixel_auroc', float('nan')):.2f} | "
                              f"{q.get('au_pro', float('nan')):.2f} | {r['peak_rss_mb']:.0f} MB | {fmt_load(r)} |")
@@ -298,7 +314,7 @@ def render(res: dict[str, Any], cmd: str, machine: str) -> str:
             for r in rnd:
                 if r["method"] == "ours":
                     t = r["timings"]
-                    lines.append(f"| {i}{' (bf16 features)' if r.get('feature_bf16') else ''} | "
+                    lines.append(f"| {i}, {variant(r)} | "
                                  f"{t['train_features_s']:.0f} | {t['fit_s']:.1f} | {t['test_features_s']:.0f} | "
                                  f"{t['search_s']:.0f} | {t['readout_s']:.0f} | {t['other_s']:.0f} | {t['total_s']:.0f} |")
         lines.append("")
@@ -333,10 +349,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds of ours vs AnomalyDINO (full bottle)")
     ap.add_argument("--train", type=int, default=209, help="training images in the rounds (subset: first N)")
     ap.add_argument("--bf16-features", action="store_true", help="also run ours with bf16 autocast features per round")
+    ap.add_argument("--bf16-search", action="store_true",
+                    help="also run ours with bf16 features AND the bf16 neighbour search (knn_distances search='bf16')")
     ap.add_argument("--scaling", nargs="*", type=int, default=[], help="training-set sizes for the scaling table")
     ap.add_argument("--scaling-test", type=int, default=20, help="fixed number of test images in the scaling table")
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "knn_speed", help="scaling feature cache folder")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "knn_speed.md")
+    ap.add_argument("--keep-scaling", action="store_true",
+                    help="start the rounds afresh but keep the scaling table (and its command) of the existing JSON")
     ap.add_argument("--append", action="store_true",
                     help="keep the rounds (and, unless --scaling is given, the scaling rows) of the existing JSON and "
                          "add this run's rounds after them (odd-numbered rounds run ours first)")
@@ -347,7 +367,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     cmd = ".venv/bin/python benchmarks/knn_speed.py " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    machine = f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device cpu"
+    machine = (f"{cpu_model()}, {os.cpu_count()} cores ({cpu_bf16_units()}), torch threads {torch.get_num_threads()}, "
+               f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()} (not pinned), device cpu")
     res: dict[str, Any] = {"rounds": [], "scaling": []}
     commands = [cmd]
     if args.append and args.out.with_suffix(".json").is_file():
@@ -356,6 +377,10 @@ def main(argv=None) -> int:
         if not args.scaling:
             res["scaling"], res["scaling_features"] = prev["scaling"], prev.get("scaling_features")
         commands = prev.get("commands", [prev["command"]]) + [cmd]
+    elif args.keep_scaling and args.out.with_suffix(".json").is_file():
+        prev = json.loads(args.out.with_suffix(".json").read_text())
+        res["scaling"], res["scaling_features"] = prev["scaling"], prev.get("scaling_features")
+        commands = [c for c in prev.get("commands", [prev["command"]]) if "--scaling" in c] + [cmd]
 
     def write():
         res.update(date=dt.datetime.now().isoformat(timespec="seconds"), total_s=time.perf_counter() - t_start,
@@ -369,6 +394,8 @@ def main(argv=None) -> int:
                  {"method": "ours", "train": args.train, "metrics": True}]
         if args.bf16_features:
             specs.append({"method": "ours", "train": args.train, "metrics": True, "feature_bf16": True})
+        if args.bf16_search:
+            specs.append({"method": "ours", "train": args.train, "metrics": True, "feature_bf16": True, "search": "bf16"})
         if i % 2:
             specs.reverse()
         res["rounds"].append([dict(measure(s), command=cmd) for s in specs])

@@ -20,7 +20,8 @@ Cost caps for a 2-core CPU (say so with the results): ``--max-train`` training i
 held-out validation slice, ``finetune.val_fraction``, is taken first from all 209), intermediate
 points at ``--scales`` (default 224 only), the last point at the paper's six scales.
 
-Each call appends its points to ``results/learning_curve.json`` (per curve, replacing that curve),
+Each call adds its points to ``results/learning_curve.json`` (per curve; a point measured again at the
+same epoch and number of scales replaces the old one, the others are kept, each with its own command),
 with the command, machine and load average; ``--report`` renders ``results/learning_curve.md`` and
 ``results/figures/learning_curve.png`` (paper's bottle 99.1 / 97.8 and the measured peers of
 ``results/peers.json`` as horizontal lines)::
@@ -201,15 +202,26 @@ def run_six_scales(args) -> None:
     print(f"{args.curve} epoch {e}, six scales: " + " / ".join(f"{point[k]:.2f}" for k in METRICS), flush=True)
 
 
+def merge_points(old: list[dict], new: list[dict], old_command: str | None) -> list[dict]:
+    """A curve's points after a call: the new ones, plus every earlier one whose (epoch, number of scales)
+    the call did not measure again (a later call ``--at 15 20`` keeps epochs 2/5/10 of an earlier one).
+    Earlier points without their own ``command`` get the curve's earlier command, so each point keeps
+    the command that produced it. Sorted by (epoch, number of scales)."""
+    seen = {(p["epoch"], len(p["scales"])) for p in new}
+    kept = [{**p, "command": p.get("command", old_command)} for p in old
+            if (p["epoch"], len(p["scales"])) not in seen]
+    return sorted(new + kept, key=lambda p: (p["epoch"], len(p["scales"])))
+
+
 def save_curve(args, points, times, iters, cfg) -> None:
     data = json.loads(JSON.read_text()) if JSON.is_file() else {"curves": {}}
     cmd = "nice -n 5 .venv/bin/python benchmarks/learning_curve.py " + " ".join(shlex.quote(a) for a in args.argv)
     old = data["curves"].get(args.curve, {})
-    kept = [p for p in old.get("points", []) if len(p["scales"]) == 6 and p["epoch"] not in {q["epoch"] for q in points
-                                                                                              if len(q["scales"]) == 6}]
+    points = [{**p, "command": p.get("command", cmd)} for p in points]
     data["curves"][args.curve] = {
         "command": cmd, "extra_commands": old.get("extra_commands", []),
-        "points": sorted(points + kept, key=lambda p: (p["epoch"], len(p["scales"]))), "times": times, "iters_per_epoch": iters,
+        "points": merge_points(old.get("points", []), points, old.get("command")), "times": {**old.get("times", {}), **times},
+        "iters_per_epoch": iters,
         "setting": {"category": args.category, "seed": args.seed, "epochs": args.epochs, "max_train": args.max_train,
                     "pretrain_epochs": args.pretrain_epochs if args.curve == "apmask" else 0,
                     "backbone": args.backbone, "intermediate_scales": list(args.scales),
@@ -253,8 +265,12 @@ def report() -> None:
                   "apmask": f"APMask pre-training {s['pretrain_epochs']} epoch(s), then fine-tuned",
                   "untrained": "the detector before fine-tuning (backbone attention as the map), one scale per row"}
         title = titles.get(name) or f"snapshots of the {name[:-2]} curve re-evaluated at the six paper scales"
-        lines += [f"## {name}: {title}",
-                  "", f"Command: `{c['command']}`  "] + [f"Six-scale re-evaluation of a snapshot: `{x}`  "
+        by_cmd: dict[str, list[int]] = {}
+        for p in c["points"]:
+            by_cmd.setdefault(p.get("command", c["command"]), []).append(p["epoch"])
+        cmds = [f"Command: `{x}`" + ("" if len(by_cmd) == 1 else f" (epochs {', '.join(map(str, e))})") + "  "
+                for x, e in by_cmd.items()]
+        lines += [f"## {name}: {title}", ""] + cmds + [f"Six-scale re-evaluation of a snapshot: `{x}`  "
                                                            for x in c.get("extra_commands", [])] + [ f"Machine: {c['machine']}; {c['versions']}; {c['date']}.  ",
                   f"Setting: seed {s['seed']}, {s['epochs']} fine-tuning epochs in the run ({c['iters_per_epoch']} steps "
                   f"of 16 per epoch), **training images capped at {s['max_train']}** (of 209; the validation slice "

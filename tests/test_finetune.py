@@ -286,14 +286,14 @@ def test_figures_are_written(tmp_path, bottle):
 
     images = [bottle.image(s) for s in bottle.train[:2]]
     bb = _tiny()
-    p1 = fig_attention_panel(images, bb, tmp_path / "fig1.png", size=112)
+    p1 = fig_attention_panel(images, bb, tmp_path / "fig1.png", size=112, run="mvtec / bottle / seed 0")
     p2 = fig_synthetic_grid(images, ["attention", "cutpaste", "scar", "nsa", "fpi"], tmp_path / "fig4b.png",
-                            backbone=bb, size=112)
+                            backbone=bb, size=112, run="mvtec / bottle / seed 0")
     for p in (p1, p2):
         assert p.is_file() and p.stat().st_size > 20_000
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="attention"):
-        fig_synthetic_grid(images, ["attention"], tmp_path / "x.png")
+        fig_synthetic_grid(images, ["attention"], tmp_path / "x.png", run="mvtec / bottle / seed 0")
 
 
 def test_compiled_blocks_train_like_eager(tmp_path, bottle):

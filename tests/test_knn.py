@@ -67,6 +67,29 @@ def test_exact_search_agrees_with_a_brute_force_reference_for_any_chunking():
         knn.knn_distances(q, bank[:, :5])
 
 
+def test_bf16_search_returns_exact_distances_of_the_neighbours_it_chooses():
+    """search="bf16": each value is the fp32 distance to a real bank row, never below the exact k-th
+    distance, equal to it where the bf16 ranking agrees (here: most queries; off by at most the bf16
+    rounding elsewhere), ascending; the option is refused when misspelt."""
+    g = torch.Generator().manual_seed(6)
+    bank, q = unit(torch.randn(1031, 48, generator=g)), unit(torch.randn(203, 48, generator=g))
+    sims = q @ bank.T
+    for k in (1, 4):
+        exact = knn.knn_distances(q, bank, k=k)
+        got = knn.knn_distances(q, bank, k=k, query_chunk=64, bank_chunk=100, search="bf16")
+        assert got.shape == (203, k) and (got[:, 1:] >= got[:, :-1]).all()
+        assert (got >= exact - 1e-6).all() and (got - exact).max() < 0.02
+        assert ((got - exact).abs() < 1e-6).float().mean() > 0.97
+        # every value is the fp32 distance to some bank row of that query
+        assert (((1.0 - sims)[:, :, None] - got[:, None, :]).abs() < 1e-6).any(dim=1).all()
+        assert (knn.knn_distances(q, bank, k=k, search="bf16") - exact).abs().max() < 0.02
+    mb = knn.MemoryBank(search="bf16").fit(bank)
+    assert mb.features16.dtype == torch.bfloat16
+    torch.testing.assert_close(mb.score(q), knn.knn_distances(q, bank, search="bf16")[:, 0], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="search"):
+        knn.MemoryBank(search="fp16")
+
+
 def test_identical_patch_scores_zero_and_bank_rows_are_normalised():
     g = torch.Generator().manual_seed(2)
     raw = torch.randn(50, 16, generator=g) * 5.0
@@ -302,3 +325,31 @@ def test_bad_extension_settings_are_clear_errors(tmp_path, mvtec_root):
                        ({"knn_sigma_at": "x"}, "evaluate.knn_sigma_at")):
         with pytest.raises(ValueError, match=match):  # refused when the config is built (config.CONSTRAINTS)
             run_evaluate(replace(micro_cfg(tmp_path, mvtec_root), evaluate={"knn_layer": 1, **bad}), model=ConstantMap())
+
+
+def test_evaluate_extension_at_the_images_own_aspect_ratio(tmp_path, mvtec_root):
+    """evaluate.knn_aspect=keep: a folder data set of grey non-square images of several sizes runs
+    through the extension with fusion (bank features grouped by input shape, held-out images scored
+    one grid at a time); maps come back at the stored sizes."""
+    from PIL import Image
+
+    sizes = [(48, 80), (80, 48), (64, 64), (50, 90), (48, 80), (90, 50)]
+    for folder, seed0, shapes in (("good", 0, sizes), ("bad/blob", 50, sizes[:3])):
+        (tmp_path / "imgs" / folder).mkdir(parents=True)
+        for i, (h, w) in enumerate(shapes):
+            im = grey_texture(h, w, seed0 + i)
+            if folder != "good":
+                im[h // 3:h // 3 + 12, w // 3:w // 3 + 12] = 255
+            Image.fromarray(im[:, :, 0]).save(tmp_path / "imgs" / folder / f"{i}.png")
+    cfg = replace(micro_cfg(tmp_path, mvtec_root),
+                  data={"dataset": "folder", "root": str(tmp_path / "imgs"), "category": "grey", "normal_dir": "good",
+                        "abnormal_dir": "bad/blob", "normal_test_split": 0.34, "normal_val_split": 0.0,
+                        "max_test": None, "max_train": None},
+                  evaluate={"knn_layer": 1, "knn_sizes": [64], "fusion": "fused", "knn_holdout": 0.5, "knn_aspect": "keep"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = run_evaluate(cfg, model=ConstantMap())
+    assert set(m["methods"]) == {"paper", "knn", "fused"} and m["extension"]["holdout_images"] == 2
+    assert 0.0 <= m["methods"]["knn"]["image_auroc"] <= 1.0
+    with pytest.raises(ValueError, match="evaluate.knn_aspect"):
+        replace(cfg, evaluate={"knn_aspect": "crop"})

@@ -96,3 +96,55 @@ def test_models_are_models_only(path):
             imported.add(mod)
     bad = {m for m in imported for f in forbidden if m == f or m.startswith(f + ".")}
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+#: README "Code map": the layers, lowest first; a module may import its own layer and lower ones.
+LAYERS = {
+    "base": ["config", "devices", "rng", "repro", "fastpath", "files", "outputs", "fingerprint", "nonfinite",
+             "machine", "optim"],
+    "data": ["data"],
+    "models": ["models", "weights"],
+    "maths": ["masking", "sinkhorn", "collapse", "multicrop", "anomalies", "losses", "metrics", "multiscale",
+              "threshold", "knn"],
+    "figures": ["viz"],
+    "stages": ["runfolder", "training", "pretrain", "finetune", "finetune_data", "validation", "evaluate",
+               "knn_fusion", "knn_model", "predict", "export"],
+    "reports": ["reference", "tables", "report"],
+    "entry": ["cli", "notebook"],
+}
+#: stated in the README: the notebook figures 1 / 4b take fine-tuning's blend settings
+UPWARD_ALLOWED = {("apmask_lib.viz.paper", "apmask_lib.finetune")}
+
+
+def _layer_of(module: str) -> int:
+    top = module.split(".")[1]
+    for i, names in enumerate(LAYERS.values()):
+        if top in names:
+            return i
+    raise AssertionError(f"{module} is in no layer of tests/test_layers.py LAYERS: place it there and in "
+                         "README 'Code map'")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    ups = []
+    for m, targets in graph.items():
+        if not m.startswith("apmask_lib.") or m == "apmask_lib":
+            continue
+        for n in targets:
+            if n == "apmask_lib" or not n.startswith("apmask_lib."):
+                continue
+            if _layer_of(n) > _layer_of(m) and (m, n) not in UPWARD_ALLOWED:
+                ups.append(f"{m} -> {n}")
+    return ups
+
+
+def test_every_module_sits_in_a_layer_and_imports_no_higher_layer():
+    ups = upward_imports({m: imports(m) for m in MODULES})
+    assert not ups, f"imports from a higher layer (README 'Code map'): {ups}"
+
+
+def test_the_layer_check_can_fail():
+    """The base layer importing a stage, or a module in no layer, is caught."""
+    assert upward_imports({"apmask_lib.files": {"apmask_lib.evaluate"}}) == ["apmask_lib.files -> apmask_lib.evaluate"]
+    with pytest.raises(AssertionError, match="in no layer"):
+        upward_imports({"apmask_lib.newthing": {"apmask_lib.files"}})

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from apmask_lib.sinkhorn import sinkhorn, swapped_prediction_loss
+from apmask_lib.sinkhorn import push_queue, sinkhorn, sinkhorn_with_queue, swapped_prediction_loss
 
 
 def swav_reference(out: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
@@ -135,3 +135,95 @@ def test_distributed_matches_concatenated_batch(scores, tmp_path):
     mp.spawn(_worker, args=(2, init, scores, str(tmp_path)), nprocs=2, join=True)
     q = torch.cat([torch.load(tmp_path / f"q{r}.pt", weights_only=True) for r in range(2)])
     torch.testing.assert_close(q, sinkhorn(scores, eps=0.05, iters=3), rtol=1e-5, atol=1e-9)
+
+
+# --- SwAV's queue (small batches)
+def test_queue_absent_is_exactly_plain_sinkhorn(scores):
+    """No queue / an empty queue: the same tensor as today's sinkhorn, bit for bit."""
+    ref = sinkhorn(scores, eps=0.05, iters=3)
+    assert torch.equal(sinkhorn_with_queue(scores, None, eps=0.05, iters=3), ref)
+    assert torch.equal(sinkhorn_with_queue(scores, scores[:0], eps=0.05, iters=3), ref)
+
+
+def test_queue_codes_are_the_batch_rows_of_the_joint_plan(scores):
+    """Batch rows of the plan over batch + queue: rows sum to 1/(B+L); every prototype's column over
+    all B + L rows to 1/K (many iterations); equal to SwAV's cat(queue, batch) ordering, rows [-B:]."""
+    batch, queue = scores[:6], scores[6:]  # B = 6 < K = 20, L = 26
+    B, L, K = 6, 26, 20
+    q = sinkhorn_with_queue(batch, queue, eps=0.05, iters=3)
+    assert q.shape == (B, K)
+    torch.testing.assert_close(q.sum(1), torch.full((B,), 1.0 / (B + L)))
+    swav = swav_reference(torch.cat([queue, batch]).double(), 0.05, 3)[-B:].float()
+    torch.testing.assert_close(q, swav, rtol=1e-5, atol=1e-8)
+    joint = sinkhorn(torch.cat([batch, queue]), eps=0.05, iters=200)
+    torch.testing.assert_close(joint.sum(0), torch.full((K,), 1.0 / K), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(sinkhorn_with_queue(batch, queue, eps=0.05, iters=200), joint[:B])
+    with pytest.raises(ValueError, match="same K"):
+        sinkhorn_with_queue(batch, queue[:, :5])
+
+
+def test_queue_sharpens_codes_when_batch_is_smaller_than_k():
+    """The reason for the queue: with B < K each image must spread over >= K/B prototypes; with B + L
+    >= K samples to partition, the codes of distinct images can be confident."""
+    g = torch.Generator().manual_seed(1)
+    K = 20
+    protos = torch.nn.functional.normalize(torch.randn(K, 64, generator=g), dim=1)
+    z = protos[torch.arange(40) % K] + 0.05 * torch.randn(40, 64, generator=g)  # each sample near one prototype
+    s = torch.nn.functional.normalize(z, dim=1) @ protos.t()
+    ent = lambda q: float(-(q / q.sum(1, keepdim=True) * torch.log(q / q.sum(1, keepdim=True))).sum(1).mean())  # noqa: E731
+    alone = ent(sinkhorn(s[:4], eps=0.05, iters=3))
+    queued = ent(sinkhorn_with_queue(s[:4], s[4:], eps=0.05, iters=3))
+    assert alone > math.log(K / 4) - 0.1   # at least ln(K/B): forced spread
+    assert queued < alone - 1.0
+
+
+def test_push_queue_is_fifo_newest_first():
+    a, b, c = (torch.full((3, 2), float(i)) for i in (1, 2, 3))
+    q = push_queue(None, a, 5)
+    assert torch.equal(q, a) and q.data_ptr() != a.data_ptr()
+    q2 = push_queue(q, b, 5)
+    assert torch.equal(q2, torch.cat([b, a[:2]])) and torch.equal(q, a)  # input not modified
+    q3 = push_queue(q2, c, 5)
+    assert torch.equal(q3, torch.cat([c, b[:2]]))
+    assert push_queue(None, torch.ones(7, 2), 4).shape == (4, 2)
+    with pytest.raises(ValueError, match="length"):
+        push_queue(None, a, 0)
+    with pytest.raises(ValueError, match="differ"):
+        push_queue(q, torch.ones(1, 3), 5)
+
+
+def test_pretrain_loss_queue_zero_is_today_and_queue_fills():
+    """pretrain_loss: queue_length 0 leaves no queue state; with L > 0 the first step (empty queue)
+    gives exactly the loss without a queue, the queue then holds the teacher's projections (newest
+    first, at most L), and a later step's codes differ from the queue-free ones."""
+    from apmask_lib import pretrain as P
+    from apmask_lib.config import Config, replace
+    from apmask_lib.multicrop import MultiCrop
+
+    cfg = replace(Config(), backbone="random:vit_tiny16", device="cpu",
+                  pretrain={"global_size": 32, "local_size": 16, "n_local": 1, "hidden_dim": 32, "out_dim": 16,
+                            "n_prototypes": 6, "mask": "none"})
+    torch.manual_seed(0)
+    student = P.build_student(cfg)
+    crops = MultiCrop.from_config(cfg.pretrain)
+    va, vb = (crops(torch.randint(0, 256, (3, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(i)),
+                    torch.tensor([[40, 40]] * 3), torch.Generator().manual_seed(i)) for i in (0, 1))
+
+    def loss(p, teacher, views):
+        return P.pretrain_loss(student, teacher, views, p, torch.Generator().manual_seed(0))
+
+    def proj(teacher, views):
+        with torch.no_grad():
+            return teacher.head.projection(teacher.backbone(views.teacher).cls)
+
+    t0, t1 = P.build_student(cfg).eval(), P.build_student(cfg).eval()
+    t1.load_state_dict(t0.state_dict())
+    plain_a, plain_b = loss(cfg.pretrain, t0, va), loss(cfg.pretrain, t0, vb)
+    assert not hasattr(t0, "sinkhorn_queue")
+    pq = replace(cfg, pretrain={"queue_length": 5}).pretrain
+    assert torch.equal(loss(pq, t1, va), plain_a)  # empty queue: today's loss
+    assert torch.equal(t1.sinkhorn_queue, proj(t1, va))
+    queued_b = loss(pq, t1, vb)  # batch b balanced with a's 3 queued projections
+    assert torch.equal(t1.sinkhorn_queue, torch.cat([proj(t1, vb), proj(t1, va)[:2]]))
+    assert torch.isfinite(queued_b) and not torch.equal(queued_b, plain_b)
+    assert "sinkhorn_queue" not in t1.state_dict()

@@ -16,6 +16,8 @@ What this model adds over a plain ViT:
   explicit softmax weights of the [CLS] row (``attn="cls"``, cheap: q_cls·Kᵀ) or of
   the full matrix (``attn="full"``) when asked. The mean over heads of the [CLS] row
   is the saliency map the whole method uses (Eq. 2).
+* **Intermediate blocks** as timm's ``forward_intermediates`` (stopping after the last
+  requested block) and ``no_weight_decay`` (timm's names), for the kNN extension.
 
 Inputs are RGB images in [0, 1], shape (B, 3, H, W); the model normalises them
 itself with ``mean``/``std`` (ImageNet statistics, the one place they are written).
@@ -240,6 +242,56 @@ class VisionTransformer(nn.Module):
                 layers[i] = x
         x = self.norm(x)
         return ViTOutput(cls=x[:, 0], patches=x[:, 1:], attn=weights, grid=grid, keep_idx=keep_idx, layers=layers)
+
+    def forward_intermediates(
+        self,
+        images: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = True,
+        stop_early: bool = True,
+        output_fmt: str = "NLC",
+    ) -> list[torch.Tensor]:
+        """Patch tokens ([CLS] dropped) after the requested blocks, in the order of ``indices``.
+
+        timm's ``forward_intermediates`` (names and meaning; here it always returns the
+        intermediates only, timm's ``intermediates_only=True``): ``indices`` an int n = the last n
+        blocks, a sequence = block indices (0-based, negative from the end), None = all blocks;
+        ``norm`` passes each through the FINAL LayerNorm (DINOv2 ``get_intermediate_layers(norm=True)``,
+        what AnomalyDINO reads); ``stop_early`` runs no block after the last requested one (block 7
+        of 12: 4 blocks skipped, the same numbers); ``output_fmt`` "NLC" -> (B, h*w, C) row-major,
+        "NCHW" -> (B, C, h, w). images: (B, 3, H, W) in [0, 1]."""
+        depth = len(self.blocks)
+        if indices is None:
+            indices = range(depth)
+        elif isinstance(indices, int):
+            if not 1 <= indices <= depth:
+                raise ValueError(f"indices as a count must lie in [1, {depth}], got {indices}")
+            indices = range(depth - indices, depth)
+        wanted = []
+        for i in indices:
+            if not -depth <= int(i) < depth:
+                raise ValueError(f"block index must lie in [{-depth}, {depth - 1}] for a {depth}-block backbone, got {i}")
+            wanted.append(int(i) % depth)
+        if not wanted:
+            raise ValueError("forward_intermediates needs at least one block index")
+        if output_fmt not in ("NLC", "NCHW"):
+            raise ValueError(f"output_fmt must be 'NLC' or 'NCHW', got {output_fmt!r}")
+        x, grid = self.prepare_tokens(images)
+        found: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks[:max(wanted) + 1] if stop_early else self.blocks):
+            x, _ = blk(x, attn=None)
+            if i in wanted:
+                tokens = x[:, 1:]
+                found[i] = self.norm(tokens) if norm else tokens
+        out = [found[i] for i in wanted]
+        if output_fmt == "NCHW":
+            out = [t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *grid) for t in out]
+        return out
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay (timm's convention for ViTs): the position
+        embedding and the [CLS] token."""
+        return {"pos_embed", "cls_token"}
 
     @torch.no_grad()
     def get_last_selfattention(self, images: torch.Tensor) -> torch.Tensor:

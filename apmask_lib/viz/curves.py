@@ -1,20 +1,44 @@
-"""Training curves: fine-tuning loss beside the label-free validation signal, and learning curves
+"""Training curves: per-step losses, fine-tuning loss beside the label-free validation signal, and learning curves
 (test metrics against fine-tuning epochs) with reference lines."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
+
+from .figure import RunLabel, project_relative, pyplot, run_title
 
 METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "au_pro": "AU-PRO"}
 
 
-def _plt():
-    import matplotlib
+def _label(stage_dir: Path) -> RunLabel | str:
+    """The run of a stage folder, or its project-relative path when it has no config.json."""
+    try:
+        return RunLabel.from_run(stage_dir)
+    except FileNotFoundError:
+        return f"run {project_relative(stage_dir)}"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def loss_curve(csv_path: str | Path, columns: Iterable[str] = ("loss",), out_png: str | Path | None = None):
+    """Per-step columns of a training log (``<run>/pretrain/log.csv`` or ``finetune/log.csv``) with
+    the run in the title; returns the matplotlib figure."""
+    import pandas as pd
+
+    csv_path = Path(csv_path)
+    plt = pyplot()
+    df = pd.read_csv(csv_path)
+    fig, ax = plt.subplots(figsize=(6, 3.4), layout="constrained")
+    for c in columns:
+        if c in df:
+            ax.plot(df["step"], df[c], label=c)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    run_title(fig, f"{csv_path.parent.name}: training loss per step", _label(csv_path.parent))
+    if out_png:
+        Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=100)
+    return fig
 
 
 def finetune_curves(run: str | Path, out_png: str | Path | None = None):
@@ -26,8 +50,8 @@ def finetune_curves(run: str | Path, out_png: str | Path | None = None):
 
     run = Path(run)
     run = run / "finetune" if (run / "finetune").is_dir() else run
-    plt = _plt()
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.4))
+    plt = pyplot()
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
     log = pd.read_csv(run / "log.csv")
     for c in ("loss", "loss_det", "loss_seg"):
         if c in log:
@@ -47,7 +71,7 @@ def finetune_curves(run: str | Path, out_png: str | Path | None = None):
     else:
         ax1.text(0.5, 0.5, "no validation.csv\n(finetune.val_fraction = 0?)", ha="center", va="center")
     ax1.set_xlabel("epoch")
-    fig.tight_layout()
+    run_title(fig, "fine-tuning: losses and validation signal", _label(run))
     if out_png:
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out_png, dpi=100)
@@ -61,7 +85,7 @@ def learning_curve_figure(curves: Mapping[str, Mapping], paper: Mapping[str, Opt
     hollow markers where a point used fewer than the paper's six test scales), the paper's
     figure (``paper[metric]``, %) as a black dashed line and every peer (name + metrics, %) as a
     dotted line. Returns the figure."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4.2), sharex=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     peer_colours = ["tab:gray", "tab:olive", "tab:cyan", "tab:pink", "tab:brown"]
@@ -98,4 +122,4 @@ def learning_curve_figure(curves: Mapping[str, Mapping], paper: Mapping[str, Opt
     return fig
 
 
-__all__ = ["finetune_curves", "learning_curve_figure"]
+__all__ = ["loss_curve", "finetune_curves", "learning_curve_figure"]

@@ -1,38 +1,15 @@
 """Fig. 4a: localisation. Anomaly heatmaps over the test images, ground truth outlined in green."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Optional, Sequence
 
 import cv2
 import numpy as np
 
+from .figure import RunLabel, add_colorbar, pyplot, run_title, save_figure
+
 GT_COLOR = (0, 255, 0)  # RGB green
-
-
-def save_figure(fig, out_png: str | Path, dpi: int = 110) -> Path:
-    """Write a matplotlib figure as PNG atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    from ..files import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    out_png = Path(out_png)
-    atomic_write_bytes(out_png, buf.getvalue())
-    return out_png
-
-
-def pyplot():
-    """matplotlib.pyplot with the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def heatmap_overlay(image: np.ndarray, amap: np.ndarray, vmin: float = 0.0, vmax: float = 1.0,
@@ -61,15 +38,21 @@ def outline_mask(image: np.ndarray, mask: Optional[np.ndarray], color=GT_COLOR, 
     return out
 
 
+#: colourbar label of the detector's map (mean over test scales of the segmentation sigmoid)
+DETECTOR_MAP_LABEL = "anomaly score\n(detector probability, mean over scales)"
+
+
 def fig_localization(images: Sequence[np.ndarray], maps: Sequence[np.ndarray],
                      masks: Sequence[Optional[np.ndarray]], out_png: str | Path,
                      titles: Optional[Sequence[str]] = None, vmin: Optional[float] = None,
-                     vmax: Optional[float] = None) -> Path:
+                     vmax: Optional[float] = None, *, run: RunLabel | str,
+                     colour_label: str = DETECTOR_MAP_LABEL, method: str = "paper method (detector)") -> Path:
     """Two rows per column: the image with its ground truth outlined, and the heatmap overlay (same
     outline). images RGB uint8 (H, W, 3); maps (H, W); masks bool (H, W) or None.
 
     One colour scale for the whole figure, so images stay comparable: ``vmin``/``vmax`` default to
-    the min/max over all the maps shown (printed in the title); pass 0 and 1 for absolute probabilities."""
+    the min/max over all the maps shown; pass 0 and 1 for absolute probabilities. A colourbar labelled
+    ``colour_label`` shows the scale; the suptitle names ``method`` and the ``run``."""
     if not (len(images) == len(maps) == len(masks)) or not images:
         raise ValueError(f"need equal, non-zero numbers of images/maps/masks, got "
                          f"{len(images)}/{len(maps)}/{len(masks)}")
@@ -77,7 +60,7 @@ def fig_localization(images: Sequence[np.ndarray], maps: Sequence[np.ndarray],
     vmax = float(max(np.max(m) for m in maps)) if vmax is None else vmax
     plt = pyplot()
     n = len(images)
-    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(2.2 * n + 1.0, 5.2), squeeze=False, layout="constrained")
     for c, (im, m, gt) in enumerate(zip(images, maps, masks)):
         axes[0][c].imshow(outline_mask(im, gt))
         axes[1][c].imshow(outline_mask(heatmap_overlay(im, m, vmin, vmax), gt))
@@ -88,9 +71,10 @@ def fig_localization(images: Sequence[np.ndarray], maps: Sequence[np.ndarray],
             axes[r][c].set_yticks([])
     axes[0][0].set_ylabel("image + GT", fontsize=8)
     axes[1][0].set_ylabel("anomaly map", fontsize=8)
-    fig.suptitle(f"localisation (green: ground truth; colour scale {vmin:.3g} blue .. {vmax:.3g} red)", fontsize=9)
-    fig.tight_layout()
+    add_colorbar(fig, axes[1], colour_label, vmin, vmax)
+    run_title(fig, f"localisation, {method}\ngreen: ground truth; colour scale {vmin:.3g}..{vmax:.3g} "
+                   "(min..max of the maps shown)", run)
     return save_figure(fig, out_png)
 
 
-__all__ = ["GT_COLOR", "save_figure", "pyplot", "heatmap_overlay", "outline_mask", "fig_localization"]
+__all__ = ["GT_COLOR", "DETECTOR_MAP_LABEL", "save_figure", "pyplot", "heatmap_overlay", "outline_mask", "fig_localization"]

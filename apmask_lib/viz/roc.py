@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .localization import pyplot, save_figure
+from .figure import RunLabel, pyplot, run_title, save_figure
 
 
 @dataclass
@@ -30,25 +30,26 @@ def thin_curve(fpr: np.ndarray, tpr: np.ndarray, max_points: int = 4000) -> tupl
     return fpr[idx], tpr[idx]
 
 
-def fig_roc(curves: Sequence[RocCurve], out_png: str | Path) -> Path:
-    """One ROC panel per curve, with the chance diagonal."""
+def fig_roc(curves: Sequence[RocCurve], out_png: str | Path, *, run: RunLabel | str,
+            what: str = "ROC curves on the test set") -> Path:
+    """One ROC panel per curve, with the chance diagonal; the suptitle names ``what`` and the ``run``."""
     if not curves:
         raise ValueError("no ROC curves to plot")
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(curves), figsize=(3.4 * len(curves), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(curves), figsize=(max(3.4 * len(curves), 5.0), 3.9), squeeze=False,
+                             layout="constrained")
     for ax, c in zip(axes[0], curves):
         x, y = thin_curve(c.fpr, c.tpr)
         label = f"AUROC = {c.auc:.4f}" if c.auc is not None and np.isfinite(c.auc) else None
         ax.plot(x, y, lw=1.5, label=label)
-        ax.plot([0, 1], [0, 1], "k--", lw=0.7)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.7, label="chance")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.01)
         ax.set_xlabel("false positive rate")
         ax.set_ylabel("true positive rate")
         ax.set_title(c.name, fontsize=9)
-        if label:
-            ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+        ax.legend(loc="lower right", fontsize=8)
+    run_title(fig, what, run)
     return save_figure(fig, out_png)
 
 

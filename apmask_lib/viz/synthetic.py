@@ -7,7 +7,6 @@ state) and write the PNG atomically. Randomness comes from ``seed`` only.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -16,8 +15,11 @@ import numpy as np
 import torch
 
 from ..anomalies import make_anomaly
+from .figure import RunLabel, add_colorbar, run_title, save_figure
 
 OUTLINE = (255, 40, 40)
+#: colourbar label of :func:`heatmap` overlays
+ATTENTION_LABEL = "mean [CLS] attention, last layer\n(min-max normalised per image, 0-1)"
 
 
 def outline(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = OUTLINE, thickness: int = 1) -> np.ndarray:
@@ -65,15 +67,16 @@ def _saliency(backbone, images: Sequence[np.ndarray]) -> np.ndarray:
     return backbone.saliency(x).float().cpu().numpy()
 
 
-def _grid_figure(rows: list[list[np.ndarray]], col_titles: Sequence[str], out_png: str | Path,
-                 row_labels: Optional[Sequence[str]] = None, cell: float = 2.0) -> Path:
+def _grid_figure(rows: list[list[np.ndarray]], col_titles: Sequence[str], out_png: str | Path, title: str,
+                 run: RunLabel | str, row_labels: Optional[Sequence[str]] = None, cell: float = 2.0,
+                 heat_cols: Sequence[int] = (), heat_label: str = ATTENTION_LABEL) -> Path:
+    """Grid of RGB images (rows x columns) with column titles, a two-line suptitle (``title``, ``run``)
+    and, when ``heat_cols`` names heatmap columns, one colourbar for them labelled ``heat_label``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..files import atomic_write_bytes
-
     nr, nc = len(rows), len(col_titles)
-    fig = Figure(figsize=(cell * nc, cell * nr + 0.3))
+    fig = Figure(figsize=(cell * nc, cell * nr + (1.3 if heat_cols else 0.7)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nr, nc, squeeze=False)
     for r, row in enumerate(rows):
@@ -86,19 +89,19 @@ def _grid_figure(rows: list[list[np.ndarray]], col_titles: Sequence[str], out_pn
                 ax.set_title(col_titles[c], fontsize=8)
             if c == 0 and row_labels is not None:
                 ax.set_ylabel(row_labels[r], fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    out_png = Path(out_png)
-    atomic_write_bytes(out_png, buf.getvalue())
-    return out_png
+    if heat_cols:
+        add_colorbar(fig, axes[-1, list(heat_cols)], heat_label, 0.0, 1.0, location="bottom")
+    run_title(fig, title, run)
+    return save_figure(fig, out_png)
 
 
 def fig_attention_panel(images: Sequence[np.ndarray], backbone, out_png: str | Path, mask_ratio: float = 0.3,
-                        kind: str = "attention", size: int = 224, seed: int = 0, poisson: bool = False) -> Path:
+                        kind: str = "attention", size: int = 224, seed: int = 0, poisson: bool = False, *,
+                        run: RunLabel | str) -> Path:
     """Fig. 1-style panel, one row per real image: input | mean [CLS] attention (Eq. 2) | APMask
     view (the ceil(r·N) least-attended patches greyed, Eq. 3-4) | a synthetic anomaly of ``kind``
-    guided by that attention, outlined. ``nsa``/``fpi`` take their source from the next image."""
+    guided by that attention, outlined. ``nsa``/``fpi`` take their source from the next image.
+    The attention column has a colourbar; the suptitle names the ``run`` (data and backbone)."""
     from ..masking import keep_indices
 
     size = size - size % backbone.patch_size
@@ -114,17 +117,20 @@ def fig_attention_panel(images: Sequence[np.ndarray], backbone, out_png: str | P
         src = ims[(i + 1) % len(ims)] if len(ims) > 1 else None
         syn, m = make_anomaly(im, kind, rng, attention=att, source=src, poisson=poisson)
         rows.append([im, heatmap(im, att), grey_patches(im, drop, grid), outline(syn, m)])
-    titles = ["input", "mean [CLS] attention", f"APMask (r={mask_ratio:g})", f"synthetic ({kind})"]
-    return _grid_figure(rows, titles, out_png)
+    titles = ["input", "mean [CLS] attention", f"APMask (r={mask_ratio:g}, grey = dropped)", f"synthetic ({kind}, outlined)"]
+    return _grid_figure(rows, titles, out_png, "Fig. 1: attention, APMask view and attention-guided anomaly", run,
+                        heat_cols=[1])
 
 
 def fig_synthetic_grid(images: Sequence[np.ndarray], kinds: Sequence[str], out_png: str | Path,
                        backbone=None, attentions: Optional[Sequence[np.ndarray]] = None, size: int = 224,
-                       seed: int = 0, poisson: bool = False, blend: str = "normal") -> Path:
+                       seed: int = 0, poisson: bool = False, blend: str = "normal", *,
+                       run: RunLabel | str) -> Path:
     """Fig. 4b-style grid: one row per image, one column per anomaly kind (first column the input),
     each synthetic anomaly with its mask outlined. Kind ``attention`` needs ``attentions`` (one
-    (h, w) map per image) or a ``backbone`` to compute them; ``nsa``/``fpi`` use the next image as
-    source."""
+    (h, w) map per image) or a ``backbone`` to compute them; the attention map that guides it is
+    then shown as a second column, with a colourbar. ``nsa``/``fpi`` use the next image as source.
+    The suptitle names the ``run``."""
     if backbone is not None:
         size = size - size % backbone.patch_size
     ims = _resize_all(images, size)
@@ -135,14 +141,16 @@ def fig_synthetic_grid(images: Sequence[np.ndarray], kinds: Sequence[str], out_p
     rng = np.random.default_rng(seed)
     rows = []
     for i, im in enumerate(ims):
-        row = [im]
+        row = [im] + ([heatmap(im, attentions[i])] if attentions is not None else [])
         src = ims[(i + 1) % len(ims)] if len(ims) > 1 else None
         for kind in kinds:
             att = None if attentions is None else attentions[i]
             syn, m = make_anomaly(im, kind, rng, attention=att, source=src, poisson=poisson, blend=blend)
             row.append(outline(syn, m))
         rows.append(row)
-    return _grid_figure(rows, ["input", *kinds], out_png)
+    head = ["input"] + (["attention (guides 'attention')"] if attentions is not None else [])
+    return _grid_figure(rows, [*head, *kinds], out_png, "Fig. 4b: synthetic anomalies of each kind (pasted region outlined)",
+                        run, heat_cols=[1] if attentions is not None else [])
 
 
-__all__ = ["outline", "grey_patches", "heatmap", "fig_attention_panel", "fig_synthetic_grid"]
+__all__ = ["ATTENTION_LABEL", "outline", "grey_patches", "heatmap", "fig_attention_panel", "fig_synthetic_grid"]

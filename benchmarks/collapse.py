@@ -1,0 +1,207 @@
+"""Does APMask pre-training collapse, and which change stops it? (issue 13 §2b; a benchmark, not a test)
+
+Short pre-trainings at the demo's small settings (``params.yaml``: 112 px, batch 8, 4 local crops of
+56 px; ``--epochs`` 3 and ``--max-train`` 24 images per data set, so every data set gets the same 9 steps)
+for each variant of the SwAV objective, on the demo textures, MVTec AD bottle and the NIH subset
+(``../shared/data``). Per epoch, the collapse diagnostics that pre-training logs
+(``pretrain/log.jsonl``; :mod:`apmask_lib.collapse`) are tabulated into ``results/collapse.json`` /
+``results/collapse.md`` with the command, machine and load average.
+
+Variants (``--variants``; config overrides of ``pretrain``):
+
+* ``base``: today's defaults (``sinkhorn_eps`` 0.05, ``n_prototypes`` 20, no queue),
+* ``eps0.02`` / ``eps0.01`` / ``eps0.003``: a smaller Sinkhorn ε (sharper codes for the same teacher
+  scores; the teacher's scores differ between images by ~0.015, so ε must approach that to matter),
+* ``K8``: K = 8 prototypes = the batch size (K ≤ B),
+* ``queue32``: SwAV's queue of the last 32 teacher embeddings in Sinkhorn (``pretrain.queue_length``),
+* ``eps0.01+queue32`` / ``eps0.003+queue32``: both.
+
+What counts as a fix (README): on EVERY data set the teacher spread grows over the epochs (instead of
+shrinking) or the agreement of the student's arg-max with the codes rises above chance (1/K).
+
+    nice -n 5 .venv/bin/python benchmarks/collapse.py               # runs what is missing, then --report
+    .venv/bin/python benchmarks/collapse.py --report
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from benchmarks.common import versions  # noqa: E402
+
+from apmask_lib.collapse import STAT_COLUMNS  # noqa: E402
+from apmask_lib.config import load_params  # noqa: E402
+from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.machine import cpu_model  # noqa: E402
+
+JSON = ROOT / "results" / "collapse.json"
+MD = ROOT / "results" / "collapse.md"
+
+VARIANTS = {
+    "base": {},
+    "eps0.02": {"sinkhorn_eps": 0.02},
+    "eps0.01": {"sinkhorn_eps": 0.01},
+    "K8": {"n_prototypes": 8},
+    "queue32": {"queue_length": 32},
+    "eps0.01+queue32": {"sinkhorn_eps": 0.01, "queue_length": 32},
+    "eps0.003": {"sinkhorn_eps": 0.003},
+    "eps0.003+queue32": {"sinkhorn_eps": 0.003, "queue_length": 32},
+}
+# name -> (dataset, root relative to the project, category)
+DATASETS = {
+    "brick": ("demo", "data/demo", "brick"),
+    "grass": ("demo", "data/demo", "grass"),
+    "gravel": ("demo", "data/demo", "gravel"),
+    "bottle": ("mvtec", "../shared/data/mvtec_ad", "bottle"),
+    "nih": ("nih", "../shared/data/nih_cxr14", "all"),
+}
+
+
+def variant_config(args, data: str, variant: str):
+    """``params.yaml`` (the demo profile) with the data set, the image cap, the epochs and the variant's
+    ``pretrain`` overrides; the run folder is ``<runs>/<data>/<variant>_e<epochs>_n<max_train>``."""
+    kind, root, cat = DATASETS[data]
+    root = Path(root) if Path(root).is_absolute() else (ROOT / root).resolve()
+    ov = [f"data.dataset={kind}", f"data.root={root}", f"data.category={cat}", f"data.max_train={args.max_train}",
+          f"pretrain.epochs={args.epochs}", "device=cpu", f"seed={args.seed}",
+          f"out_dir={ROOT / args.runs / data / f'{variant}_e{args.epochs}_n{args.max_train}'}"]
+    ov += [f"pretrain.{k}={v}" for k, v in VARIANTS[variant].items()]
+    return load_params(ROOT / "params.yaml", ov)
+
+
+def run_one(args, data: str, variant: str) -> dict:
+    from apmask_lib.pretrain import run_pretrain
+
+    cfg = variant_config(args, data, variant)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    out = run_pretrain(cfg, resume=True, progress=False)
+    secs = time.perf_counter() - t0
+    epochs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    run = json.loads((out / "config.json").read_text())["_run"]
+    return {"data": data, "variant": variant, "overrides": VARIANTS[variant], "k": cfg.pretrain.n_prototypes,
+            "epochs_run": args.epochs, "max_train": args.max_train,
+            "n_train": run["n_train"], "batch": run["global_batch"], "iters_per_epoch": run["iters_per_epoch"],
+            "epochs": [{k: e.get(k) for k in ("epoch", "loss") + STAT_COLUMNS} for e in epochs],
+            "seconds": secs, "load_start": list(load0), "load_end": list(os.getloadavg())}
+
+
+def verdict(r: dict) -> dict:
+    """Per run: does the teacher spread grow (last epoch > first) and is the agreement above chance
+    (mean of the last two epochs > 1/K + 0.05)? Both from the logged per-epoch means."""
+    e = r["epochs"]
+    chance = 1.0 / r["k"]
+    agree = sum(x["agreement"] for x in e[-2:]) / len(e[-2:])
+    return {"spread_grows": e[-1]["teacher_spread"] > e[0]["teacher_spread"],
+            "agreement_above_chance": agree > chance + 0.05, "chance": chance, "late_agreement": agree}
+
+
+def _key(r: dict) -> tuple:
+    """A run's identity in the JSON: data set, variant, epochs, image cap."""
+    return r["data"], r["variant"], r.get("epochs_run"), r.get("max_train")
+
+
+def save(args, results: list[dict]) -> None:
+    data = json.loads(JSON.read_text()) if JSON.is_file() else {"runs": []}
+    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    cmd = env + "nice -n 5 .venv/bin/python benchmarks/collapse.py " + " ".join(shlex.quote(a) for a in args.argv)
+    old_setting = data.get("setting", {})
+    data["runs"] = [{"epochs_run": old_setting.get("epochs"), "max_train": old_setting.get("max_train"), **r,
+                     "command": r.get("command", data.get("command"))} for r in data["runs"]]
+    new = {_key(r) for r in results}
+    data["runs"] = [r for r in data["runs"] if _key(r) not in new] + [{**r, "command": cmd} for r in results]
+    data.update({"command": cmd,
+                 "machine": f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device cpu",
+                 "versions": versions(), "date": dt.datetime.now().isoformat(timespec="seconds"),
+                 "setting": {"profile": "params.yaml (demo: 112 px, batch 8, 4 local crops of 56 px, apmask r=0.3)",
+                             "epochs": args.epochs, "max_train": args.max_train, "seed": args.seed}})
+    JSON.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(JSON, json.dumps(data, indent=1))
+
+
+def report() -> None:
+    data = json.loads(JSON.read_text())
+    s = data["setting"]
+    lines = ["# Pre-training collapse: variants of the SwAV objective (issue 13 §2b)", "",
+             f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by `benchmarks/collapse.py --report` from "
+             "`results/collapse.json`.", "",
+             "Commands (each run's own in the JSON): " + "; ".join(
+                 f"`{c}`" for c in dict.fromkeys(r.get("command", data["command"]) for r in data["runs"])) + "  ",
+             f"Machine: {data['machine']}; {data['versions']}; {data['date']}.  ",
+             f"Setting: {s['profile']}, epochs and the training-image cap per run (below), "
+             f"seed {s['seed']}; backbone `dinov2-s14-offline`. Columns are per-epoch means of the per-step "
+             "diagnostics of `apmask_lib/collapse.py` (code entropy: ln K = uniform codes; teacher spread: std over "
+             "the batch of the teacher's prototype scores; proto perplexity: K = all prototypes used equally; "
+             "agreement: student arg-max = code arg-max, chance = 1/K).", "",
+             "A variant fixes the collapse if, on every data set, the teacher spread grows from the first to the "
+             "last epoch or the agreement of the last two epochs is above chance + 0.05.", "",
+             "## Verdict per run", "",
+             "| data | variant | epochs × steps | K | ln K | loss first → last | code entropy last | teacher spread first → last | "
+             "agreement last 2 (chance) | spread grows | agreement > chance | s | load 1 min start/end |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    import math
+    for r in data["runs"]:
+        v, e = verdict(r), r["epochs"]
+        lines.append(f"| {r['data']} | {r['variant']} | {r.get('epochs_run', s['epochs'])} × {r['iters_per_epoch']} | {r['k']} | {math.log(r['k']):.3f} | {e[0]['loss']:.3f} → "
+                     f"{e[-1]['loss']:.3f} | {e[-1]['code_entropy']:.3f} | {e[0]['teacher_spread']:.4f} → "
+                     f"{e[-1]['teacher_spread']:.4f} | {v['late_agreement']:.2f} ({v['chance']:.2f}) | "
+                     f"{'yes' if v['spread_grows'] else 'no'} | {'yes' if v['agreement_above_chance'] else 'no'} | "
+                     f"{r['seconds']:.0f} | {r['load_start'][0]:.1f} / {r['load_end'][0]:.1f} |")
+    lines += ["", "## Per epoch", ""]
+    for r in data["runs"]:
+        lines += [f"### {r['data']} / {r['variant']}, {r.get('epochs_run', s['epochs'])} epochs (overrides {r['overrides'] or 'none'}; {r['n_train']} images, "
+                  f"batch {r['batch']}, {r['iters_per_epoch']} steps per epoch)", "",
+                  "| epoch | loss | code entropy | student entropy | teacher spread | proto perplexity | protos used | "
+                  "agreement |", "|---|---|---|---|---|---|---|---|"]
+        for x in r["epochs"]:
+            lines.append(f"| {x['epoch']} | {x['loss']:.3f} | {x['code_entropy']:.3f} | {x['student_entropy']:.3f} | "
+                         f"{x['teacher_spread']:.4f} | {x['proto_perplexity']:.1f} | {x['protos_used']:.1f} | "
+                         f"{x['agreement']:.2f} |")
+        lines.append("")
+    atomic_write_text(MD, "\n".join(lines) + "\n")
+    print("\n".join(lines[:16 + len(data["runs"])]))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", nargs="+", default=["brick", "bottle", "nih"], choices=sorted(DATASETS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--max-train", type=int, default=24, help="training images per data set (the demo has 40; 24 = 3 steps per epoch)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--runs", default="runs/collapse")
+    ap.add_argument("--report", action="store_true", help="render results/collapse.md from the JSON only")
+    args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    if not args.report:
+        for variant in args.variants:  # variant-major: an interrupted call still covers every data set per variant
+            for data in args.data:
+                r = run_one(args, data, variant)
+                v = verdict(r)
+                print(f"{data} / {variant}: loss {r['epochs'][0]['loss']:.3f} -> {r['epochs'][-1]['loss']:.3f}, spread "
+                      f"{r['epochs'][0]['teacher_spread']:.4f} -> {r['epochs'][-1]['teacher_spread']:.4f}, agreement "
+                      f"{v['late_agreement']:.2f} (chance {v['chance']:.2f}), {r['seconds']:.0f} s, "
+                      f"load {r['load_start'][0]:.1f}", flush=True)
+                save(args, [r])
+    report()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
