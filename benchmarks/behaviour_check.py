@@ -42,7 +42,8 @@ for cmd in ('pretrain', 'finetune', 'evaluate'):
 """
 
 
-def _digest(path: Path) -> str:
+def tensor_digest(path: Path) -> str:
+    """md5 over every tensor of a checkpoint (sorted keys, nested dicts walked): equal iff bitwise equal."""
     import torch
 
     h = hashlib.md5()
@@ -90,8 +91,8 @@ def fingerprint(work: Path) -> dict:
     metrics = json.loads((out / "evaluate" / "metrics.json").read_text())
     maps = sorted((out / "evaluate" / "maps").rglob("*.npy"))
     return {"pretrain_losses": losses("pretrain"), "finetune_losses": losses("finetune"),
-            "weights": {"pretrain/backbone.pt": _digest(out / "pretrain" / "backbone.pt"),
-                        "finetune/model.pt": _digest(out / "finetune" / "model.pt")},
+            "weights": {"pretrain/backbone.pt": tensor_digest(out / "pretrain" / "backbone.pt"),
+                        "finetune/model.pt": tensor_digest(out / "finetune" / "model.pt")},
             "metrics": _floats(metrics),
             "maps_md5": hashlib.md5(b"".join(p.read_bytes() for p in maps)).hexdigest(), "n_maps": len(maps)}
 

@@ -19,8 +19,8 @@ Variants (``--variants``; config overrides of ``pretrain``):
 What counts as a fix (README): on EVERY data set the teacher spread grows over the epochs (instead of
 shrinking) or the agreement of the student's arg-max with the codes rises above chance (1/K).
 
-    nice -n 5 .venv/bin/python benchmarks/collapse.py               # runs what is missing, then --report
-    .venv/bin/python benchmarks/collapse.py --report
+    nice -n 5 .venv/bin/python -m benchmarks.collapse               # runs what is missing, then --report
+    .venv/bin/python -m benchmarks.collapse --report
 """
 from __future__ import annotations
 
@@ -38,8 +38,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmarks.common import versions  # noqa: E402
 
@@ -118,7 +116,7 @@ def _key(r: dict) -> tuple:
 def save(args, results: list[dict]) -> None:
     data = json.loads(JSON.read_text()) if JSON.is_file() else {"runs": []}
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    cmd = env + "nice -n 5 .venv/bin/python benchmarks/collapse.py " + " ".join(shlex.quote(a) for a in args.argv)
+    cmd = env + "nice -n 5 .venv/bin/python -m benchmarks.collapse " + " ".join(shlex.quote(a) for a in args.argv)
     old_setting = data.get("setting", {})
     data["runs"] = [{"epochs_run": old_setting.get("epochs"), "max_train": old_setting.get("max_train"), **r,
                      "command": r.get("command", data.get("command"))} for r in data["runs"]]

@@ -21,9 +21,9 @@ start=$(date +%s)
   $PY -c "import torch, torchvision, timm, cv2; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'cv2', cv2.__version__)"; } 2>&1 | tee "$OUT/machine.txt"
 common=(--device "$DEVICE" --size "$SIZE" --backbone "$BACKBONE" --data demo-bottle-sized --results "$OUT/benchmarks.json")
 if [ "$E2E" = 1 ]; then
-  timeout 540 $PY benchmarks/speed.py "${common[@]}" --compile "${COMPILE:-none}" --e2e 2>&1 | tee "$OUT/speed_e2e.log"
+  timeout 540 $PY -m benchmarks.speed "${common[@]}" --compile "${COMPILE:-none}" --e2e 2>&1 | tee "$OUT/speed_e2e.log"
 else
-  timeout 220 $PY benchmarks/speed.py "${common[@]}" --compile none --rank-image 2>&1 | tee "$OUT/speed_none.log"
-  timeout 300 $PY benchmarks/speed.py "${common[@]}" --compile "${COMPILE:-reduce-overhead}" 2>&1 | tee "$OUT/speed_compiled.log"
+  timeout 220 $PY -m benchmarks.speed "${common[@]}" --compile none --rank-image 2>&1 | tee "$OUT/speed_none.log"
+  timeout 300 $PY -m benchmarks.speed "${common[@]}" --compile "${COMPILE:-reduce-overhead}" 2>&1 | tee "$OUT/speed_compiled.log"
 fi
 echo "device_check: $(( $(date +%s) - start )) s"

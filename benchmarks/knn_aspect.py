@@ -16,7 +16,7 @@ with the default read-out (offline ViT-S/14 block 7, sizes 224 + 448 averaged, k
 score, sigma 4 px at the stored size), metrics at each image's stored size. Grey files are read as
 three equal channels (``read_image``). Writes ``results/knn_aspect.{md,json}``::
 
-    .venv/bin/python benchmarks/knn_aspect.py --categories brick grass gravel
+    .venv/bin/python -m benchmarks.knn_aspect --categories brick grass gravel
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from apmask_lib.config import Config  # noqa: E402
 from apmask_lib.data import build_dataset  # noqa: E402
@@ -138,7 +137,7 @@ def main(argv=None) -> int:
             m = rows[cat][name]
             print(f"{cat:8s} {name:18s} {m['image_auroc']:6.2f} {m['pixel_auroc']:6.2f} {m['au_pro']:6.2f} "
                   f"load {os.getloadavg()[0]:.1f}", flush=True)
-    cmd = ".venv/bin/python benchmarks/knn_aspect.py " + " ".join(
+    cmd = ".venv/bin/python -m benchmarks.knn_aspect " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     for r in rows.values():
         r["command"] = cmd

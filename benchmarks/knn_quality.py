@@ -30,7 +30,7 @@ Rule for a new default (issue 16): it must help on every data set. Training imag
 with ``--max-train`` (first N; the test sets are complete). Writes ``results/knn_quality.{md,json}``.
 Example (2 CPU cores shared with other jobs)::
 
-    .venv/bin/python benchmarks/knn_quality.py --max-train 50
+    .venv/bin/python -m benchmarks.knn_quality --max-train 50
 """
 from __future__ import annotations
 
@@ -48,8 +48,6 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmarks.knn_readout import DATA_ROOTS, ground_truth  # noqa: E402
 
@@ -243,7 +241,7 @@ def main(argv=None) -> int:
     bins = Config().evaluate.pixel_bins
     res: dict = {"datasets": [], "variants": {v: {} for v in VARIANTS}, "info": {}, "sizes": args.sizes,
                  "load_before": load_before,
-                 "command": ".venv/bin/python benchmarks/knn_quality.py " + " ".join(
+                 "command": ".venv/bin/python -m benchmarks.knn_quality " + " ".join(
                      shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
                  "machine": f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device cpu"}
     for item in args.datasets:

@@ -21,7 +21,7 @@ Writes ``results/knn_readout.{md,json}`` (atomically) with the command, machine 
 Example (2 CPU cores: ~40 min for the two default sizes on all five data sets, most of it bottle
 and NIH at 448 px; reruns with the cache take minutes)::
 
-    .venv/bin/python benchmarks/knn_readout.py --device cpu
+    .venv/bin/python -m benchmarks.knn_readout --device cpu
 """
 from __future__ import annotations
 
@@ -40,8 +40,6 @@ import torch
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmarks.common import versions  # noqa: E402
 
@@ -200,7 +198,7 @@ def main(argv=None) -> int:
            "datasets": args.datasets, "variants": per_variant, "default": default, "no_worse": no_worse,
            "seconds": seconds, "backbone": args.backbone, "layer_sets": layer_sets, "pixel_bins": bins,
            "versions": versions()}
-    cmd = ".venv/bin/python benchmarks/knn_readout.py " + " ".join(
+    cmd = ".venv/bin/python -m benchmarks.knn_readout " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     machine = (f"{cpu_model()}, {os.cpu_count()} cores, torch threads "
                f"{torch.get_num_threads()}, device {device}")

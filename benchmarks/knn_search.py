@@ -6,7 +6,7 @@ times ``knn_distances`` as it was before issue 16 (4096 x 65536 similarity block
 blocks written into one reused buffer, reduced with a row maximum for k = 1), alternating in
 ``--rounds`` rounds, and checks both return the same distances. Writes results/knn_search.{md,json}::
 
-    .venv/bin/python benchmarks/knn_search.py --queries 8192 --bank 65536
+    .venv/bin/python -m benchmarks.knn_search --queries 8192 --bank 65536
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from apmask_lib.knn import knn_distances  # noqa: E402
 from apmask_lib.files import atomic_write_text  # noqa: E402
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
     err = float(((q[:2048].bfloat16() @ bank.bfloat16().T).float() - sim32).abs().max())
     nn = float((1.0 - sim32.amax(dim=1)).median())
     del sim32
-    cmd = ".venv/bin/python benchmarks/knn_search.py " + " ".join(
+    cmd = ".venv/bin/python -m benchmarks.knn_search " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     lines = ["# Exact kNN search: previous vs current implementation", "",
              f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by `benchmarks/knn_search.py`.", "",

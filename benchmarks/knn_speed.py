@@ -29,7 +29,7 @@ what the table tests is that the search and the memory grow no faster than the b
 
 Writes ``results/knn_speed.{md,json}`` (atomically). Example (2 CPU cores shared with other jobs, ~30 min)::
 
-    .venv/bin/python benchmarks/knn_speed.py --rounds 1 --train 50 --scaling 50 100 209 418 --scaling-test 20
+    .venv/bin/python -m benchmarks.knn_speed --rounds 1 --train 50 --scaling 50 100 209 418 --scaling-test 20
 """
 from __future__ import annotations
 
@@ -49,8 +49,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from apmask_lib.files import atomic_write_text  # noqa: E402
 from apmask_lib.machine import cpu_model  # noqa: E402
@@ -251,7 +249,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`child` in a fresh process (own peak memory); returns its row."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.knn_speed", "--child", json.dumps(spec)],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-4000:]}")
@@ -285,7 +283,7 @@ def variant(row) -> str:
 
 def render(res: dict[str, Any], cmd: str, machine: str) -> str:
     lines = ["# kNN extension: speed and scaling on the CPU", "",
-             f"Generated {res['date']} by `benchmarks/knn_speed.py` (total {res['total_s']:.0f} s for the last command).", "",
+             f"Generated {res['date']} by `python -m benchmarks.knn_speed` (total {res['total_s']:.0f} s for the last command).", "",
              f"Command(s), in order (each round's row records its own): `{cmd}`", "", f"Machine: {machine}.", "",
              "Bank + inference = wall time of reading and resizing the images, patch features of every training "
              "image, the memory bank, and features + nearest-neighbour search + pixel maps of every test image "
@@ -365,7 +363,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(json.loads(args.child)), default=float))
         return 0
     t_start = time.perf_counter()
-    cmd = ".venv/bin/python benchmarks/knn_speed.py " + " ".join(
+    cmd = ".venv/bin/python -m benchmarks.knn_speed " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     machine = (f"{cpu_model()}, {os.cpu_count()} cores ({cpu_bf16_units()}), torch threads {torch.get_num_threads()}, "
                f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()} (not pinned), device cpu")

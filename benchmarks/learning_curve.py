@@ -26,9 +26,9 @@ with the command, machine and load average; ``--report`` renders ``results/learn
 ``results/figures/learning_curve.png`` (paper's bottle 99.1 / 97.8 and the measured peers of
 ``results/peers.json`` as horizontal lines)::
 
-    nice -n 5 .venv/bin/python benchmarks/learning_curve.py --curve dino
-    nice -n 5 .venv/bin/python benchmarks/learning_curve.py --curve apmask
-    .venv/bin/python benchmarks/learning_curve.py --report
+    nice -n 5 .venv/bin/python -m benchmarks.learning_curve --curve dino
+    nice -n 5 .venv/bin/python -m benchmarks.learning_curve --curve apmask
+    .venv/bin/python -m benchmarks.learning_curve --report
 """
 from __future__ import annotations
 
@@ -47,8 +47,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from benchmarks.common import METRICS, scaled_warmup, versions  # noqa: E402
 
@@ -194,7 +192,7 @@ def run_six_scales(args) -> None:
     data = json.loads(JSON.read_text())
     six = data["curves"].get(f"{args.curve}@6") or {**curve, "points": [], "times": {}}
     six["points"] = sorted([p for p in six["points"] if p["epoch"] != e] + [point], key=lambda p: p["epoch"])
-    six["command"] = "nice -n 5 .venv/bin/python benchmarks/learning_curve.py " + " ".join(
+    six["command"] = "nice -n 5 .venv/bin/python -m benchmarks.learning_curve " + " ".join(
         shlex.quote(a) for a in args.argv) + f"   (snapshot of: {curve['command']})"
     six["date"] = dt.datetime.now().isoformat(timespec="seconds")
     data["curves"][f"{args.curve}@6"] = six
@@ -215,7 +213,7 @@ def merge_points(old: list[dict], new: list[dict], old_command: str | None) -> l
 
 def save_curve(args, points, times, iters, cfg) -> None:
     data = json.loads(JSON.read_text()) if JSON.is_file() else {"curves": {}}
-    cmd = "nice -n 5 .venv/bin/python benchmarks/learning_curve.py " + " ".join(shlex.quote(a) for a in args.argv)
+    cmd = "nice -n 5 .venv/bin/python -m benchmarks.learning_curve " + " ".join(shlex.quote(a) for a in args.argv)
     old = data["curves"].get(args.curve, {})
     points = [{**p, "command": p.get("command", cmd)} for p in points]
     data["curves"][args.curve] = {

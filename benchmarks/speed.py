@@ -31,8 +31,8 @@ Presets: ``--size tiny`` (CPU check: random ViT-tiny/16, 64/32 px crops, scales 
 paper's ViT-S/16 architecture). Results are merged into ``results/benchmarks.json`` (one entry per
 device kind and size) and rendered to ``results/benchmarks.md``, with the command and the machine::
 
-    .venv/bin/python benchmarks/speed.py --device cpu --size tiny                     # ~2 min on 2 cores
-    .venv/bin/python benchmarks/speed.py --device cuda --size full --compile reduce-overhead
+    .venv/bin/python -m benchmarks.speed --device cpu --size tiny                     # ~2 min on 2 cores
+    .venv/bin/python -m benchmarks.speed --device cuda --size full --compile reduce-overhead
 """
 from __future__ import annotations
 
@@ -52,7 +52,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from apmask_lib import finetune as FT  # noqa: E402
 from apmask_lib import pretrain as PT  # noqa: E402
@@ -435,7 +434,7 @@ def main(argv=None) -> int:
     if args.e2e:
         res["e2e"] = run_e2e(cfg, args)
     argv_list = sys.argv[1:] if argv is None else list(argv)
-    res.update(command=".venv/bin/python benchmarks/speed.py " + " ".join(shlex.quote(a) for a in argv_list),
+    res.update(command=".venv/bin/python -m benchmarks.speed " + " ".join(shlex.quote(a) for a in argv_list),
                machine=machine, versions=versions, when=dt.datetime.now().isoformat(timespec="seconds"),
                compile=args.compile, peak=peak_txt, backbone=cfg.backbone, wall_s=time.perf_counter() - t_all,
                data=args.data,

@@ -148,3 +148,9 @@ def test_the_layer_check_can_fail():
     assert upward_imports({"apmask_lib.files": {"apmask_lib.evaluate"}}) == ["apmask_lib.files -> apmask_lib.evaluate"]
     with pytest.raises(AssertionError, match="in no layer"):
         upward_imports({"apmask_lib.newthing": {"apmask_lib.files"}})
+
+
+def test_benchmarks_do_not_edit_sys_path():
+    """Benchmarks are a package (``python -m benchmarks.NAME``): imports resolve without path edits."""
+    edits = [p.name for p in (ROOT / "benchmarks").glob("*.py") if "sys.path.insert" in p.read_text()]
+    assert not edits, f"benchmarks editing sys.path: {edits}"

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.behaviour_check import tensor_digest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["backbone=random:vit_tiny16", "device=cpu", "data.image_size=64", "data.max_train=8", "data.max_test=1",
@@ -55,26 +57,6 @@ def _run(tmp: Path, name: str, numerics: str, data_root: Path) -> dict:
     return {"pretrain": losses("pretrain"), "finetune": losses("finetune"), "describe": desc,
             "weights": [tensor_digest(out / "pretrain" / "backbone.pt"), tensor_digest(out / "finetune" / "model.pt")],
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, float)}}
-
-
-def tensor_digest(path: Path) -> str:
-    """md5 over every tensor of a checkpoint (sorted keys, nested dicts walked): equal iff bitwise equal."""
-    import hashlib
-
-    import torch
-
-    h = hashlib.md5()
-
-    def walk(obj, key=""):
-        if isinstance(obj, torch.Tensor):
-            h.update(key.encode())
-            h.update(obj.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(obj, dict):
-            for k in sorted(obj, key=str):
-                walk(obj[k], f"{key}.{k}")
-
-    walk(torch.load(path, map_location="cpu", weights_only=True))
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
