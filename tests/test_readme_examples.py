@@ -61,6 +61,12 @@ NOT_COMMANDS = {
     # folder data set built from real bottle images in tests/test_folder.py
     "apmask predict --model runs/widget/finetune/model.pt --out predictions/ new_images/",
     "apmask export --model runs/widget/finetune/model.pt --format onnx --out widget.onnx",
+    # the kNN model's rows of that table: fit -> evaluate -> predict -> export through the command line
+    # on real bottle images in tests/test_knn_model.py
+    "apmask fit --method knn", "apmask evaluate --method knn",
+    "apmask predict --model runs/widget/knn/model.pt --out predictions/ new_images/",
+    "apmask export --model runs/widget/knn/model.pt --format onnx --out widget_knn.onnx",
+    "apmask <command>",  # README "Code map": the form of cli.py's commands
 }
 
 MICRO = {
