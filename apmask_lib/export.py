@@ -32,7 +32,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
