@@ -39,12 +39,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import versions  # noqa: E402
+from benchmarks.common import versions, machine  # noqa: E402
 
 from apmask_lib.collapse import STAT_COLUMNS  # noqa: E402
 from apmask_lib.config import load_params  # noqa: E402
 from apmask_lib.files import atomic_write_text  # noqa: E402
-from apmask_lib.machine import cpu_model  # noqa: E402
 
 JSON = ROOT / "results" / "collapse.json"
 MD = ROOT / "results" / "collapse.md"
@@ -123,7 +122,7 @@ def save(args, results: list[dict]) -> None:
     new = {_key(r) for r in results}
     data["runs"] = [r for r in data["runs"] if _key(r) not in new] + [{**r, "command": cmd} for r in results]
     data.update({"command": cmd,
-                 "machine": f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device cpu",
+                 "machine": machine("cpu"),
                  "versions": versions(), "date": dt.datetime.now().isoformat(timespec="seconds"),
                  "setting": {"profile": "params.yaml (demo: 112 px, batch 8, 4 local crops of 56 px, apmask r=0.3)",
                              "epochs": args.epochs, "max_train": args.max_train, "seed": args.seed}})

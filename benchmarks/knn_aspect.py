@@ -35,6 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from benchmarks.common import machine  # noqa: E402
 from apmask_lib.config import Config  # noqa: E402
 from apmask_lib.data import build_dataset  # noqa: E402
 from apmask_lib.data.mvtec import load_mvtec  # noqa: E402
@@ -43,7 +44,6 @@ from apmask_lib.knn import KnnScorer, average_outputs  # noqa: E402
 from apmask_lib.metrics import PixelMetrics, image_auroc  # noqa: E402
 from apmask_lib.weights import build_backbone  # noqa: E402
 from apmask_lib.files import atomic_write_text  # noqa: E402
-from apmask_lib.machine import cpu_model  # noqa: E402
 
 
 def crop_window(hw: tuple[int, int], rng: np.random.Generator, centre=None, lo: int = 112,
@@ -152,8 +152,7 @@ def main(argv=None) -> int:
     variants = ("RGB square", "grey, stretched", "grey, own aspect")
     lines = ["# kNN extension: small grey non-square images", "",
              f"Generated {res['date']} by `benchmarks/knn_aspect.py` (total {res['total_s']:.0f} s).", "",
-             "Command(s) (each row's in results/knn_aspect.json): `" + "`; `".join(commands) + "`", "", f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads "
-             f"{torch.get_num_threads()}, device cpu.", "",
+             "Command(s) (each row's in results/knn_aspect.json): `" + "`; `".join(commands) + "`", "", f"Machine: {machine('cpu')}.", "",
              "Data: each demo category cropped to seeded random non-square windows (112-256 px per side, aspect "
              "ratio >= 1.4, portrait or landscape) and converted to grey (benchmarks/knn_aspect.py docstring). "
              "Read-out: the default (block 7, sizes " + " + ".join(map(str, args.sizes)) + " averaged, k = 1, "

@@ -51,13 +51,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.knn_readout import DATA_ROOTS, ground_truth  # noqa: E402
 
+from benchmarks.common import machine  # noqa: E402
 from apmask_lib.config import Config  # noqa: E402
 from apmask_lib.data import build_dataset  # noqa: E402
 from apmask_lib.knn import KnnScorer, MemoryBank, distance_map, top_fraction_mean  # noqa: E402
 from apmask_lib.metrics import PixelMetrics, image_auroc  # noqa: E402
 from apmask_lib.weights import build_backbone  # noqa: E402
 from apmask_lib.files import atomic_write_text  # noqa: E402
-from apmask_lib.machine import cpu_model  # noqa: E402
 
 DATASETS = ("mvtec:bottle", "demo:brick", "demo:grass", "demo:gravel", "nih:all")
 BLOCKS = (6, 7, 8)
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
                  "load_before": load_before,
                  "command": ".venv/bin/python -m benchmarks.knn_quality " + " ".join(
                      shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-                 "machine": f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, device cpu"}
+                 "machine": machine("cpu")}
     for item in args.datasets:
         per, info = evaluate_dataset(item, backbone, args.sizes, args.max_train, args.cache, bins)
         res["datasets"].append(item)

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import versions  # noqa: E402
+from benchmarks.common import versions, machine  # noqa: E402
 
 from apmask_lib.config import Config  # noqa: E402
 from apmask_lib.data import build_dataset  # noqa: E402
@@ -50,7 +50,6 @@ from apmask_lib.knn import SIGMA_AT, KnnScorer, distance_map, top_fraction_mean 
 from apmask_lib.metrics import PixelMetrics, image_auroc  # noqa: E402
 from apmask_lib.weights import build_backbone  # noqa: E402
 from apmask_lib.files import atomic_write_text  # noqa: E402
-from apmask_lib.machine import cpu_model  # noqa: E402
 
 DATA_ROOTS = {"mvtec": "../shared/data/mvtec_ad", "nih": "../shared/data/nih_cxr14", "demo": "/tmp/apmask_demo"}
 DEFAULT_DATASETS = ("mvtec:bottle", "demo:brick", "demo:grass", "demo:gravel", "nih:all")
@@ -200,12 +199,9 @@ def main(argv=None) -> int:
            "versions": versions()}
     cmd = ".venv/bin/python -m benchmarks.knn_readout " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    machine = (f"{cpu_model()}, {os.cpu_count()} cores, torch threads "
-               f"{torch.get_num_threads()}, device {device}")
-    if device.type == "cuda":
-        machine += f" ({torch.cuda.get_device_name(device)})"
+    machine_text = machine(device)
     atomic_write_text(args.out.with_suffix(".json"), json.dumps(res, indent=2) + "\n")
-    doc = render(res, args, cmd, machine)
+    doc = render(res, args, cmd, machine_text)
     atomic_write_text(args.out, doc)
     print(doc)
     return 0

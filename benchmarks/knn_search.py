@@ -23,9 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from benchmarks.common import machine  # noqa: E402
 from apmask_lib.knn import knn_distances  # noqa: E402
 from apmask_lib.files import atomic_write_text  # noqa: E402
-from apmask_lib.machine import cpu_model  # noqa: E402
 
 
 @torch.no_grad()
@@ -76,8 +76,7 @@ def main(argv=None) -> int:
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     lines = ["# Exact kNN search: previous vs current implementation", "",
              f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by `benchmarks/knn_search.py`.", "",
-             f"Command: `{cmd}`", "", f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch threads "
-             f"{torch.get_num_threads()}, device cpu (shared with other jobs: 1-min load average per row).", "",
+             f"Command: `{cmd}`", "", f"Machine: {machine('cpu')} (shared with other jobs: 1-min load average per row).", "",
              f"Real bottle block-7 patch features at 448 px: {q.shape[0]} test queries x {bank.shape[0]} bank patches "
              f"x {bank.shape[1]} dims, fp32.", "",
              "| round | k | previous | current | speed-up | max abs difference | load |", "|---|---|---|---|---|---|---|"]

@@ -48,12 +48,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import METRICS, scaled_warmup, versions  # noqa: E402
+from benchmarks.common import METRICS, scaled_warmup, versions, machine  # noqa: E402
 
 from apmask_lib.config import load_params  # noqa: E402
 from apmask_lib.devices import resolve_device  # noqa: E402
 from apmask_lib.files import atomic_write_text  # noqa: E402
-from apmask_lib.machine import cpu_model  # noqa: E402
 
 JSON = ROOT / "results" / "learning_curve.json"
 MD = ROOT / "results" / "learning_curve.md"
@@ -226,8 +225,7 @@ def save_curve(args, points, times, iters, cfg) -> None:
                     "val_fraction": cfg.finetune.val_fraction, "val_max_images": cfg.finetune.val_max_images,
                     "finetune_lr": cfg.finetune.lr, "seg_weight": cfg.finetune.seg_weight,
                     "warmup_epochs": cfg.finetune.warmup_epochs},
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-                   f"device {resolve_device(args.device)}",
+        "machine": machine(resolve_device(args.device)),
         "versions": versions(), "date": dt.datetime.now().isoformat(timespec="seconds")}
     JSON.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(JSON, json.dumps(data, indent=1))
