@@ -48,7 +48,12 @@ RUNS = ROOT / "runs" / "finetune_variants"
 VARIANTS = {"default": (5e-5, 0.05), "lr1.5e-4": (1.5e-4, 0.05), "seg0.2": (5e-5, 0.2),
             "lr1.5e-4+seg0.2": (1.5e-4, 0.2)}
 #: name -> (dataset kind, category)
-DATASETS = {"bottle": ("mvtec", "bottle"), "brick": ("demo", "brick"), "nih": ("nih", "all")}
+DATASETS = {"bottle": ("mvtec", "bottle"), "brick": ("demo", "brick"), "nih": ("nih", "all"),
+            "grass": ("demo", "grass"), "gravel": ("demo", "gravel")}
+#: profiles: ``paper`` = params-paper.yaml from the backbone with this script's schedule (any data set);
+#: ``demo`` = params.yaml as ``dvc repro`` runs it (112 px, batch 8, its 15 epochs), fine-tuned from the demo
+#: pipeline's pre-trained backbone ``--demo-runs/<category>/s<seed>/pretrain/backbone.pt`` (demo categories)
+PROFILES = ("paper", "demo")
 BASE = "default"
 #: a variant "helps" on a data set when no test metric is more than TOL points below the default's and
 #: at least one is more than TOL points above it (one seed: differences of a few points are noise)
@@ -64,12 +69,27 @@ def variant_overrides(variant: str) -> list[str]:
 
 
 def run_config(dataset: str, variant: str, seed: int, epochs: int, max_train: int, scales: Iterable[int],
-               backbone: str = "dinov2-s14-offline", device: str = "cpu"):
-    """params-paper.yaml for one run: the data set, the backbone as the starting point (no pre-training),
-    the short schedule with its scaled warm-up, the variant's LR and loss weights, the test scales."""
+               backbone: str = "dinov2-s14-offline", device: str = "cpu", profile: str = "paper",
+               demo_runs: str = "/work/main/runs/demo"):
+    """The config of one run. ``paper``: params-paper.yaml, the data set, the backbone as the starting point
+    (no pre-training), the short schedule with its scaled warm-up, the variant's LR and loss weights, the
+    test scales. ``demo``: params.yaml unchanged (schedule, size, scales) but the variant's LR and loss
+    weights, fine-tuned from the demo pipeline's pre-trained backbone (``epochs``/``max_train``/``scales``
+    unused)."""
     from apmask_lib.config import load_params, replace
 
     kind, category = DATASETS[dataset]
+    if profile == "demo":
+        if kind != "demo":
+            raise ValueError(f"profile demo runs the demo categories only, not {dataset!r}")
+        init = Path(demo_runs) / category / f"s{seed}" / "pretrain" / "backbone.pt"
+        if not init.is_file():
+            raise FileNotFoundError(f"{init} not found: run the demo pipeline (dvc repro) for {category} seed {seed} "
+                                    "first, or pass --demo-runs")
+        out = RUNS / "demo_profile" / dataset / variant / f"s{seed}"
+        return load_params(ROOT / "params.yaml", [f"device={device}", f"seed={seed}", f"out_dir={out}",
+                                                  f"data.root={data_root(kind)}", f"data.category={category}",
+                                                  f"finetune.init=file:{init}", *variant_overrides(variant)])
     out = RUNS / dataset / variant / f"s{seed}_e{epochs}_n{max_train}"
     ov = [f"backbone={backbone}", f"device={device}", f"seed={seed}", f"out_dir={out}", f"data.dataset={kind}",
           f"data.root={data_root(kind)}", f"data.category={category}", f"data.max_train={max_train}",
@@ -103,7 +123,8 @@ def run_one(dataset: str, variant: str, seed: int, args) -> dict:
     from apmask_lib.evaluate import run_evaluate
     from apmask_lib.finetune import run_finetune
 
-    cfg = run_config(dataset, variant, seed, args.epochs, args.max_train, args.scales, args.backbone)
+    cfg = run_config(dataset, variant, seed, args.epochs, args.max_train, args.scales, args.backbone,
+                     profile=args.profile, demo_runs=args.demo_runs)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     fdir = run_finetune(cfg, resume=True, progress=args.progress)
@@ -113,22 +134,24 @@ def run_one(dataset: str, variant: str, seed: int, args) -> dict:
     t_ev = time.perf_counter() - t0
     run_info = json.loads((fdir / "config.json").read_text())
     lr, seg = VARIANTS[variant]
-    return {"dataset": dataset, "variant": variant, "lr": lr, "seg_weight": seg, "seed": seed, "epochs": args.epochs,
-            "max_train": args.max_train, "scales": list(args.scales),
+    return {"profile": args.profile, "dataset": dataset, "variant": variant, "lr": lr, "seg_weight": seg, "seed": seed,
+            "epochs": cfg.finetune.epochs, "max_train": cfg.data.max_train, "scales": list(cfg.evaluate.scales),
             "n_train": run_info.get("n_train"), "n_val_images": run_info.get("n_val_images"),
             "iters_per_epoch": run_info.get("iters_per_epoch"),
             **{k: (None if m.get(k) is None else 100 * m[k]) for k in METRICS},
             "epochs_log": epoch_log(fdir / "log.jsonl"), "finetune_s": round(t_ft, 1), "evaluate_s": round(t_ev, 1),
             "load_start": list(load0), "load_end": list(os.getloadavg()),
-            "command": command("finetune_variants", ["--datasets", dataset, "--variants", variant, "--seeds", str(seed),
-                                                     "--epochs", str(args.epochs), "--max-train", str(args.max_train),
-                                                     "--scales", *map(str, args.scales)]),
+            "command": command("finetune_variants", ["--datasets", dataset, "--variants", variant, "--seeds", str(seed)]
+                               + (["--profile", "demo", "--demo-runs", args.demo_runs] if args.profile == "demo" else
+                                  ["--epochs", str(args.epochs), "--max-train", str(args.max_train),
+                                   "--scales", *map(str, args.scales)])),
             "machine": machine("cpu"), "versions": versions(), "date": dt.datetime.now().isoformat(timespec="seconds")}
 
 
 def row_key(r: dict) -> tuple:
-    """What identifies a measurement: data set, variant, seed, schedule, cap and test scales."""
-    return (r["dataset"], r["variant"], r["seed"], r["epochs"], r["max_train"], tuple(r["scales"]))
+    """What identifies a measurement: profile, data set, variant, seed, schedule, cap and test scales."""
+    return (r.get("profile", "paper"), r["dataset"], r["variant"], r["seed"], r["epochs"], r["max_train"],
+            tuple(r["scales"]))
 
 
 def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
@@ -137,8 +160,9 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     keys = {row_key(r) for r in new}
     order_d, order_v = list(DATASETS), list(VARIANTS)
     rows = [r for r in old if row_key(r) not in keys] + list(new)
-    return sorted(rows, key=lambda r: (order_d.index(r["dataset"]), r["epochs"], r["max_train"], len(r["scales"]),
-                                       order_v.index(r["variant"]), r["seed"]))
+    return sorted(rows, key=lambda r: (PROFILES.index(r.get("profile", "paper")), order_d.index(r["dataset"]),
+                                       r["epochs"], r["max_train"] or 0, len(r["scales"]), order_v.index(r["variant"]),
+                                       r["seed"]))
 
 
 def compare(rows: list[dict], base: str = BASE, tol: float = TOL) -> list[dict]:
@@ -149,18 +173,19 @@ def compare(rows: list[dict], base: str = BASE, tol: float = TOL) -> list[dict]:
     for r in rows:
         if r["variant"] == base:
             continue
-        b = by_key.get((r["dataset"], base) + row_key(r)[2:])
+        k = row_key(r)
+        b = by_key.get((k[0], k[1], base) + k[3:])
         if b is None:
             continue
         delta = {k: r[k] - b[k] for k in METRICS if r[k] is not None and b[k] is not None}
         helps = (len(delta) == len(METRICS) and all(d >= -tol for d in delta.values())
                  and any(d > tol for d in delta.values()))
-        out.append({"dataset": r["dataset"], "variant": r["variant"], "seed": r["seed"], "epochs": r["epochs"],
+        out.append({"profile": k[0], "dataset": r["dataset"], "variant": r["variant"], "seed": r["seed"], "epochs": r["epochs"],
                     "scales": len(r["scales"]), "delta": delta, "helps": helps})
     return out
 
 
-def helps_everywhere(comparisons: list[dict], datasets: Iterable[str] = tuple(DATASETS)) -> dict[str, bool]:
+def helps_everywhere(comparisons: list[dict], datasets: Iterable[str] = ("bottle", "brick", "nih")) -> dict[str, bool]:
     """Per variant: True when it helps on every data set in ``datasets`` for every compared seed/schedule,
     False when it was compared on all of them and failed somewhere; variants not compared on every data
     set are left out (no verdict)."""
@@ -188,17 +213,20 @@ def render(data: dict) -> str:
              "schedule on every data set (warm-up scaled from 10/100 epochs, cosine to 1e-6), training images "
              "capped (the validation slice held out first), then evaluated on the full test set at the listed "
              "scales. Metrics in % (image AUROC / pixel AUROC / AU-PRO at FPR ≤ 0.3). Val Dice / val AUROC: the "
-             "label-free signal on synthetic anomalies of the held-out normal images, per epoch.", "",
-             "| data set | variant | peak LR | λ_seg | seed | epochs × steps | train / val images | scales | image AUROC | "
+             "label-free signal on synthetic anomalies of the held-out normal images, per epoch. Profile `demo` rows: "
+             "`params.yaml` as the demo pipeline runs it (112 px, batch 8, 15 epochs, test scales 112 + 168), "
+             "fine-tuned from the demo pipeline's own APMask-pre-trained backbone, only LR / λ_seg changed: what the "
+             "demo would compute with that default.", "",
+             "| profile | data set | variant | peak LR | λ_seg | seed | epochs × steps | train / val images | scales | image AUROC | "
              "pixel AUROC | AU-PRO | val Dice per epoch | first epoch val Dice ≥ 0.5 | val AUROC (last) | "
              "train acc (last) | fine-tune s | eval s | load start / end |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         log = r["epochs_log"]
         dice = [e.get("val_dice") for e in log]
         last = log[-1] if log else {}
         lines.append(
-            f"| {r['dataset']} | {r['variant']} | {r['lr']:g} | {r['seg_weight']:g} | {r['seed']} | "
+            f"| {r.get('profile', 'paper')} | {r['dataset']} | {r['variant']} | {r['lr']:g} | {r['seg_weight']:g} | {r['seed']} | "
             f"{r['epochs']} × {r.get('iters_per_epoch', '—')} | {r.get('n_train', '—')} / {r.get('n_val_images', '—')} | "
             f"{len(r['scales'])} | " + " | ".join(_f(r[k]) for k in METRICS)
             + f" | {' '.join(_f(d, digits=2) for d in dice)} | {first_epoch_at(dice, 0.5) or '—'} | "
@@ -208,17 +236,17 @@ def render(data: dict) -> str:
               f"'helps': no metric more than {TOL} points below the default, at least one more than {TOL} above "
               "(same data set, seed, schedule and scales). One seed: differences of a few points can be noise "
               "(bottle's seed-to-seed spread at 2 epochs was 18 points of image AUROC, README 'Ablations').", "",
-              "| data set | variant | seed | epochs | scales | Δ image | Δ pixel | Δ AU-PRO | helps |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| profile | data set | variant | seed | epochs | scales | Δ image | Δ pixel | Δ AU-PRO | helps |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in comps:
         d = c["delta"]
-        lines.append(f"| {c['dataset']} | {c['variant']} | {c['seed']} | {c['epochs']} | {c['scales']} | "
+        lines.append(f"| {c['profile']} | {c['dataset']} | {c['variant']} | {c['seed']} | {c['epochs']} | {c['scales']} | "
                      + " | ".join(f"{d[k]:+.2f}" if k in d else "—" for k in METRICS) + f" | {'yes' if c['helps'] else 'no'} |")
-    verdict = helps_everywhere(comps)
-    lines += ["", "Helps on bottle AND demo brick AND NIH (the rule for changing a default): "
+    verdict = helps_everywhere([c for c in comps if c["profile"] == "paper"])
+    lines += ["", "Profile paper, helps on bottle AND demo brick AND NIH (the rule for changing a default): "
               + (", ".join(f"{v}: {'yes' if ok else 'no'}" for v, ok in verdict.items()) or "no variant compared on all three")
               + ".", "", "## Commands and machines", ""]
-    lines += [f"- {r['dataset']} / {r['variant']} / seed {r['seed']} ({r['date']}): `nice -n 19 {r['command']}`; "
+    lines += [f"- {r.get('profile', 'paper')} / {r['dataset']} / {r['variant']} / seed {r['seed']} ({r['date']}): `nice -n 19 {r['command']}`; "
               f"{r['machine']}; {r['versions']}" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -239,6 +267,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-train", type=int, default=32, help="training images per data set (after the held-out slice)")
     ap.add_argument("--scales", type=int, nargs="+", default=[224], help="test scales")
     ap.add_argument("--backbone", default="dinov2-s14-offline")
+    ap.add_argument("--profile", choices=PROFILES, default="paper",
+                    help="paper: params-paper.yaml from the backbone, this schedule; demo: params.yaml from the demo "
+                         "pipeline's pre-trained backbone (demo categories)")
+    ap.add_argument("--demo-runs", default="/work/main/runs/demo", help="the demo pipeline's run folders (profile demo)")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--report", action="store_true", help="only render the report from the JSON")
     args = ap.parse_args(argv)

@@ -6,6 +6,8 @@ import pytest
 
 from benchmarks import finetune_variants as fv
 
+THREE = ("bottle", "brick", "nih")  # the data sets of the rule for a new default
+
 
 def row(dataset, variant, seed=0, metrics=(90.0, 80.0, 70.0), dice=(0.1, 0.3, 0.6), epochs=3):
     lr, seg = fv.VARIANTS[variant]
@@ -36,6 +38,20 @@ def test_run_config_is_the_paper_profile_with_the_variant_and_the_backbone_as_st
     assert cfg.seed == 1 and cfg.out_dir.endswith("nih/seg0.2/s1_e10_n32")
 
 
+def test_demo_profile_is_params_yaml_from_the_demo_backbone(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dvc repro"):
+        fv.run_config("grass", "seg0.2", 0, 10, 32, [224], profile="demo", demo_runs=str(tmp_path))
+    init = tmp_path / "grass" / "s0" / "pretrain" / "backbone.pt"
+    init.parent.mkdir(parents=True)
+    init.write_bytes(b"")
+    cfg = fv.run_config("grass", "seg0.2", 0, 10, 32, [224], profile="demo", demo_runs=str(tmp_path))
+    assert cfg.finetune.init == f"file:{init}" and cfg.data.category == "grass" and cfg.data.image_size == 112
+    assert (cfg.finetune.epochs, cfg.finetune.batch_size, cfg.evaluate.scales) == (15, 8, (112, 168))
+    assert (cfg.finetune.lr, cfg.finetune.seg_weight) == (5e-5, 0.2)
+    with pytest.raises(ValueError, match="demo categories"):
+        fv.run_config("bottle", "seg0.2", 0, 10, 32, [224], profile="demo", demo_runs=str(tmp_path))
+
+
 def test_first_epoch_at():
     assert fv.first_epoch_at([0.1, None, 0.5, 0.9], 0.5) == 3
     assert fv.first_epoch_at([0.1, 0.2], 0.5) is None
@@ -51,25 +67,28 @@ def test_merge_replaces_a_remeasured_row_and_keeps_the_others_in_order():
 
 
 def test_compare_and_the_three_dataset_rule():
-    rows = [row(d, "default") for d in fv.DATASETS]
+    rows = [row(d, "default") for d in THREE]
     # seg0.2: better everywhere; lr1.5e-4: better on two, 2 points worse on NIH's AU-PRO
-    rows += [row(d, "seg0.2", metrics=(90.0, 82.0, 71.0)) for d in fv.DATASETS]
-    rows += [row(d, "lr1.5e-4", metrics=(91.0, 80.0, 70.0 if d != "nih" else 68.0)) for d in fv.DATASETS]
+    rows += [row(d, "seg0.2", metrics=(90.0, 82.0, 71.0)) for d in THREE]
+    rows += [row(d, "lr1.5e-4", metrics=(91.0, 80.0, 70.0 if d != "nih" else 68.0)) for d in THREE]
     rows += [row("bottle", "lr1.5e-4+seg0.2", metrics=(99.0, 99.0, 99.0))]  # only one data set: no verdict
     comps = fv.compare(rows)
     seg_bottle = next(c for c in comps if c["variant"] == "seg0.2" and c["dataset"] == "bottle")
     assert seg_bottle["delta"] == pytest.approx({"image_auroc": 0.0, "pixel_auroc": 2.0, "au_pro": 1.0})
     assert seg_bottle["helps"]
     assert fv.helps_everywhere(comps) == {"seg0.2": True, "lr1.5e-4": False}
+    # a demo-profile row is compared with the demo-profile default only and gives no verdict on its own
+    demo = [{**row("grass", v), "profile": "demo"} for v in ("default", "seg0.2")]
+    assert [(c["profile"], c["dataset"]) for c in fv.compare(demo + rows) if c["dataset"] == "grass"] == [("demo", "grass")]
     # a row whose default (same seed) is missing is not compared
     assert not fv.compare([row("bottle", "seg0.2", seed=1), row("bottle", "default", seed=0)])
 
 
 def test_report_renders_rows_deltas_and_the_verdict():
-    rows = [row(d, "default") for d in fv.DATASETS] + [row(d, "seg0.2", metrics=(90.0, 82.0, 71.0),
-                                                          dice=(0.2, 0.55, 0.7)) for d in fv.DATASETS]
+    rows = [row(d, "default") for d in THREE] + [row(d, "seg0.2", metrics=(90.0, 82.0, 71.0),
+                                                          dice=(0.2, 0.55, 0.7)) for d in THREE]
     text = fv.render({"rows": fv.merge_rows([], rows)})
-    assert "| bottle | seg0.2 | 5e-05 | 0.2 | 0 | 3 × 2 | 32 / 4 | 1 | 90.00 | 82.00 | 71.00 | 0.20 0.55 0.70 | 2 |" in text
-    assert "| brick | seg0.2 | 0 | 3 | 1 | +0.00 | +2.00 | +1.00 | yes |" in text
+    assert "| paper | bottle | seg0.2 | 5e-05 | 0.2 | 0 | 3 × 2 | 32 / 4 | 1 | 90.00 | 82.00 | 71.00 | 0.20 0.55 0.70 | 2 |" in text
+    assert "| paper | brick | seg0.2 | 0 | 3 | 1 | +0.00 | +2.00 | +1.00 | yes |" in text
     assert "seg0.2: yes" in text
     assert text.count("`nice -n 19 .venv/bin/python -m benchmarks.finetune_variants") == 6
