@@ -132,7 +132,7 @@ def run_one(dataset: str, variant: str, seed: int, args) -> dict:
     t0 = time.perf_counter()
     m = run_evaluate(cfg)
     t_ev = time.perf_counter() - t0
-    run_info = json.loads((fdir / "config.json").read_text())
+    run_info = json.loads((fdir / "config.json").read_text()).get("_run", {})
     lr, seg = VARIANTS[variant]
     return {"profile": args.profile, "dataset": dataset, "variant": variant, "lr": lr, "seg_weight": seg, "seed": seed,
             "epochs": cfg.finetune.epochs, "max_train": cfg.data.max_train, "scales": list(cfg.evaluate.scales),
@@ -251,9 +251,28 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_dir(r: dict) -> Path:
+    """The run folder of a row (:func:`run_config`'s ``out_dir``)."""
+    if r.get("profile", "paper") == "demo":
+        return RUNS / "demo_profile" / r["dataset"] / r["variant"] / f"s{r['seed']}"
+    return RUNS / r["dataset"] / r["variant"] / f"s{r['seed']}_e{r['epochs']}_n{r['max_train']}"
+
+
+def with_run_info(r: dict) -> dict:
+    """The row with n_train / n_val_images / iters_per_epoch read from its run's ``finetune/config.json``
+    (``_run``) where the row lacks them and the run folder is there (rows of the first runs were saved
+    without them)."""
+    keys = ("n_train", "n_val_images", "iters_per_epoch")
+    path = run_dir(r) / "finetune" / "config.json"
+    if all(r.get(k) is not None for k in keys) or not path.is_file():
+        return r
+    info = json.loads(path.read_text()).get("_run", {})
+    return {**r, **{k: info.get(k) for k in keys}}
+
+
 def save_rows(new: list[dict]) -> None:
     data = json.loads(JSON.read_text()) if JSON.is_file() else {"rows": []}
-    data["rows"] = merge_rows(data["rows"], new)
+    data["rows"] = [with_run_info(r) for r in merge_rows(data["rows"], new)]
     JSON.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(JSON, json.dumps(data, indent=1) + "\n")
 

@@ -92,3 +92,16 @@ def test_report_renders_rows_deltas_and_the_verdict():
     assert "| paper | brick | seg0.2 | 0 | 3 | 1 | +0.00 | +2.00 | +1.00 | yes |" in text
     assert "seg0.2: yes" in text
     assert text.count("`nice -n 19 .venv/bin/python -m benchmarks.finetune_variants") == 6
+
+
+def test_run_info_is_read_back_from_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(fv, "RUNS", tmp_path)
+    r = {**row("nih", "seg0.2"), "n_train": None, "n_val_images": None, "iters_per_epoch": None}
+    assert fv.run_dir(r) == tmp_path / "nih" / "seg0.2" / "s0_e3_n32"
+    assert fv.with_run_info(r) == r  # no run folder: unchanged
+    (fv.run_dir(r) / "finetune").mkdir(parents=True)
+    (fv.run_dir(r) / "finetune" / "config.json").write_text(
+        '{"_run": {"n_train": 32, "n_val_images": 4, "iters_per_epoch": 2}, "seed": 0}')
+    filled = fv.with_run_info(r)
+    assert (filled["n_train"], filled["n_val_images"], filled["iters_per_epoch"]) == (32, 4, 2)
+    assert fv.run_dir({**r, "profile": "demo"}) == tmp_path / "demo_profile" / "nih" / "seg0.2" / "s0"
