@@ -221,6 +221,37 @@ def search_cached(path: Path, n: int, shapes: Sequence[tuple[int, int]], sizes=(
     return {"timings": t, "bank_patches": banks}
 
 
+def backbone_bench(sizes=(224, 448), batch_size: int = 8, repeats: int = 3) -> dict[str, Any]:
+    """Milliseconds per image of the block-7 features (offline ViT-S/14, batch ``batch_size``, random
+    inputs) at each size: fp32, bf16 autocast, and the bf16 copy of the backbone that
+    ``KnnScorer(feature_bf16=True)`` uses on the CPU (median of ``repeats`` timed batches after one
+    warm-up batch)."""
+    from apmask_lib.knn import bf16_copy, patch_features
+    from apmask_lib.weights import build_backbone
+
+    backbone = build_backbone("dinov2-s14-offline").eval()
+    out: dict[str, Any] = {}
+    for size in sizes:
+        x = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+        runs = {"fp32": lambda: patch_features(backbone, x, 7),
+                "bf16 autocast": lambda: _autocast(lambda: patch_features(backbone, x, 7)),
+                "bf16 copy": lambda: patch_features(bf16_copy(backbone), x.bfloat16(), 7)}
+        for name, fn in runs.items():
+            fn()
+            secs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                secs.append(time.perf_counter() - t0)
+            out[f"{name} @ {size}"] = 1000.0 * float(np.median(secs)) / batch_size
+    return out
+
+
+def _autocast(fn):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return fn()
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One measurement in this (fresh) process; ``spec``: method, train, test, metrics, feature_bf16."""
     from apmask_lib.data import build_dataset
@@ -229,7 +260,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     train = training_images(ds, spec["train"])
     test = list(ds.test)[:spec["test"]] if spec.get("test") else list(ds.test)
     load_before = os.getloadavg()
-    if spec["method"] == "extract":
+    if spec["method"] == "backbone":
+        res = {"timings": backbone_bench(), "bank_patches": {}}
+    elif spec["method"] == "extract":
         res = {"timings": extract_cache(ds, train, test, Path(spec["cache"])), "bank_patches": {}}
     elif spec["method"] == "search":
         res = search_cached(Path(spec["cache"]), spec["n"], [ds.image(s).shape[:2] for s in test])
@@ -255,7 +288,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-4000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     brief = {k: row[k] for k in ("method", "n_train", "n_test", "peak_rss_mb", "load_before", "load_after")}
-    if row["method"] != "extract":
+    if row["method"] not in ("extract", "backbone"):
         brief |= {"timings": row["timings"], **({"quality": row["quality"]} if "quality" in row else {})}
     print(json.dumps(brief), flush=True)
     return row
@@ -277,7 +310,7 @@ def fmt_load(row) -> str:
 
 def variant(row) -> str:
     """How a row of ours ran: features fp32 / bf16 autocast, search exact fp32 / bf16-chosen."""
-    return ("224 + 448 px, " + ("bf16 features" if row.get("feature_bf16") else "fp32 features") + ", "
+    return ("224 + 448 px, " + ("bf16 features (bf16 copy of the backbone)" if row.get("feature_bf16") else "fp32 features") + ", "
             + ("bf16 search + fp32 re-rank" if row.get("search") == "bf16" else "exact fp32 search"))
 
 
@@ -295,16 +328,21 @@ def render(res: dict[str, Any], cmd: str, machine: str) -> str:
         lines += [f"## Ours vs AnomalyDINO (anomalib), bottle, {r0['n_train']} training images, {r0['n_test']} test images",
                   "",
                   "| round | method | bank + inference | ratio ours / AnomalyDINO | image AUROC | pixel AUROC | AU-PRO | "
-                  "peak memory | load |", "|---|---|---|---|---|---|---|---|---|"]
+                  "each metric within 0.05 of exact | peak memory | load |", "|---|---|---|---|---|---|---|---|---|---|"]
         for i, rnd in enumerate(res["rounds"], 1):
             ad = next(r for r in rnd if r["method"] == "anomalydino")
+            exact = next((r for r in rnd if r["method"] == "ours" and not r.get("feature_bf16")
+                          and r.get("search", "exact") == "exact"), None)
             for r in rnd:
                 q = r.get("quality", {})
                 ratio = r["timings"]["total_s"] / ad["timings"]["total_s"]
                 name = "AnomalyDINO (anomalib 2.7, 252 px)" if r["method"] == "anomalydino" else f"ours ({variant(r)})"
-                lines.append(f"| {i} | {name} | {r['timings']['total_s']:.0f} s | {ratio:.2f} | "
+                same = "—" if r["method"] != "ours" or exact is None else (
+                    "yes" if all(abs(q[k] - exact["quality"][k]) <= 0.05 for k in ("image_auroc", "pixel_auroc", "au_pro"))
+                    else "no")
+                lines.append(f"| {i} | {name} | {r['timings']['total_s']:.1f} s | {ratio:.2f} | "
                              f"{q.get('image_auroc', float('nan')):.2f} | {q.get('pixel_auroc', float('nan')):.2f} | "
-                             f"{q.get('au_pro', float('nan')):.2f} | {r['peak_rss_mb']:.0f} MB | {fmt_load(r)} |")
+                             f"{q.get('au_pro', float('nan')):.2f} | {same} | {r['peak_rss_mb']:.0f} MB | {fmt_load(r)} |")
         lines += ["", "Profile of ours (seconds per phase, from the rows above):", "",
                   "| round | train features | bank fit | test features | NN search | maps | image I/O + resize | total |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -313,8 +351,20 @@ def render(res: dict[str, Any], cmd: str, machine: str) -> str:
                 if r["method"] == "ours":
                     t = r["timings"]
                     lines.append(f"| {i}, {variant(r)} | "
-                                 f"{t['train_features_s']:.0f} | {t['fit_s']:.1f} | {t['test_features_s']:.0f} | "
-                                 f"{t['search_s']:.0f} | {t['readout_s']:.0f} | {t['other_s']:.0f} | {t['total_s']:.0f} |")
+                                 f"{t['train_features_s']:.1f} | {t['fit_s']:.2f} | {t['test_features_s']:.1f} | "
+                                 f"{t['search_s']:.1f} | {t['readout_s']:.1f} | {t['other_s']:.1f} | {t['total_s']:.1f} |")
+        lines.append("")
+    if res.get("backbone"):
+        b = res["backbone"]
+        t = b["timings"]
+        sizes = sorted({int(k.rsplit("@", 1)[1]) for k in t})
+        names = list(dict.fromkeys(k.rsplit(" @", 1)[0] for k in t))
+        lines += ["## The backbone alone: block-7 features per image (offline ViT-S/14, batch 8, random inputs)", "",
+                  f"Milliseconds per image, median of 3 batches after a warm-up, one fresh process "
+                  f"(load {fmt_load(b)}).", "", "| precision | " + " | ".join(f"{z} px" for z in sizes) + " |",
+                  "|---|" + "---|" * len(sizes)]
+        for n in names:
+            lines.append(f"| {n} | " + " | ".join(f"{t[f'{n} @ {z}']:.0f} ms" for z in sizes) + " |")
         lines.append("")
     if res["scaling"]:
         n_test = res["scaling"][0]["n_test"]
@@ -349,6 +399,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16-features", action="store_true", help="also run ours with bf16 autocast features per round")
     ap.add_argument("--bf16-search", action="store_true",
                     help="also run ours with bf16 features AND the bf16 neighbour search (knn_distances search='bf16')")
+    ap.add_argument("--backbone-bench", action="store_true",
+                    help="also time the backbone alone per image: fp32, bf16 autocast, bf16 copy (224 and 448 px)")
     ap.add_argument("--scaling", nargs="*", type=int, default=[], help="training-set sizes for the scaling table")
     ap.add_argument("--scaling-test", type=int, default=20, help="fixed number of test images in the scaling table")
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "knn_speed", help="scaling feature cache folder")
@@ -372,6 +424,8 @@ def main(argv=None) -> int:
     if args.append and args.out.with_suffix(".json").is_file():
         prev = json.loads(args.out.with_suffix(".json").read_text())
         res["rounds"] = prev["rounds"]
+        if prev.get("backbone") and not args.backbone_bench:
+            res["backbone"] = prev["backbone"]
         if not args.scaling:
             res["scaling"], res["scaling_features"] = prev["scaling"], prev.get("scaling_features")
         commands = prev.get("commands", [prev["command"]]) + [cmd]
@@ -397,6 +451,9 @@ def main(argv=None) -> int:
         if i % 2:
             specs.reverse()
         res["rounds"].append([dict(measure(s), command=cmd) for s in specs])
+        write()
+    if args.backbone_bench:
+        res["backbone"] = measure({"method": "backbone", "train": 1})
         write()
     if args.scaling:
         cache = str(args.cache / "bottle_scaling.pt")
