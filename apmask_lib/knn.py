@@ -51,6 +51,7 @@ extension's glue beside the detector and the fusion with it: :mod:`apmask_lib.kn
 from __future__ import annotations
 
 import copy as _copy
+import logging
 import math
 import weakref
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 CORESET_METHODS = ("greedy", "random")
 
@@ -91,9 +94,10 @@ def bf16_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A bfloat16 copy of ``module`` (weights and buffers), made at the first call and reused while
     ``module`` lives (several scorers share one copy). For CPU inference: every operation then runs in
     bf16 on AMX / AVX512-BF16 units (LayerNorm and softmax accumulate in fp32 inside their kernels),
-    where CPU autocast would convert every weight and activation at each call and run the element-wise
-    operations in fp32 (about twice slower at 448 px on the 2-core Xeon, results/knn_speed.md). The
-    copy does not follow later changes to ``module``'s weights."""
+    where CPU autocast converts every weight at each call and runs some element-wise operations in
+    fp32 (block-7 features at 448 px on the 2-core Xeon: 36 ms per image vs 46 ms with autocast and
+    163 ms in fp32, results/knn_speed.md). The copy does not follow later changes to ``module``'s
+    weights."""
     copy = _BF16_COPIES.get(module)
     if copy is None:
         copy = _copy.deepcopy(module).to(torch.bfloat16).eval()
@@ -433,6 +437,13 @@ class KnnScorer:
         # bf16 features: default on CUDA only (an APPROXIMATION on the CPU, opt-in; its quality cost and
         # speed: results/knn_speed.md)
         self.feature_bf16 = self.device.type == "cuda" if feature_bf16 is None else bool(feature_bf16)
+        if self.device.type == "cpu" and (self.feature_bf16 or search == "bf16"):
+            from .machine import bf16_slow_reason
+
+            reason = bf16_slow_reason()
+            if reason:
+                log.warning("kNN bf16 features / search requested, but %s: they will run SLOWER than fp32 here "
+                            "(results/knn_speed.md); use evaluate.knn_features=fp32, knn_search=exact", reason)
 
     def input_of(self, hw: tuple[int, int]) -> tuple[int, int]:
         """Network input (h, w) of an image stored at ``hw`` (:func:`input_shape`)."""

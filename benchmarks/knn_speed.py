@@ -51,7 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from apmask_lib.files import atomic_write_text  # noqa: E402
-from apmask_lib.machine import cpu_model  # noqa: E402
+from apmask_lib.machine import cpu_flags, cpu_model  # noqa: E402
 
 DATA_ROOT = "../shared/data/mvtec_ad"
 
@@ -282,6 +282,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`child` in a fresh process (own peak memory); returns its row."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if spec.get("pinned"):  # the numerics `apmask` runs under by default (apmask_lib/repro.py: AVX2, 2 threads)
+        from apmask_lib.repro import pipeline_env
+
+        env = pipeline_env({k: v for k, v in env.items() if k != "APMASK_NUMERICS"})
     proc = subprocess.run([sys.executable, "-m", "benchmarks.knn_speed", "--child", json.dumps(spec)],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -295,10 +299,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def cpu_bf16_units() -> str:
-    """The CPU's bf16 matrix/vector units as /proc/cpuinfo lists them (what bf16 autocast can use)."""
-    try:
-        flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split())
-    except (OSError, StopIteration):
+    """The CPU's AVX-512 / bf16 matrix and vector units as /proc/cpuinfo lists them."""
+    flags = cpu_flags()
+    if not flags:
         return "CPU flags unknown"
     have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     return "flags " + (", ".join(have) if have else "no AVX-512 / bf16 units")
@@ -321,8 +324,9 @@ def render(res: dict[str, Any], cmd: str, machine: str) -> str:
              "Bank + inference = wall time of reading and resizing the images, patch features of every training "
              "image, the memory bank, and features + nearest-neighbour search + pixel maps of every test image "
              "(metrics afterwards, not timed). Each row is a fresh process (peak memory = its `ru_maxrss`). "
-             "The CPU is shared with other jobs: load averages (1 min, before → after) are given per row and "
-             "ratios are taken within a round (the two methods run back to back).", ""]
+             "Load averages (1 min, before → after) are given per row (about 2 = this benchmark's own two "
+             "threads); ratios are taken within a round (the two methods run back to back).", ""]
+    lines += [f"Note: {n}" for n in res.get("notes", [])] + ([""] if res.get("notes") else [])
     if res["rounds"]:
         r0 = res["rounds"][0][0]
         lines += [f"## Ours vs AnomalyDINO (anomalib), bottle, {r0['n_train']} training images, {r0['n_test']} test images",
@@ -355,16 +359,21 @@ def render(res: dict[str, Any], cmd: str, machine: str) -> str:
                                  f"{t['search_s']:.1f} | {t['readout_s']:.1f} | {t['other_s']:.1f} | {t['total_s']:.1f} |")
         lines.append("")
     if res.get("backbone"):
-        b = res["backbone"]
-        t = b["timings"]
-        sizes = sorted({int(k.rsplit("@", 1)[1]) for k in t})
-        names = list(dict.fromkeys(k.rsplit(" @", 1)[0] for k in t))
+        runs = [("native (as above: AVX-512, AMX)", res["backbone"])]
+        if res.get("backbone_pinned"):
+            runs.append(("pinned (what `apmask` runs under by default: ATen / MKL / oneDNN on AVX2, "
+                          "apmask_lib/repro.py)", res["backbone_pinned"]))
+        t0 = runs[0][1]["timings"]
+        sizes = sorted({int(k.rsplit("@", 1)[1]) for k in t0})
+        names = list(dict.fromkeys(k.rsplit(" @", 1)[0] for k in t0))
         lines += ["## The backbone alone: block-7 features per image (offline ViT-S/14, batch 8, random inputs)", "",
-                  f"Milliseconds per image, median of 3 batches after a warm-up, one fresh process "
-                  f"(load {fmt_load(b)}).", "", "| precision | " + " | ".join(f"{z} px" for z in sizes) + " |",
-                  "|---|" + "---|" * len(sizes)]
-        for n in names:
-            lines.append(f"| {n} | " + " | ".join(f"{t[f'{n} @ {z}']:.0f} ms" for z in sizes) + " |")
+                  "Milliseconds per image, median of 3 batches after a warm-up, one fresh process per numerics "
+                  "setting (load " + ", ".join(fmt_load(b) for _, b in runs) + ").", "",
+                  "| numerics | precision | " + " | ".join(f"{z} px" for z in sizes) + " |",
+                  "|---|---|" + "---|" * len(sizes)]
+        for label, b in runs:
+            for n in names:
+                lines.append(f"| {label} | {n} | " + " | ".join(f"{b['timings'][f'{n} @ {z}']:.0f} ms" for z in sizes) + " |")
         lines.append("")
     if res["scaling"]:
         n_test = res["scaling"][0]["n_test"]
@@ -399,6 +408,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16-features", action="store_true", help="also run ours with bf16 autocast features per round")
     ap.add_argument("--bf16-search", action="store_true",
                     help="also run ours with bf16 features AND the bf16 neighbour search (knn_distances search='bf16')")
+    ap.add_argument("--note", default=None, help="a sentence about the conditions of this run, kept in the report")
     ap.add_argument("--backbone-bench", action="store_true",
                     help="also time the backbone alone per image: fp32, bf16 autocast, bf16 copy (224 and 448 px)")
     ap.add_argument("--scaling", nargs="*", type=int, default=[], help="training-set sizes for the scaling table")
@@ -425,7 +435,7 @@ def main(argv=None) -> int:
         prev = json.loads(args.out.with_suffix(".json").read_text())
         res["rounds"] = prev["rounds"]
         if prev.get("backbone") and not args.backbone_bench:
-            res["backbone"] = prev["backbone"]
+            res["backbone"], res["backbone_pinned"] = prev["backbone"], prev.get("backbone_pinned")
         if not args.scaling:
             res["scaling"], res["scaling_features"] = prev["scaling"], prev.get("scaling_features")
         commands = prev.get("commands", [prev["command"]]) + [cmd]
@@ -433,6 +443,11 @@ def main(argv=None) -> int:
         prev = json.loads(args.out.with_suffix(".json").read_text())
         res["scaling"], res["scaling_features"] = prev["scaling"], prev.get("scaling_features")
         commands = [c for c in prev.get("commands", [prev["command"]]) if "--scaling" in c] + [cmd]
+
+    if args.append and args.out.with_suffix(".json").is_file():
+        res["notes"] = json.loads(args.out.with_suffix(".json").read_text()).get("notes", [])
+    if args.note:
+        res.setdefault("notes", []).append(args.note)
 
     def write():
         res.update(date=dt.datetime.now().isoformat(timespec="seconds"), total_s=time.perf_counter() - t_start,
@@ -454,6 +469,7 @@ def main(argv=None) -> int:
         write()
     if args.backbone_bench:
         res["backbone"] = measure({"method": "backbone", "train": 1})
+        res["backbone_pinned"] = measure({"method": "backbone", "train": 1, "pinned": True})
         write()
     if args.scaling:
         cache = str(args.cache / "bottle_scaling.pt")

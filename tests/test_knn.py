@@ -241,6 +241,28 @@ def test_bf16_features_on_cpu_use_one_shared_bf16_copy(offline_backbone):
     assert cos.min() > 0.995 and not torch.equal(approx, exact), cos.min()
 
 
+def test_bf16_options_warn_where_they_would_be_slower(monkeypatch, caplog):
+    """Pinned numerics (ONEDNN_MAX_CPU_ISA=AVX2, apmask's default) or a CPU without bf16 units make
+    bf16 slower than fp32 (results/knn_speed.md): asking for it says so; fp32 / exact says nothing."""
+    from apmask_lib import machine
+
+    bb = build_backbone("random:vit_tiny16", seed=0).eval()
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert "pinned to AVX2" in machine.bf16_slow_reason()
+    with caplog.at_level("WARNING", logger="apmask_lib.knn"):
+        knn.KnnScorer(bb, 1, 64)
+        assert not caplog.records
+        knn.KnnScorer(bb, 1, 64, search="bf16")
+    assert "SLOWER than fp32" in caplog.text and "pinned to AVX2" in caplog.text
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2"})
+    assert "no bf16 units" in machine.bf16_slow_reason()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert machine.bf16_slow_reason() is None
+
+
 def test_non_square_grey_defect_is_localised(offline_backbone):
     """A bright blob on a non-square grey texture is found at its place with aspect="keep" (real
     offline ViT-S/14, block 7, 112 px)."""
