@@ -110,8 +110,8 @@ def bf16_copy(module: torch.nn.Module) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------
 SEARCHES = ("exact", "bf16")
 #: block sizes of the search: a (1024 x 4096) fp32 similarity block is 16 MB (bf16: 8 MB), small enough
-#: that the row reduction reads it from cache; 32768-wide blocks made the bf16 search 1.8x slower on
-#: the 2-core Xeon (results/knn_speed.md)
+#: that the row reduction reads it back from cache; with 32768-wide blocks the bf16 search took twice as
+#: long and the exact one 7 % longer on the 2-core Xeon (results/knn_search.md)
 QUERY_CHUNK, BANK_CHUNK = 1024, 4096
 
 
