@@ -306,6 +306,7 @@ def main(argv=None) -> int:
                           + f"  val Dice {' '.join(_f(e['val_dice']) for e in row['epochs_log'])}"
                           f"  ({row['finetune_s']:.0f} + {row['evaluate_s']:.0f} s, load {row['load_start'][0]:.1f})",
                           flush=True)
+    save_rows([])  # back-fills run info of earlier rows (with_run_info)
     text = render(json.loads(JSON.read_text()))
     atomic_write_text(MD, text)
     print(text)
