@@ -23,6 +23,13 @@ rendered from it (``--report``)::
     nice -n 19 .venv/bin/python -m benchmarks.finetune_variants --datasets bottle brick nih --epochs 10
     .venv/bin/python -m benchmarks.finetune_variants --report
 
+``--profile demo`` instead runs ``params.yaml`` as the demo pipeline does (its size, schedule and scales),
+fine-tuned from the demo pipeline's own pre-trained backbone, with only the variant's LR / λ_seg changed:
+what a new default would do to the demo (demo categories brick, grass, gravel)::
+
+    nice -n 19 .venv/bin/python -m benchmarks.finetune_variants --profile demo --datasets brick grass gravel \
+        --variants default seg0.2
+
 Runs live in ``runs/finetune_variants/`` (git-ignored) and resume where they stopped.
 """
 from __future__ import annotations
