@@ -51,7 +51,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import versions, machine  # noqa: E402
+from benchmarks.common import machine, scaled_warmup, versions  # noqa: E402
 
 from apmask_lib.collapse import STAT_COLUMNS  # noqa: E402
 from apmask_lib.config import load_params  # noqa: E402
@@ -77,6 +77,10 @@ VARIANTS = {
     "bn+queue32": {"head_norm": "batchnorm", "queue_length": 32},
     "bn+eps0.01+queue32": {"head_norm": "batchnorm", "sinkhorn_eps": 0.01, "queue_length": 32},
 }
+# --profile -> (params file, what it sets); "paper" runs with the warm-up scaled to --epochs
+PROFILES = {"demo": ("params.yaml", "params.yaml (demo: 112 px, batch 8, 4 local crops of 56 px, apmask r=0.3)"),
+            "paper": ("params-paper.yaml", "params-paper.yaml (paper: 224 px, batch 16, 8 local crops of 96 px, "
+                      "apmask r=0.3; warm-up scaled to the short run)")}
 # name -> (dataset, root relative to the project, category)
 DATASETS = {
     "brick": ("demo", "data/demo", "brick"),
@@ -92,11 +96,14 @@ def variant_config(args, data: str, variant: str):
     ``pretrain`` overrides; the run folder is ``<runs>/<data>/<variant>_e<epochs>_n<max_train>``."""
     kind, root, cat = DATASETS[data]
     root = Path(root) if Path(root).is_absolute() else (ROOT / root).resolve()
+    tag = "" if args.profile == "demo" else f"_{args.profile}"
     ov = [f"data.dataset={kind}", f"data.root={root}", f"data.category={cat}", f"data.max_train={args.max_train}",
           f"pretrain.epochs={args.epochs}", "device=cpu", f"seed={args.seed}",
-          f"out_dir={ROOT / args.runs / data / f'{variant}_e{args.epochs}_n{args.max_train}'}"]
+          f"out_dir={ROOT / args.runs / data / f'{variant}_e{args.epochs}_n{args.max_train}{tag}'}"]
+    if args.profile == "paper":  # the paper's 10 warm-up epochs scaled to the short run (benchmarks.common)
+        ov.append(f"pretrain.warmup_epochs={scaled_warmup('pretrain', args.epochs)}")
     ov += [f"pretrain.{k}={v}" for k, v in VARIANTS[variant].items()]
-    return load_params(ROOT / "params.yaml", ov)
+    return load_params(ROOT / PROFILES[args.profile][0], ov)
 
 
 def run_one(args, data: str, variant: str) -> dict:
@@ -110,7 +117,7 @@ def run_one(args, data: str, variant: str) -> dict:
     epochs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     run = json.loads((out / "config.json").read_text())["_run"]
     return {"data": data, "variant": variant, "overrides": VARIANTS[variant], "k": cfg.pretrain.n_prototypes,
-            "epochs_run": args.epochs, "max_train": args.max_train,
+            "epochs_run": args.epochs, "max_train": args.max_train, "profile": args.profile,
             "n_train": run["n_train"], "batch": run["global_batch"], "iters_per_epoch": run["iters_per_epoch"],
             "epochs": [{k: e.get(k) for k in ("epoch", "loss") + STAT_COLUMNS} for e in epochs],
             "seconds": secs, "load_start": list(load0), "load_end": list(os.getloadavg())}
@@ -178,7 +185,13 @@ def verdict(r: dict) -> dict:
 
 def _key(r: dict) -> tuple:
     """A run's identity in the JSON: data set, variant, epochs, image cap."""
-    return r["data"], r["variant"], r.get("epochs_run"), r.get("max_train")
+    return r["data"], r["variant"], r.get("epochs_run"), r.get("max_train"), r.get("profile", "demo")
+
+
+def _name(r: dict) -> str:
+    """The variant as the report names it; runs of another profile than the demo's are marked."""
+    prof = r.get("profile", "demo")
+    return r["variant"] + ("" if prof == "demo" else f" [{prof} profile, batch {r['batch']}]")
 
 
 def save(args, results: list[dict]) -> None:
@@ -209,7 +222,8 @@ def report() -> None:
              "Commands (each run's own in the JSON): " + "; ".join(
                  f"`{c}`" for c in dict.fromkeys(r.get("command", data["command"]) for r in data["runs"])) + "  ",
              f"Machine: {data['machine']}; {data['versions']}; {data['date']}.  ",
-             f"Setting: {s['profile']}, epochs and the training-image cap per run (below), "
+             f"Setting: {PROFILES['demo'][1]}; runs marked [paper profile]: {PROFILES['paper'][1]}; "
+             "epochs and the training-image cap per run (below), "
              f"seed {s['seed']}; backbone `dinov2-s14-offline`. Columns are per-epoch means of the per-step "
              "diagnostics of `apmask_lib/collapse.py` (code entropy: ln K = uniform codes; teacher spread: std over "
              "the batch of the teacher's prototype scores; proto perplexity: K = all prototypes used equally; "
@@ -223,7 +237,7 @@ def report() -> None:
     import math
     for r in data["runs"]:
         v, e = verdict(r), r["epochs"]
-        lines.append(f"| {r['data']} | {r['variant']} | {r.get('epochs_run', s['epochs'])} × {r['iters_per_epoch']} | {r['k']} | {math.log(r['k']):.3f} | {e[0]['loss']:.3f} → "
+        lines.append(f"| {r['data']} | {_name(r)} | {r.get('epochs_run', s['epochs'])} × {r['iters_per_epoch']} | {r['k']} | {math.log(r['k']):.3f} | {e[0]['loss']:.3f} → "
                      f"{e[-1]['loss']:.3f} | {e[-1]['code_entropy']:.3f} | {e[0]['teacher_spread']:.4f} → "
                      f"{e[-1]['teacher_spread']:.4f} | {v['late_agreement']:.2f} ({v['chance']:.2f}) | "
                      f"{'yes' if v['spread_grows'] else 'no'} | {'yes' if v['agreement_above_chance'] else 'no'} | "
@@ -244,7 +258,7 @@ def report() -> None:
                          f"({math.log(r['k']):.3f}) | {r.get('loss', float('nan')):.3f} | {r['load'][0]:.1f} |")
     lines += ["", "## Per epoch", ""]
     for r in data["runs"]:
-        lines += [f"### {r['data']} / {r['variant']}, {r.get('epochs_run', s['epochs'])} epochs (overrides {r['overrides'] or 'none'}; {r['n_train']} images, "
+        lines += [f"### {r['data']} / {_name(r)}, {r.get('epochs_run', s['epochs'])} epochs (overrides {r['overrides'] or 'none'}; {r['n_train']} images, "
                   f"batch {r['batch']}, {r['iters_per_epoch']} steps per epoch)", "",
                   "| epoch | loss | code entropy | student entropy | teacher spread | proto perplexity | protos used | "
                   "agreement |", "|---|---|---|---|---|---|---|---|"]
@@ -264,6 +278,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--max-train", type=int, default=24, help="training images per data set (the demo has 40; 24 = 3 steps per epoch)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="demo",
+                    help="demo = params.yaml's small settings; paper = params-paper.yaml (224 px, batch 16)")
     ap.add_argument("--runs", default="runs/collapse")
     ap.add_argument("--report", action="store_true", help="render results/collapse.md from the JSON only")
     ap.add_argument("--init", action="store_true", help="measure step 0 without training (module docstring), then --report")
