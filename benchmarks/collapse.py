@@ -48,6 +48,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,34 +131,71 @@ def centred_fraction(f: torch.Tensor) -> float:
     return float(((f - f.mean(0)) ** 2).sum(1).mean() / (f ** 2).sum(1).mean().clamp_min(1e-12))
 
 
+def own_image_retrieval(student: torch.Tensor, teacher: torch.Tensor) -> float:
+    """Fraction of student rows (view-major: row v·B + b belongs to image b) whose most similar teacher row
+    (cosine after subtracting the teacher rows' mean) is their own image's; chance 1/B. Does the feature
+    tell the images of one batch apart across views at all?"""
+    B = teacher.shape[0]
+    mu = teacher.float().mean(0)
+    sim = F.normalize(student.float() - mu, dim=1) @ F.normalize(teacher.float() - mu, dim=1).t()
+    target = torch.arange(student.shape[0]) % B
+    return float((sim.argmax(1) == target).float().mean())
+
+
 def init_one(args, data: str, variant: str) -> dict:
-    """Step 0 without training: the collapse statistics of the first batch (the run's own step-0 images,
-    views and masks) under the freshly built student/teacher, and the centred fractions of the teacher's
-    [CLS] features and projection outputs."""
+    """Before any training: for every batch of epoch 0 (the run's own images, views and masks, seed 0)
+    through the freshly built student/teacher, no update: the collapse statistics; the centred fractions
+    of the teacher's [CLS] features and projection outputs; own-image retrieval
+    (:func:`own_image_retrieval`) from the student's global / local views to the teacher views, on the
+    [CLS] features and on the projections; the agreement of the student's arg-max prototype with the
+    code's, per view kind. Each value is the mean over the epoch's batches."""
     from apmask_lib.pretrain import build_pretrain_state, pretrain_loss, _epoch_order, _step_generator
+    from apmask_lib.sinkhorn import sinkhorn
 
     cfg = variant_config(args, data, variant)
     torch.manual_seed(cfg.seed)
     st = build_pretrain_state(cfg, device="cpu")
-    idx = _epoch_order(cfg.seed, 0, st.n)[:st.global_batch]
-    gen = _step_generator(cfg.seed, 0, 0)
-    views = st.crops(st.bank.images[idx], st.bank.sizes[idx], gen)
-    captured: dict[str, torch.Tensor] = {}
-    def keep(module, inputs, output) -> None:  # the teacher head runs once per step, on the B teacher views
-        captured["cls"], captured["z"] = inputs[0].detach(), output.detach()
+    B = st.global_batch
+    perm = _epoch_order(cfg.seed, 0, st.n)
+    cap: dict[str, torch.Tensor] = {}
 
-    hook = st.teacher.head.projection.register_forward_hook(keep)
-    stats: dict[str, torch.Tensor] = {}
+    def keep(name):
+        def hook(module, inputs, output) -> None:  # each head runs once per step (teacher: its B views)
+            cap[name + "_in"], cap[name + "_out"] = inputs[0].detach(), output.detach()
+        return hook
+
+    hooks = [st.teacher.head.projection.register_forward_hook(keep("t")),
+             st.student.head.projection.register_forward_hook(keep("s"))]
     load0 = os.getloadavg()
+    rows = []
     try:
-        with torch.no_grad():
-            loss = pretrain_loss(st.student, st.teacher, views, cfg.pretrain, gen, stats)
+        for it in range(st.iters):
+            idx = perm[it * B:(it + 1) * B]
+            gen = _step_generator(cfg.seed, 0, it)
+            views = st.crops(st.bank.images[idx], st.bank.sizes[idx], gen)
+            stats: dict[str, torch.Tensor] = {}
+            with torch.no_grad():
+                loss = pretrain_loss(st.student, st.teacher, views, cfg.pretrain, gen, stats)
+                codes = sinkhorn(st.teacher.head.prototypes(cap["t_out"]), cfg.pretrain.sinkhorn_eps,
+                                 cfg.pretrain.sinkhorn_iters)
+                s_arg = st.student.head.prototypes(cap["s_out"]).argmax(1)
+            own = codes.argmax(1).repeat(s_arg.shape[0] // B)
+            glob, loc = slice(0, B), slice(B, None)
+            rows.append({"loss": float(loss), **{k: float(v) for k, v in stats.items()},
+                         "cls_centred_fraction": centred_fraction(cap["t_in"]),
+                         "z_centred_fraction": centred_fraction(cap["t_out"]),
+                         "retrieval_cls_global": own_image_retrieval(cap["s_in"][glob], cap["t_in"]),
+                         "retrieval_cls_local": own_image_retrieval(cap["s_in"][loc], cap["t_in"]),
+                         "retrieval_z_global": own_image_retrieval(cap["s_out"][glob], cap["t_out"]),
+                         "retrieval_z_local": own_image_retrieval(cap["s_out"][loc], cap["t_out"]),
+                         "agreement_global": float((s_arg[glob] == own[glob]).float().mean()),
+                         "agreement_local": float((s_arg[loc] == own[loc]).float().mean())})
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
     return {"data": data, "variant": variant, "overrides": VARIANTS[variant], "k": cfg.pretrain.n_prototypes,
-            "batch": st.global_batch, "loss": float(loss), **{k: float(v) for k, v in stats.items()},
-            "cls_centred_fraction": centred_fraction(captured["cls"]),
-            "z_centred_fraction": centred_fraction(captured["z"]), "load": list(load0)}
+            "batch": B, "batches": len(rows), "n_train": st.n,
+            **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}, "load": list(load0)}
 
 
 def save_init(args, results: list[dict]) -> None:
@@ -166,8 +204,8 @@ def save_init(args, results: list[dict]) -> None:
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     cmd = env + f"nice -n {os.getpriority(os.PRIO_PROCESS, 0)} .venv/bin/python -m benchmarks.collapse " + \
         " ".join(shlex.quote(a) for a in args.argv)
-    new = {(r["data"], r["variant"]) for r in results}
-    data["init"] = [r for r in data.get("init", []) if (r["data"], r["variant"]) not in new] + \
+    new = {(r["data"], r["variant"], r.get("n_train")) for r in results}
+    data["init"] = [r for r in data.get("init", []) if (r["data"], r["variant"], r.get("n_train")) not in new] + \
         [{**r, "command": cmd, "machine": machine("cpu"), "date": dt.datetime.now().isoformat(timespec="seconds")}
          for r in results]
     atomic_write_text(JSON, json.dumps(data, indent=1))
@@ -245,17 +283,25 @@ def report() -> None:
     init = data.get("init", [])
     if init:
         lines += ["", "## Step 0, before any training (`--init`)", "",
-                  "The first step's batch of each data set (its own images, views and masks at seed 0) through the freshly "
-                  "built student and teacher, no update. Centred fraction: mean ‖f_b − f̄‖² / mean ‖f_b‖² over the batch, "
+                  "Every batch of epoch 0 of each data set (its own images, views and masks at seed 0) through the freshly "
+                  "built student and teacher, no update; means over the batches. Centred fraction: mean ‖f_b − f̄‖² / mean ‖f_b‖² over the batch, "
                   "of the teacher's [CLS] features (the head's input) and of its l2-normalised projection outputs z (what "
                   "the prototypes score); 0 = every image alike. Commands: " + "; ".join(
                       f"`{c}`" for c in dict.fromkeys(r["command"] for r in init)) + f"; machine {init[-1]['machine']}.", "",
-                  "| data | variant | B | [CLS] centred fraction | z centred fraction | teacher spread | code entropy (ln K) | "
-                  "loss | load 1 min |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| data | variant | images (B × batches) | [CLS] centred fraction | z centred fraction | teacher spread | code entropy (ln K) | "
+                  "loss | own image found from global / local views: [CLS] | z | agreement global / local | load 1 min |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in init:
-            lines.append(f"| {r['data']} | {r['variant']} | {r['batch']} | {r['cls_centred_fraction']:.3f} | "
+            ret = (f"{r['retrieval_cls_global']:.2f} / {r['retrieval_cls_local']:.2f} | {r['retrieval_z_global']:.2f} / "
+                   f"{r['retrieval_z_local']:.2f} | {r['agreement_global']:.2f} / {r['agreement_local']:.2f}"
+                   if "retrieval_cls_global" in r else "— | — | —")
+            lines.append(f"| {r['data']} | {r['variant']} | {r.get('n_train', r['batch'])} ({r['batch']} × {r.get('batches', 1)}) | {r['cls_centred_fraction']:.3f} | "
                          f"{r['z_centred_fraction']:.3f} | {r['teacher_spread']:.4f} | {r['code_entropy']:.3f} "
-                         f"({math.log(r['k']):.3f}) | {r.get('loss', float('nan')):.3f} | {r['load'][0]:.1f} |")
+                         f"({math.log(r['k']):.3f}) | {r.get('loss', float('nan')):.3f} | {ret} | {r['load'][0]:.1f} |")
+        lines.append("")
+        lines.append("Own-image retrieval: the fraction of the student's views whose most similar teacher view (cosine, "
+                     "centred on the teacher views' mean) is of the same image, chance 1/B; agreement: the student's "
+                     "arg-max prototype = the image's arg-max code, chance 1/K.")
     lines += ["", "## Per epoch", ""]
     for r in data["runs"]:
         lines += [f"### {r['data']} / {_name(r)}, {r.get('epochs_run', s['epochs'])} epochs (overrides {r['overrides'] or 'none'}; {r['n_train']} images, "
