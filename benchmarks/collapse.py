@@ -81,7 +81,7 @@ VARIANTS = {
 # --profile -> (params file, what it sets); "paper" runs with the warm-up scaled to --epochs
 PROFILES = {"demo": ("params.yaml", "params.yaml (demo: 112 px, batch 8, 4 local crops of 56 px, apmask r=0.3)"),
             "paper": ("params-paper.yaml", "params-paper.yaml (paper: 224 px, batch 16, 8 local crops of 96 px, "
-                      "apmask r=0.3; warm-up scaled to the short run)")}
+                      "apmask r=0.3; warm-up scaled to the short run; backbone dinov2-s14-offline as the demo)")}
 # name -> (dataset, root relative to the project, category)
 DATASETS = {
     "brick": ("demo", "data/demo", "brick"),
@@ -101,8 +101,9 @@ def variant_config(args, data: str, variant: str):
     ov = [f"data.dataset={kind}", f"data.root={root}", f"data.category={cat}", f"data.max_train={args.max_train}",
           f"pretrain.epochs={args.epochs}", "device=cpu", f"seed={args.seed}",
           f"out_dir={ROOT / args.runs / data / f'{variant}_e{args.epochs}_n{args.max_train}{tag}'}"]
-    if args.profile == "paper":  # the paper's 10 warm-up epochs scaled to the short run (benchmarks.common)
-        ov.append(f"pretrain.warmup_epochs={scaled_warmup('pretrain', args.epochs)}")
+    if args.profile == "paper":  # the paper's 10 warm-up epochs scaled to the short run (benchmarks.common); the
+        # offline backbone of the demo runs (the paper's DINO ViT-S/16 needs a download)
+        ov += [f"pretrain.warmup_epochs={scaled_warmup('pretrain', args.epochs)}", "backbone=dinov2-s14-offline"]
     ov += [f"pretrain.{k}={v}" for k, v in VARIANTS[variant].items()]
     return load_params(ROOT / PROFILES[args.profile][0], ov)
 
@@ -194,7 +195,7 @@ def init_one(args, data: str, variant: str) -> dict:
         for h in hooks:
             h.remove()
     return {"data": data, "variant": variant, "overrides": VARIANTS[variant], "k": cfg.pretrain.n_prototypes,
-            "batch": B, "batches": len(rows), "n_train": st.n,
+            "batch": B, "batches": len(rows), "n_train": st.n, "profile": args.profile,
             **{k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}, "load": list(load0)}
 
 
@@ -204,8 +205,11 @@ def save_init(args, results: list[dict]) -> None:
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     cmd = env + f"nice -n {os.getpriority(os.PRIO_PROCESS, 0)} .venv/bin/python -m benchmarks.collapse " + \
         " ".join(shlex.quote(a) for a in args.argv)
-    new = {(r["data"], r["variant"], r.get("n_train")) for r in results}
-    data["init"] = [r for r in data.get("init", []) if (r["data"], r["variant"], r.get("n_train")) not in new] + \
+    def key(r: dict) -> tuple:
+        return r["data"], r["variant"], r.get("n_train"), r.get("profile", "demo")
+
+    new = {key(r) for r in results}
+    data["init"] = [r for r in data.get("init", []) if key(r) not in new] + \
         [{**r, "command": cmd, "machine": machine("cpu"), "date": dt.datetime.now().isoformat(timespec="seconds")}
          for r in results]
     atomic_write_text(JSON, json.dumps(data, indent=1))
@@ -295,7 +299,7 @@ def report() -> None:
             ret = (f"{r['retrieval_cls_global']:.2f} / {r['retrieval_cls_local']:.2f} | {r['retrieval_z_global']:.2f} / "
                    f"{r['retrieval_z_local']:.2f} | {r['agreement_global']:.2f} / {r['agreement_local']:.2f}"
                    if "retrieval_cls_global" in r else "— | — | —")
-            lines.append(f"| {r['data']} | {r['variant']} | {r.get('n_train', r['batch'])} ({r['batch']} × {r.get('batches', 1)}) | {r['cls_centred_fraction']:.3f} | "
+            lines.append(f"| {r['data']} | {_name(r)} | {r.get('n_train', r['batch'])} ({r['batch']} × {r.get('batches', 1)}) | {r['cls_centred_fraction']:.3f} | "
                          f"{r['z_centred_fraction']:.3f} | {r['teacher_spread']:.4f} | {r['code_entropy']:.3f} "
                          f"({math.log(r['k']):.3f}) | {r.get('loss', float('nan')):.3f} | {ret} | {r['load'][0]:.1f} |")
         lines.append("")
