@@ -20,18 +20,22 @@ Variants (``--variants``; config overrides of ``pretrain``):
   the prototypes, so the teacher's scores can differ between images from the first step,
 * ``freeze3`` / ``freeze5``: the prototypes frozen for the first 3 / 5 steps, i.e. the first epoch of the
   short / long runs (``pretrain.freeze_prototypes_iters``, SwAV's ``freeze_prototypes_niters`` = 1 epoch),
-* ``bn+freeze3``, ``bn+freeze5``, ``bn+queue32``, ``bn+eps0.01+queue32``: combinations.
+* ``bn+freeze3``, ``bn+freeze5``, ``bn+queue32``, ``bn+eps0.01+queue32``: combinations,
+* ``same-view``: ``pretrain.teacher_view: same`` (the student's global view is the teacher's own crop, masked);
+  the control of ``--init``'s own-image retrieval, which must then be high for the global views.
 
-``--init`` measures instead, without training, the collapse statistics of the *first* step (the step-0
-views of each data set, the freshly initialised teacher) for each variant, plus how much of the [CLS]
-features' and of the projection outputs' energy varies across the batch (``centred_fraction`` = mean
-‖f_b − f̄‖² / mean ‖f_b‖²): the test of the hypothesis that a category's images share a large common
-[CLS] component that the un-normalised head passes on to the prototype scores.
+``--init`` measures instead, without training, the collapse statistics of epoch 0's batches (the run's own
+views, the freshly initialised networks) for each variant, plus how much of the [CLS] features' and of the
+projection outputs' energy varies across the batch (``centred_fraction`` = mean ‖f_b − f̄‖² / mean ‖f_b‖²):
+the test of the hypothesis that a category's images share a large common [CLS] component that the
+un-normalised head passes on to the prototype scores; and whether a student view finds its own image among
+the teacher views (``own_image_retrieval``): is there anything for the swapped prediction to learn?
 
 What counts as a fix (README): on EVERY data set the teacher spread grows over the epochs (instead of
 shrinking) or the agreement of the student's arg-max with the codes rises above chance (1/K).
 
-    nice -n 5 .venv/bin/python -m benchmarks.collapse               # runs what is missing, then --report
+    OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python -m benchmarks.collapse --variants base bn   # runs, then --report
+    OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python -m benchmarks.collapse --init --max-train 40 # step 0 only
     .venv/bin/python -m benchmarks.collapse --report
 """
 from __future__ import annotations
@@ -77,6 +81,7 @@ VARIANTS = {
     "bn+freeze5": {"head_norm": "batchnorm", "freeze_prototypes_iters": 5},
     "bn+queue32": {"head_norm": "batchnorm", "queue_length": 32},
     "bn+eps0.01+queue32": {"head_norm": "batchnorm", "sinkhorn_eps": 0.01, "queue_length": 32},
+    "same-view": {"teacher_view": "same"},  # control for --init: the student's global view is the teacher's crop, masked
 }
 # --profile -> (params file, what it sets); "paper" runs with the warm-up scaled to --epochs
 PROFILES = {"demo": ("params.yaml", "params.yaml (demo: 112 px, batch 8, 4 local crops of 56 px, apmask r=0.3)"),
