@@ -37,6 +37,8 @@ KnnBackbone = Literal["init", "finetuned"]                              # evalua
 KnnSigmaAt = Literal["output", "input"]                                 # evaluate.knn_sigma_at
 Fusion = Literal["knn", "fused"]                                        # evaluate.fusion
 KnnAspect = Literal["square", "keep"]                                   # evaluate.knn_aspect
+KnnFeatures = Literal["auto", "fp32", "bf16"]                           # evaluate.knn_features
+KnnSearch = Literal["exact", "bf16"]                                    # evaluate.knn_search
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -229,6 +231,8 @@ class EvaluateConfig:
     knn_sigma: float = 4.0           # Gaussian smoothing of kNN maps in pixels (PatchCore/AnomalyDINO: 4), at the resolution knn_sigma_at names
     knn_sigma_at: KnnSigmaAt = "output"  # where knn_sigma applies: output = the image's stored size (AnomalyDINO's dists2map) | input = the network input size (PatchCore/anomalib); results/knn_readout.md
     knn_aspect: KnnAspect = "square"  # kNN input shape: square = every image stretched to size x size (AnomalyDINO/PatchCore) | keep = each image's own aspect ratio at about as many patches (results/knn_aspect.md)
+    knn_features: KnnFeatures = "auto"  # kNN feature precision: auto = fp32 on the CPU, bf16 autocast on CUDA | fp32 | bf16 (on the CPU a bf16 copy of the backbone: an APPROXIMATION, about 3x faster; results/knn_speed.md)
+    knn_search: KnnSearch = "exact"  # nearest neighbours: exact (fp32 brute force) | bf16 (chosen on bf16 products, distances recomputed in fp32: an APPROXIMATION; results/knn_speed.md)
     fusion: Fusion = "knn"           # with knn_layer set, extension outputs: knn (kNN alone) | fused (also z-normalised kNN + detector; helped only where the detector is good, results/quality*.md); in metrics.json under methods.*, top-level keys stay the paper method's
     knn_holdout: float = 0.1         # fraction of training images held out of a bank to estimate the normal statistics used by fusion
 

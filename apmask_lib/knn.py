@@ -25,8 +25,11 @@ network input size (PatchCore / anomalib), :func:`distance_map`.
 
 Search (:func:`knn_distances`): EXACT brute force as fp32 BLAS matrix products, one
 (query chunk x bank chunk) similarity block at a time, reused, with a row maximum for k = 1: time
-linear in the bank size, working memory bounded whatever the bank size. ``KnnScorer(feature_bf16=True)``
-runs the backbone under bf16 autocast on the CPU: an opt-in approximation, off by default.
+linear in the bank size, working memory bounded whatever the bank size. ``search="bf16"``
+chooses the neighbours on bf16 products and recomputes their distances in fp32, and
+``KnnScorer(feature_bf16=True)`` computes the features with a bf16 copy of the backbone on the CPU
+(:func:`bf16_copy`; bf16 autocast on CUDA): opt-in approximations, off by default on the CPU
+(``evaluate.knn_search`` / ``evaluate.knn_features``).
 
 Aspect ratio (``KnnScorer(aspect=...)``): ``"square"`` (default, AnomalyDINO / PatchCore) stretches
 every image to size x size; ``"keep"`` feeds each image at its own aspect ratio with about the same
@@ -47,13 +50,18 @@ extension's glue beside the detector and the fusion with it: :mod:`apmask_lib.kn
 """
 from __future__ import annotations
 
+import copy as _copy
+import logging
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 CORESET_METHODS = ("greedy", "random")
 
@@ -79,15 +87,37 @@ def patch_features(backbone: torch.nn.Module, images01: torch.Tensor, layer: int
     return F.normalize(tokens.float(), dim=-1)
 
 
+_BF16_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def bf16_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A bfloat16 copy of ``module`` (weights and buffers), made at the first call and reused while
+    ``module`` lives (several scorers share one copy). For CPU inference: every operation then runs in
+    bf16 on AMX / AVX512-BF16 units (LayerNorm and softmax accumulate in fp32 inside their kernels),
+    where CPU autocast converts every weight at each call and runs some element-wise operations in
+    fp32 (block-7 features at 448 px on the 2-core Xeon: 36 ms per image vs 46 ms with autocast and
+    163 ms in fp32, results/knn_speed.md). The copy does not follow later changes to ``module``'s
+    weights."""
+    copy = _BF16_COPIES.get(module)
+    if copy is None:
+        copy = _copy.deepcopy(module).to(torch.bfloat16).eval()
+        _BF16_COPIES[module] = copy
+    return copy
+
+
 # --------------------------------------------------------------------------------------------
 # nearest neighbours
 # --------------------------------------------------------------------------------------------
 SEARCHES = ("exact", "bf16")
+#: block sizes of the search: a (1024 x 4096) fp32 similarity block is 16 MB (bf16: 8 MB), small enough
+#: that the row reduction reads it back from cache; with 32768-wide blocks the bf16 search took twice as
+#: long and the exact one 7 % longer on the 2-core Xeon (results/knn_search.md)
+QUERY_CHUNK, BANK_CHUNK = 1024, 4096
 
 
 @torch.no_grad()
-def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, query_chunk: int = 1024,
-                  bank_chunk: int = 32768, search: str = "exact",
+def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, query_chunk: int = QUERY_CHUNK,
+                  bank_chunk: int = BANK_CHUNK, search: str = "exact",
                   bank16: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cosine distances 1 - <q, m> of each query to its ``k`` nearest bank rows, ascending.
 
@@ -100,12 +130,13 @@ def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, query_c
     the chunk sizes beyond float rounding of the dot products (tests/test_knn.py checks both paths
     against scikit-learn's brute-force search).
 
-    ``search="bf16"`` (an APPROXIMATION, opt-in): ``k + 3`` candidate neighbours per query are CHOSEN
-    on bf16 products (AMX / AVX512-BF16 kernels on CPUs that have them; the 3 extra absorb ties of the
-    coarse bf16 values), their similarities recomputed in fp32 and the best ``k`` kept. Each returned
-    value is thus the fp32 distance to a real bank row; it can only exceed the exact k-th distance
-    where bf16 rounding (about 4e-3 in similarity) left the true neighbour out of the candidates, and
-    it can depend on the chunk sizes there (ties among bf16 values).
+    ``search="bf16"`` (an APPROXIMATION, opt-in): candidate neighbours are CHOSEN on bf16 products
+    (AMX / AVX512-BF16 kernels on CPUs that have them): the best ``k`` rows of every bank chunk (k = 1:
+    the row maximum), of these the ``k + 3`` best (the 3 extra absorb ties of the coarse bf16 values);
+    their similarities are recomputed in fp32 and the best ``k`` kept. Each returned value is thus the
+    fp32 distance to a real bank row; it can only exceed the exact k-th distance where bf16 rounding
+    (about 4e-3 in similarity) left the true neighbour out of the candidates (a tie inside a chunk, or
+    more than k + 3 close chunk winners), and it can depend on the chunk sizes there.
     ``bank16``: the bank already in bf16 (:class:`MemoryBank` keeps it), else converted here.
     Quality cost and speed: results/knn_speed.md."""
     if search not in SEARCHES:
@@ -119,20 +150,24 @@ def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, query_c
     out = torch.empty(queries.shape[0], k, dtype=queries.dtype, device=queries.device)
     if search == "bf16":
         bank16 = bank.bfloat16() if bank16 is None else bank16.to(queries.device)
+        n_cand = min(k + 3, bank.shape[0])
         for qs in range(0, queries.shape[0], qc):
             q = queries[qs:qs + qc]
             q16 = q.bfloat16()
-            best_v = best_i = None  # (q, k) bf16 similarities and bank indices of the best rows so far
+            vals, idxs = [], []  # per bank chunk: its best min(k, chunk) bf16 similarities and bank rows
             for bs in range(0, bank.shape[0], bc):
                 block = torch.mm(q16, bank16[bs:bs + bc].T)
-                v, i = block.topk(min(k + 3, block.shape[1]), dim=1)
-                i = i + bs
-                if best_v is None:
-                    best_v, best_i = v, i
+                if k == 1:
+                    v, i = block.max(dim=1, keepdim=True)  # one pass, cheaper than topk
                 else:
-                    v, j = torch.cat([best_v, v], 1).topk(min(k + 3, best_v.shape[1] + v.shape[1]), dim=1)
-                    best_v, best_i = v, torch.cat([best_i, i], 1).gather(1, j)
-            exact = torch.einsum("qc,qkc->qk", q, bank[best_i])  # fp32 similarities of the candidates
+                    v, i = block.topk(min(k, block.shape[1]), dim=1)
+                vals.append(v)
+                idxs.append(i + bs)
+            v, i = torch.cat(vals, 1), torch.cat(idxs, 1)
+            if v.shape[1] > n_cand:  # the k + 3 best chunk winners are the candidates
+                v, j = v.topk(n_cand, dim=1)
+                i = i.gather(1, j)
+            exact = torch.einsum("qc,qkc->qk", q, bank[i])  # fp32 similarities of the candidates
             out[qs:qs + q.shape[0]] = (1.0 - exact.topk(k, dim=1).values).clamp_min_(0.0)
         return out
     sim = None  # one preallocated similarity block, reused
@@ -203,7 +238,7 @@ class MemoryBank:
     search: "exact" (fp32, default) | "bf16" (neighbours chosen on bf16 products, :func:`knn_distances`)."""
 
     def __init__(self, coreset: float = 1.0, coreset_method: str = "greedy", seed: int = 0,
-                 query_chunk: int = 1024, bank_chunk: int = 32768, search: str = "exact"):
+                 query_chunk: int = QUERY_CHUNK, bank_chunk: int = BANK_CHUNK, search: str = "exact"):
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
         self.search = search
@@ -357,6 +392,17 @@ def input_shape(hw: tuple[int, int], size: int, patch: int, aspect: str = "squar
     return snap_size(round(size * r), int(patch)), snap_size(round(size / r), int(patch))
 
 
+FEATURE_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def feature_bf16_of(precision: str) -> Optional[bool]:
+    """``evaluate.knn_features`` -> :class:`KnnScorer`'s ``feature_bf16``: "auto" -> None (bf16 on
+    CUDA only), "fp32" -> False, "bf16" -> True."""
+    if precision not in FEATURE_PRECISIONS:
+        raise ValueError(f"kNN feature precision must be one of {FEATURE_PRECISIONS}, got {precision!r}")
+    return {"auto": None, "fp32": False, "bf16": True}[precision]
+
+
 class KnnScorer:
     """kNN anomaly scoring of RGB uint8 images with ``backbone``'s block-``layer`` patch tokens at
     input ``size`` (snapped to the patch grid; square, or each image's own aspect ratio with
@@ -365,8 +411,8 @@ class KnnScorer:
     for the training images, :meth:`fit` on them, then :meth:`predict` per test batch.
 
     Two opt-in APPROXIMATIONS for speed on CPUs with bf16 units (AMX / AVX512-BF16), off by default
-    except ``feature_bf16`` on CUDA: ``feature_bf16=True`` runs the backbone under bf16 autocast;
-    ``search="bf16"`` chooses the nearest neighbours on bf16 products and recomputes their distances
+    except ``feature_bf16`` on CUDA: ``feature_bf16=True`` runs a bf16 copy of the backbone on the CPU
+    (:func:`bf16_copy`), the backbone under bf16 autocast on CUDA; ``search="bf16"`` chooses the nearest neighbours on bf16 products and recomputes their distances
     in fp32 (:func:`knn_distances`). Measured speed and quality cost: results/knn_speed.md."""
 
     def __init__(self, backbone: torch.nn.Module, layer: int, size: int = 448, k: int = 1, sigma: float = 4.0,
@@ -388,9 +434,16 @@ class KnnScorer:
         self.grid = (self.size // self.patch,) * 2  # the square grid (aspect="keep": per image, grid_of)
         self.device = torch.device(device)
         self.bank = MemoryBank(coreset, coreset_method, seed, search=search)
-        # bf16 autocast of the backbone: default on CUDA only (an APPROXIMATION on the CPU, opt-in;
-        # its quality cost and speed: results/knn_speed.md)
+        # bf16 features: default on CUDA only (an APPROXIMATION on the CPU, opt-in; its quality cost and
+        # speed: results/knn_speed.md)
         self.feature_bf16 = self.device.type == "cuda" if feature_bf16 is None else bool(feature_bf16)
+        if self.device.type == "cpu" and (self.feature_bf16 or search == "bf16"):
+            from .machine import bf16_slow_reason
+
+            reason = bf16_slow_reason()
+            if reason:
+                log.warning("kNN bf16 features / search requested, but %s: they will run SLOWER than fp32 here "
+                            "(results/knn_speed.md); use evaluate.knn_features=fp32, knn_search=exact", reason)
 
     def input_of(self, hw: tuple[int, int]) -> tuple[int, int]:
         """Network input (h, w) of an image stored at ``hw`` (:func:`input_shape`)."""
@@ -417,8 +470,11 @@ class KnnScorer:
     def features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(B, N, C) l2-normalised patch features of a batch of RGB uint8 images (one input shape)."""
         x = self.batch(images)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.feature_bf16):
-            f = patch_features(self.backbone, x, self.layer, self.final_norm)
+        if self.feature_bf16 and self.device.type == "cpu":  # a bf16 copy of the backbone, bf16 input
+            f = patch_features(bf16_copy(self.backbone), x.bfloat16(), self.layer, self.final_norm)
+        else:
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.feature_bf16):
+                f = patch_features(self.backbone, x, self.layer, self.final_norm)
         return F.normalize(f.float(), dim=-1)
 
     def features_list(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
@@ -475,5 +531,5 @@ def average_outputs(outputs: Sequence[KnnOutput]) -> KnnOutput:
     return KnnOutput(dists=outputs[0].dists, scores=scores, maps=maps)
 
 
-__all__ = ["CORESET_METHODS", "SEARCHES", "patch_features", "knn_distances", "random_coreset", "greedy_coreset", "MemoryBank",
-           "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "SIGMA_AT", "distance_map", "KnnOutput", "ASPECTS", "input_shape", "KnnScorer", "average_outputs"]
+__all__ = ["CORESET_METHODS", "SEARCHES", "patch_features", "bf16_copy", "knn_distances", "random_coreset", "greedy_coreset", "MemoryBank",
+           "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "SIGMA_AT", "distance_map", "KnnOutput", "ASPECTS", "input_shape", "FEATURE_PRECISIONS", "feature_bf16_of", "KnnScorer", "average_outputs"]

@@ -41,7 +41,7 @@ from torch import nn
 
 from .config import Config
 from .data import AnomalyDataset, dataset_from_config
-from .knn import KnnScorer, distance_map, knn_distances, patch_features, top_fraction_mean
+from .knn import SEARCHES, KnnScorer, bf16_copy, distance_map, feature_bf16_of, knn_distances, patch_features, top_fraction_mean
 from .knn_fusion import bank_features, training_samples
 from .models import ViTConfig, VisionTransformer
 from .weights import build_backbone
@@ -60,7 +60,8 @@ KNN_DIR = "knn"                    # OUT_DIR/knn/model.pt
 DEFAULT_LAYER = 7                  # evaluate.knn_layer unset: AnomalyDINO's block (8th of 12)
 LOGIT_EPS = 1e-6
 # the settings a fitted bank depends on: a re-run with other values must refit (--force)
-FIT_KEYS = ("backbone", "seed", "data", "evaluate.knn_layer", "evaluate.knn_sizes", "evaluate.knn_coreset")
+FIT_KEYS = ("backbone", "seed", "data", "evaluate.knn_layer", "evaluate.knn_sizes", "evaluate.knn_coreset",
+            "evaluate.knn_features")
 
 
 class KnnDetector(nn.Module):
@@ -70,7 +71,8 @@ class KnnDetector(nn.Module):
     banks: one l2-normalised (M_s, C) bank per size in ``sizes``."""
 
     def __init__(self, backbone: VisionTransformer, sizes: Sequence[int], banks: Sequence[torch.Tensor], k: int = 1,
-                 sigma: float = 4.0, final_norm: bool = True, top_fraction: float = 0.01):
+                 sigma: float = 4.0, final_norm: bool = True, top_fraction: float = 0.01, features: str = "fp32",
+                 search: str = "exact"):
         super().__init__()
         if len(sizes) != len(banks) or not sizes:
             raise ValueError(f"one bank per size needed, got {len(sizes)} sizes and {len(banks)} banks")
@@ -78,6 +80,10 @@ class KnnDetector(nn.Module):
         self.layer = len(backbone.blocks) - 1
         self.sizes = tuple(int(s) for s in sizes)
         self.k, self.sigma, self.final_norm, self.top_fraction = int(k), float(sigma), bool(final_norm), float(top_fraction)
+        if features not in ("fp32", "bf16") or search not in SEARCHES:
+            raise ValueError(f"kNN model: features must be fp32 | bf16 and search one of {SEARCHES}, got "
+                             f"{features!r}, {search!r}")
+        self.features, self.search = features, search
         for s, b in zip(self.sizes, banks):
             if b.dim() != 2 or b.shape[1] != backbone.embed_dim or not 1 <= self.k <= b.shape[0]:
                 raise ValueError(f"bank for size {s} has shape {tuple(b.shape)}; expected (M >= k={self.k}, "
@@ -94,26 +100,33 @@ class KnnDetector(nn.Module):
         """What the file stores besides tensors (and what ``metrics.json`` reports)."""
         return {"layer": self.layer, "sizes": list(self.sizes), "k": self.k, "sigma": self.sigma,
                 "sigma_at": "input", "final_norm": self.final_norm, "top_fraction": self.top_fraction,
+                "features": self.features, "search": self.search,
                 "bank_patches": [int(self.bank(s).shape[0]) for s in self.sizes]}
 
     def patch_distances(self, feats: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         """(B, N, C) features -> (B, N) mean distance to the k nearest bank rows. Eager: the exact chunked
-        search :func:`~apmask_lib.knn.knn_distances`; traced (export): one matrix product and a top-k /
-        max over the bank, the same maths in a form ONNX holds (memory B * N * M)."""
+        search :func:`~apmask_lib.knn.knn_distances` (``search``: exact, or bf16 candidates re-ranked in
+        fp32); traced (export): one exact fp32 matrix product and a top-k / max over the bank, the same
+        maths in a form ONNX holds (memory B * N * M)."""
         b, n, c = feats.shape
         if torch.jit.is_tracing():
             sim = feats.reshape(b * n, c) @ bank.T
             top = sim.amax(dim=1, keepdim=True) if self.k == 1 else sim.topk(self.k, dim=1).values
             d = (1.0 - top).clamp_min(0.0)
         else:
-            d = knn_distances(feats.reshape(b * n, c), bank, self.k)
+            d = knn_distances(feats.reshape(b * n, c), bank, self.k, search=self.search)
         return d.mean(dim=1).reshape(b, n)
 
     def forward(self, images: torch.Tensor) -> DetectorOutput:
         h, w = int(images.shape[-2]), int(images.shape[-1])
         if h != w:
             raise ValueError(f"the kNN model takes square inputs at its sizes {list(self.sizes)}, got {h}x{w}")
-        feats = patch_features(self.backbone, images, self.layer, self.final_norm)
+        if self.features == "bf16" and images.device.type == "cpu" and not torch.jit.is_tracing():
+            feats = patch_features(bf16_copy(self.backbone), images.bfloat16(), self.layer, self.final_norm).float()
+        else:
+            with torch.autocast(images.device.type, dtype=torch.bfloat16,
+                                enabled=self.features == "bf16" and images.device.type == "cuda"):
+                feats = patch_features(self.backbone, images, self.layer, self.final_norm).float()
         d = self.patch_distances(feats, self.bank(h))
         p = self.backbone.patch_size
         score = top_fraction_mean(d, self.top_fraction)
@@ -223,6 +236,9 @@ def fit_knn_model(cfg: Config, dataset: Optional[AnomalyDataset] = None, force: 
                               "it, or choose another out_dir")
     if not ecfg.knn_sizes:
         raise ValueError("evaluate.knn_sizes is empty; give at least one input size, e.g. [224, 448]")
+    if ecfg.knn_aspect != "square":
+        log.warning("kNN model: takes square inputs (each image stretched to size x size); evaluate.knn_aspect=%s "
+                    "applies to the extension beside the detector only (evaluate.knn_layer)", ecfg.knn_aspect)
     if ecfg.knn_sigma_at != "input":
         log.info("kNN model: maps are smoothed at the network input size (evaluate.knn_sigma_at=%s applies to the "
                  "extension beside the detector only)", ecfg.knn_sigma_at)
@@ -235,11 +251,13 @@ def fit_knn_model(cfg: Config, dataset: Optional[AnomalyDataset] = None, force: 
     banks: dict[int, torch.Tensor] = {}
     for size in ecfg.knn_sizes:
         sc = KnnScorer(backbone, layer, size, k=ecfg.knn_k, sigma=ecfg.knn_sigma, sigma_at="input",
-                       coreset=ecfg.knn_coreset, seed=cfg.seed, device=device)
+                       coreset=ecfg.knn_coreset, seed=cfg.seed, device=device,
+                       feature_bf16=feature_bf16_of(ecfg.knn_features))
         if sc.size in banks:   # sizes that snap to the same grid are used once
             continue
         banks[sc.size] = sc.fit(bank_features(sc, ds, train, ecfg.batch_size)).bank.features.cpu()
-    model = KnnDetector(backbone.cpu(), list(banks), list(banks.values()), k=ecfg.knn_k, sigma=ecfg.knn_sigma)
+    model = KnnDetector(backbone.cpu(), list(banks), list(banks.values()), k=ecfg.knn_k, sigma=ecfg.knn_sigma,
+                        features="bf16" if sc.feature_bf16 else "fp32", search=ecfg.knn_search)
     check_finite_weights(model, f"the kNN model fitted on {ds.name}")
     meta = {"bank_images": len(train), "dataset_name": ds.name, "backbone_source": cfg.backbone,
             **model.settings()}

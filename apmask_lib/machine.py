@@ -22,6 +22,32 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it cannot be read)."""
+    try:
+        return set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+                   .split(":", 1)[1].split())
+    except (OSError, StopIteration, IndexError):
+        return set()
+
+
+BF16_UNITS = ("amx_bf16", "avx512_bf16")  # CPU units that run bf16 matrix products natively
+
+
+def bf16_slow_reason() -> str | None:
+    """Why bf16 matrix products would be SLOWER than fp32 on this process's CPU, or None: the CPU has no
+    bf16 units (:data:`BF16_UNITS`), or the numerics are pinned to AVX2 (``ONEDNN_MAX_CPU_ISA`` /
+    ``ATEN_CPU_CAPABILITY``, what ``apmask`` sets by default, apmask_lib/repro.py), which keeps oneDNN off
+    them (measured: bf16 features about 5x slower than fp32 there, results/knn_speed.md)."""
+    flags = cpu_flags()
+    if flags and not any(f in flags for f in BF16_UNITS):
+        return "this CPU has no bf16 units (no amx_bf16 / avx512_bf16 in /proc/cpuinfo)"
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() == "AVX2" or torch.backends.cpu.get_cpu_capability() == "AVX2":
+        return ("the numerics are pinned to AVX2 (apmask_lib/repro.py), which keeps oneDNN off the bf16 units; "
+                "APMASK_NUMERICS=native lifts the pinning (results then depend on the machine)")
+    return None
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     """Platform, python and torch versions, device (and its name on CUDA), cores and torch threads."""
     info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
@@ -55,4 +81,4 @@ def versions_line(*packages: str) -> str:
     return ", ".join(f"{k} {v}" for k, v in versions(*packages).items())
 
 
-__all__ = ["cpu_model", "machine_info", "machine_line", "versions", "versions_line"]
+__all__ = ["cpu_model", "cpu_flags", "BF16_UNITS", "bf16_slow_reason", "machine_info", "machine_line", "versions", "versions_line"]

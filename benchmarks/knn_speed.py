@@ -51,7 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from apmask_lib.files import atomic_write_text  # noqa: E402
-from apmask_lib.machine import cpu_model  # noqa: E402
+from apmask_lib.machine import cpu_flags, cpu_model  # noqa: E402
 
 DATA_ROOT = "../shared/data/mvtec_ad"
 
@@ -221,6 +221,37 @@ def search_cached(path: Path, n: int, shapes: Sequence[tuple[int, int]], sizes=(
     return {"timings": t, "bank_patches": banks}
 
 
+def backbone_bench(sizes=(224, 448), batch_size: int = 8, repeats: int = 3) -> dict[str, Any]:
+    """Milliseconds per image of the block-7 features (offline ViT-S/14, batch ``batch_size``, random
+    inputs) at each size: fp32, bf16 autocast, and the bf16 copy of the backbone that
+    ``KnnScorer(feature_bf16=True)`` uses on the CPU (median of ``repeats`` timed batches after one
+    warm-up batch)."""
+    from apmask_lib.knn import bf16_copy, patch_features
+    from apmask_lib.weights import build_backbone
+
+    backbone = build_backbone("dinov2-s14-offline").eval()
+    out: dict[str, Any] = {}
+    for size in sizes:
+        x = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+        runs = {"fp32": lambda: patch_features(backbone, x, 7),
+                "bf16 autocast": lambda: _autocast(lambda: patch_features(backbone, x, 7)),
+                "bf16 copy": lambda: patch_features(bf16_copy(backbone), x.bfloat16(), 7)}
+        for name, fn in runs.items():
+            fn()
+            secs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                secs.append(time.perf_counter() - t0)
+            out[f"{name} @ {size}"] = 1000.0 * float(np.median(secs)) / batch_size
+    return out
+
+
+def _autocast(fn):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return fn()
+
+
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One measurement in this (fresh) process; ``spec``: method, train, test, metrics, feature_bf16."""
     from apmask_lib.data import build_dataset
@@ -229,7 +260,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     train = training_images(ds, spec["train"])
     test = list(ds.test)[:spec["test"]] if spec.get("test") else list(ds.test)
     load_before = os.getloadavg()
-    if spec["method"] == "extract":
+    if spec["method"] == "backbone":
+        res = {"timings": backbone_bench(), "bank_patches": {}}
+    elif spec["method"] == "extract":
         res = {"timings": extract_cache(ds, train, test, Path(spec["cache"])), "bank_patches": {}}
     elif spec["method"] == "search":
         res = search_cached(Path(spec["cache"]), spec["n"], [ds.image(s).shape[:2] for s in test])
@@ -249,23 +282,26 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`child` in a fresh process (own peak memory); returns its row."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if spec.get("pinned"):  # the numerics `apmask` runs under by default (apmask_lib/repro.py: AVX2, 2 threads)
+        from apmask_lib.repro import pipeline_env
+
+        env = pipeline_env({k: v for k, v in env.items() if k != "APMASK_NUMERICS"})
     proc = subprocess.run([sys.executable, "-m", "benchmarks.knn_speed", "--child", json.dumps(spec)],
                           cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"child {spec} failed:\n{proc.stderr[-4000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     brief = {k: row[k] for k in ("method", "n_train", "n_test", "peak_rss_mb", "load_before", "load_after")}
-    if row["method"] != "extract":
+    if row["method"] not in ("extract", "backbone"):
         brief |= {"timings": row["timings"], **({"quality": row["quality"]} if "quality" in row else {})}
     print(json.dumps(brief), flush=True)
     return row
 
 
 def cpu_bf16_units() -> str:
-    """The CPU's bf16 matrix/vector units as /proc/cpuinfo lists them (what bf16 autocast can use)."""
-    try:
-        flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split())
-    except (OSError, StopIteration):
+    """The CPU's AVX-512 / bf16 matrix and vector units as /proc/cpuinfo lists them."""
+    flags = cpu_flags()
+    if not flags:
         return "CPU flags unknown"
     have = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
     return "flags " + (", ".join(have) if have else "no AVX-512 / bf16 units")
@@ -277,7 +313,7 @@ def fmt_load(row) -> str:
 
 def variant(row) -> str:
     """How a row of ours ran: features fp32 / bf16 autocast, search exact fp32 / bf16-chosen."""
-    return ("224 + 448 px, " + ("bf16 features" if row.get("feature_bf16") else "fp32 features") + ", "
+    return ("224 + 448 px, " + ("bf16 features (bf16 copy of the backbone)" if row.get("feature_bf16") else "fp32 features") + ", "
             + ("bf16 search + fp32 re-rank" if row.get("search") == "bf16" else "exact fp32 search"))
 
 
@@ -288,23 +324,29 @@ def render(res: dict[str, Any], cmd: str, machine: str) -> str:
              "Bank + inference = wall time of reading and resizing the images, patch features of every training "
              "image, the memory bank, and features + nearest-neighbour search + pixel maps of every test image "
              "(metrics afterwards, not timed). Each row is a fresh process (peak memory = its `ru_maxrss`). "
-             "The CPU is shared with other jobs: load averages (1 min, before → after) are given per row and "
-             "ratios are taken within a round (the two methods run back to back).", ""]
+             "Load averages (1 min, before → after) are given per row (about 2 = this benchmark's own two "
+             "threads); ratios are taken within a round (the two methods run back to back).", ""]
+    lines += [f"Note: {n}" for n in res.get("notes", [])] + ([""] if res.get("notes") else [])
     if res["rounds"]:
         r0 = res["rounds"][0][0]
         lines += [f"## Ours vs AnomalyDINO (anomalib), bottle, {r0['n_train']} training images, {r0['n_test']} test images",
                   "",
                   "| round | method | bank + inference | ratio ours / AnomalyDINO | image AUROC | pixel AUROC | AU-PRO | "
-                  "peak memory | load |", "|---|---|---|---|---|---|---|---|---|"]
+                  "each metric within 0.05 of exact | peak memory | load |", "|---|---|---|---|---|---|---|---|---|---|"]
         for i, rnd in enumerate(res["rounds"], 1):
             ad = next(r for r in rnd if r["method"] == "anomalydino")
+            exact = next((r for r in rnd if r["method"] == "ours" and not r.get("feature_bf16")
+                          and r.get("search", "exact") == "exact"), None)
             for r in rnd:
                 q = r.get("quality", {})
                 ratio = r["timings"]["total_s"] / ad["timings"]["total_s"]
                 name = "AnomalyDINO (anomalib 2.7, 252 px)" if r["method"] == "anomalydino" else f"ours ({variant(r)})"
-                lines.append(f"| {i} | {name} | {r['timings']['total_s']:.0f} s | {ratio:.2f} | "
+                same = "—" if r["method"] != "ours" or exact is None else (
+                    "yes" if all(abs(q[k] - exact["quality"][k]) <= 0.05 for k in ("image_auroc", "pixel_auroc", "au_pro"))
+                    else "no")
+                lines.append(f"| {i} | {name} | {r['timings']['total_s']:.1f} s | {ratio:.2f} | "
                              f"{q.get('image_auroc', float('nan')):.2f} | {q.get('pixel_auroc', float('nan')):.2f} | "
-                             f"{q.get('au_pro', float('nan')):.2f} | {r['peak_rss_mb']:.0f} MB | {fmt_load(r)} |")
+                             f"{q.get('au_pro', float('nan')):.2f} | {same} | {r['peak_rss_mb']:.0f} MB | {fmt_load(r)} |")
         lines += ["", "Profile of ours (seconds per phase, from the rows above):", "",
                   "| round | train features | bank fit | test features | NN search | maps | image I/O + resize | total |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -313,8 +355,25 @@ def render(res: dict[str, Any], cmd: str, machine: str) -> str:
                 if r["method"] == "ours":
                     t = r["timings"]
                     lines.append(f"| {i}, {variant(r)} | "
-                                 f"{t['train_features_s']:.0f} | {t['fit_s']:.1f} | {t['test_features_s']:.0f} | "
-                                 f"{t['search_s']:.0f} | {t['readout_s']:.0f} | {t['other_s']:.0f} | {t['total_s']:.0f} |")
+                                 f"{t['train_features_s']:.1f} | {t['fit_s']:.2f} | {t['test_features_s']:.1f} | "
+                                 f"{t['search_s']:.1f} | {t['readout_s']:.1f} | {t['other_s']:.1f} | {t['total_s']:.1f} |")
+        lines.append("")
+    if res.get("backbone"):
+        runs = [("native (as above: AVX-512, AMX)", res["backbone"])]
+        if res.get("backbone_pinned"):
+            runs.append(("pinned (what `apmask` runs under by default: ATen / MKL / oneDNN on AVX2, "
+                          "apmask_lib/repro.py)", res["backbone_pinned"]))
+        t0 = runs[0][1]["timings"]
+        sizes = sorted({int(k.rsplit("@", 1)[1]) for k in t0})
+        names = list(dict.fromkeys(k.rsplit(" @", 1)[0] for k in t0))
+        lines += ["## The backbone alone: block-7 features per image (offline ViT-S/14, batch 8, random inputs)", "",
+                  "Milliseconds per image, median of 3 batches after a warm-up, one fresh process per numerics "
+                  "setting (load " + ", ".join(fmt_load(b) for _, b in runs) + ").", "",
+                  "| numerics | precision | " + " | ".join(f"{z} px" for z in sizes) + " |",
+                  "|---|---|" + "---|" * len(sizes)]
+        for label, b in runs:
+            for n in names:
+                lines.append(f"| {label} | {n} | " + " | ".join(f"{b['timings'][f'{n} @ {z}']:.0f} ms" for z in sizes) + " |")
         lines.append("")
     if res["scaling"]:
         n_test = res["scaling"][0]["n_test"]
@@ -349,6 +408,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bf16-features", action="store_true", help="also run ours with bf16 autocast features per round")
     ap.add_argument("--bf16-search", action="store_true",
                     help="also run ours with bf16 features AND the bf16 neighbour search (knn_distances search='bf16')")
+    ap.add_argument("--note", default=None, help="a sentence about the conditions of this run, kept in the report")
+    ap.add_argument("--backbone-bench", action="store_true",
+                    help="also time the backbone alone per image: fp32, bf16 autocast, bf16 copy (224 and 448 px)")
     ap.add_argument("--scaling", nargs="*", type=int, default=[], help="training-set sizes for the scaling table")
     ap.add_argument("--scaling-test", type=int, default=20, help="fixed number of test images in the scaling table")
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "knn_speed", help="scaling feature cache folder")
@@ -372,6 +434,8 @@ def main(argv=None) -> int:
     if args.append and args.out.with_suffix(".json").is_file():
         prev = json.loads(args.out.with_suffix(".json").read_text())
         res["rounds"] = prev["rounds"]
+        if prev.get("backbone") and not args.backbone_bench:
+            res["backbone"], res["backbone_pinned"] = prev["backbone"], prev.get("backbone_pinned")
         if not args.scaling:
             res["scaling"], res["scaling_features"] = prev["scaling"], prev.get("scaling_features")
         commands = prev.get("commands", [prev["command"]]) + [cmd]
@@ -379,6 +443,11 @@ def main(argv=None) -> int:
         prev = json.loads(args.out.with_suffix(".json").read_text())
         res["scaling"], res["scaling_features"] = prev["scaling"], prev.get("scaling_features")
         commands = [c for c in prev.get("commands", [prev["command"]]) if "--scaling" in c] + [cmd]
+
+    if args.append and args.out.with_suffix(".json").is_file():
+        res["notes"] = json.loads(args.out.with_suffix(".json").read_text()).get("notes", [])
+    if args.note:
+        res.setdefault("notes", []).append(args.note)
 
     def write():
         res.update(date=dt.datetime.now().isoformat(timespec="seconds"), total_s=time.perf_counter() - t_start,
@@ -397,6 +466,10 @@ def main(argv=None) -> int:
         if i % 2:
             specs.reverse()
         res["rounds"].append([dict(measure(s), command=cmd) for s in specs])
+        write()
+    if args.backbone_bench:
+        res["backbone"] = measure({"method": "backbone", "train": 1})
+        res["backbone_pinned"] = measure({"method": "backbone", "train": 1, "pinned": True})
         write()
     if args.scaling:
         cache = str(args.cache / "bottle_scaling.pt")

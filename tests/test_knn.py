@@ -223,6 +223,46 @@ def test_non_square_grey_images_at_their_own_aspect_ratio():
     assert one_keep.scores[0] == one_sq.scores[0]
 
 
+def test_bf16_features_on_cpu_use_one_shared_bf16_copy(offline_backbone):
+    """feature_bf16=True on the CPU: features from a bf16 copy of the backbone (made once, shared by
+    every scorer of that backbone, the original left in fp32), within bf16 rounding of the fp32 ones
+    (real offline ViT-S/14, block 7, 112 px)."""
+    images = [grey_texture(112, 112, i) for i in range(3)]
+    exact = knn.KnnScorer(offline_backbone, 7, 112).features(images)
+    a, b = knn.KnnScorer(offline_backbone, 7, 112, feature_bf16=True), knn.KnnScorer(offline_backbone, 7, 224, feature_bf16=True)
+    approx = a.features(images)
+    b.features(images[:1])
+    copy = knn.bf16_copy(offline_backbone)
+    assert copy is knn.bf16_copy(offline_backbone) and copy is not offline_backbone
+    assert {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in offline_backbone.parameters()} == {torch.float32}
+    assert approx.dtype == torch.float32 and approx.shape == exact.shape
+    cos = (approx * exact).sum(-1)
+    assert cos.min() > 0.995 and not torch.equal(approx, exact), cos.min()
+
+
+def test_bf16_options_warn_where_they_would_be_slower(monkeypatch, caplog):
+    """Pinned numerics (ONEDNN_MAX_CPU_ISA=AVX2, apmask's default) or a CPU without bf16 units make
+    bf16 slower than fp32 (results/knn_speed.md): asking for it says so; fp32 / exact says nothing."""
+    from apmask_lib import machine
+
+    bb = build_backbone("random:vit_tiny16", seed=0).eval()
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert "pinned to AVX2" in machine.bf16_slow_reason()
+    with caplog.at_level("WARNING", logger="apmask_lib.knn"):
+        knn.KnnScorer(bb, 1, 64)
+        assert not caplog.records
+        knn.KnnScorer(bb, 1, 64, search="bf16")
+    assert "SLOWER than fp32" in caplog.text and "pinned to AVX2" in caplog.text
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2"})
+    assert "no bf16 units" in machine.bf16_slow_reason()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")
+    monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert machine.bf16_slow_reason() is None
+
+
 def test_non_square_grey_defect_is_localised(offline_backbone):
     """A bright blob on a non-square grey texture is found at its place with aspect="keep" (real
     offline ViT-S/14, block 7, 112 px)."""
@@ -351,5 +391,17 @@ def test_evaluate_extension_at_the_images_own_aspect_ratio(tmp_path, mvtec_root)
         m = run_evaluate(cfg, model=ConstantMap())
     assert set(m["methods"]) == {"paper", "knn", "fused"} and m["extension"]["holdout_images"] == 2
     assert 0.0 <= m["methods"]["knn"]["image_auroc"] <= 1.0
+    assert m["extension"]["knn_aspect"] == "keep" and m["extension"]["knn_features"] == "fp32"
+    assert m["extension"]["knn_search"] == "exact"
     with pytest.raises(ValueError, match="evaluate.knn_aspect"):
         replace(cfg, evaluate={"knn_aspect": "crop"})
+    # the opt-in approximations reach the scorers and are recorded
+    fast = replace(cfg, evaluate={"knn_features": "bf16", "knn_search": "bf16"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m16 = run_evaluate(fast, model=ConstantMap())
+    assert m16["extension"]["knn_features"] == "bf16" and m16["extension"]["knn_search"] == "bf16"
+    assert abs(m16["methods"]["knn"]["pixel_auroc"] - m["methods"]["knn"]["pixel_auroc"]) < 0.05
+    for key, bad in (("knn_features", "fp16"), ("knn_search", "approx")):
+        with pytest.raises(ValueError, match=f"evaluate.{key}"):
+            replace(cfg, evaluate={key: bad})

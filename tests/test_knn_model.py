@@ -80,6 +80,40 @@ def test_bad_model_files_are_refused(tmp_path):
         load_knn_model(tmp_path / "other.pt")
 
 
+def test_bf16_settings_are_saved_and_used_and_export_stays_exact(tmp_path):
+    """features / search = bf16: stored in the file, read back, used in eager forward passes (within
+    bf16 rounding of the fp32 model's output), while the traced forward (export) is the exact fp32 one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from apmask_lib.weights import build_backbone
+
+        backbone = truncated_backbone(build_backbone("random:vit_tiny16", seed=0), 1)
+    torch.manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(200, backbone.embed_dim), dim=-1)
+    with pytest.raises(ValueError, match="features must be fp32 \\| bf16"):
+        KnnDetector(backbone, (64,), [bank], features="fp16")
+    exact = KnnDetector(backbone, (64,), [bank])
+    fast = load_knn_model(save_knn_model(tmp_path / "fast.pt", KnnDetector(backbone, (64,), [bank], features="bf16",
+                                                                            search="bf16")))
+    assert fast.settings()["features"] == "bf16" and fast.settings()["search"] == "bf16"
+    assert load_knn_model(save_knn_model(tmp_path / "old.pt", exact)).settings()["features"] == "fp32"
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        want, got = exact(x), fast(x)
+        class SegLogits(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, t):
+                return self.m(t).seg_logits
+
+        traced = torch.jit.trace(SegLogits(fast), (x,), check_trace=False)(x)
+    assert not torch.equal(got.seg_logits, want.seg_logits)
+    torch.testing.assert_close(torch.sigmoid(got.seg_logits), torch.sigmoid(want.seg_logits), atol=0.02, rtol=0)
+    torch.testing.assert_close(traced, want.seg_logits, atol=1e-5, rtol=0)
+
+
 @pytest.fixture()
 def widget(tmp_path, mvtec_root) -> Path:
     """A folder data set from real bottle images: 10 normal, 2 + 2 defective, a mask for one."""
