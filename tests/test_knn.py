@@ -401,7 +401,7 @@ def test_evaluate_extension_at_the_images_own_aspect_ratio(tmp_path, mvtec_root)
         warnings.simplefilter("ignore")
         m16 = run_evaluate(fast, model=ConstantMap())
     assert m16["extension"]["knn_features"] == "bf16" and m16["extension"]["knn_search"] == "bf16"
-    assert abs(m16["methods"]["knn"]["pixel_auroc"] - m["methods"]["knn"]["pixel_auroc"]) < 0.05
+    assert abs(m16["methods"]["knn"]["image_auroc"] - m["methods"]["knn"]["image_auroc"]) < 0.05
     for key, bad in (("knn_features", "fp16"), ("knn_search", "approx")):
         with pytest.raises(ValueError, match=f"evaluate.{key}"):
             replace(cfg, evaluate={key: bad})
