@@ -23,6 +23,7 @@ Dataset = Literal["mvtec", "nih", "demo", "folder"]                     # data.d
 MaskKind = Literal["apmask", "random", "block", "none"]                 # pretrain.mask (Table 4)
 TeacherView = Literal["second", "same"]                                 # pretrain.teacher_view
 RankSource = Literal["view", "image"]                                   # pretrain.rank_source
+HeadNorm = Literal["none", "batchnorm"]                                 # pretrain.head_norm
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs", "aot_eager"]  # *.compile
 AnomalyKind = Literal["attention", "cutpaste", "scar", "nsa", "fpi"]    # finetune.anomaly (Table 3 bottom)
 Poisson = Literal["auto", "on", "off"]                                  # finetune.poisson (YAML on/off/yes/no/true/false read as on/off)
@@ -156,7 +157,9 @@ class PretrainConfig:
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0
     momentum_teacher: float = 0.996  # EMA momentum, cosine to 1
-    freeze_prototypes_iters: int = 0
+    freeze_prototypes_iters: int = 0  # SwAV's freeze_prototypes_niters: the prototypes get no update for the first N steps (0 = never frozen)
+    head_norm: HeadNorm = "none"     # pre-training projection head: "none" = DINO's GELU MLP without normalisation; "batchnorm" = BatchNorm1d after
+                                     # each hidden Linear, batch statistics in train and eval (SwAV's head; DINO's use_bn), README "Is pre-training learning?"
     num_workers: int = 2
     teacher_view: TeacherView = "second"  # teacher's unmasked global view: "second" = another global crop (DINO/SwAV), "same" = the student's global crop unmasked
     rank_source: RankSource = "view"  # mask=apmask, where the teacher's [CLS] attention that ranks a view's patches is taken: "view" = on that student view

@@ -79,12 +79,13 @@ _RESUME_IGNORED = resume_ignored("pretrain", whole=("finetune",))
 # ----------------------------------------------------------------------------- model
 def build_student(cfg: Config) -> SwAVNet:
     """Backbone from ``cfg.backbone`` (seeded by ``cfg.seed`` where random) + a fresh head:
-    ``ProjectionMLP(C, pretrain.hidden_dim, pretrain.out_dim, l2=True)`` and
+    ``ProjectionMLP(C, pretrain.hidden_dim, pretrain.out_dim, l2=True, norm=pretrain.head_norm)`` and
     ``Prototypes(pretrain.out_dim, pretrain.n_prototypes)``. (``pretrain.bottleneck_dim`` is not
-    used here: fine-tuning reads it for its detection MLP.)"""
+    used here: fine-tuning reads it for its detection MLP, which ``head_norm`` does not change.)"""
     p = cfg.pretrain
     backbone = build_backbone(cfg.backbone, seed=cfg.seed)
-    return SwAVNet(backbone, SwAVHead(backbone.embed_dim, p.hidden_dim, p.out_dim, p.n_prototypes))
+    return SwAVNet(backbone, SwAVHead(backbone.embed_dim, p.hidden_dim, p.out_dim, p.n_prototypes,
+                                      norm=p.head_norm))
 
 
 @torch.no_grad()
@@ -135,7 +136,9 @@ def train_step(model: nn.Module, teacher: SwAVNet, optimizer: torch.optim.Optimi
     """One optimisation step (module docstring, steps 2-5): loss under ``autocast``, backward,
     gradient clipping (``p.clip_grad``), AdamW, prototype re-normalisation, teacher EMA with
     ``momentum``. ``model`` is the student or its DDP wrapper; ``freeze_prototypes`` drops the
-    prototypes' gradient (SwAV's first iterations). Returns the detached loss, still on the device."""
+    prototypes' gradient and skips their re-normalisation, so they do not move at all (SwAV's
+    ``freeze_prototypes_niters``; :func:`_run` sets it for the first ``pretrain.freeze_prototypes_iters``
+    steps; the teacher's copy then stays equal to them through the EMA). Returns the detached loss, still on the device."""
     student = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     with autocast or contextlib.nullcontext():
         loss = pretrain_loss(model, teacher, views, p, generator, stats)
@@ -144,9 +147,10 @@ def train_step(model: nn.Module, teacher: SwAVNet, optimizer: torch.optim.Optimi
     if p.clip_grad and p.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(student.parameters(), p.clip_grad)
     if freeze_prototypes:
-        student.head.prototypes.weight.grad = None
+        student.head.prototypes.weight.grad = None  # AdamW skips a parameter without gradient
     optimizer.step()
-    student.head.prototypes.normalize_()
+    if not freeze_prototypes:  # frozen prototypes stay bit-identical (already unit norm)
+        student.head.prototypes.normalize_()
     ema_update(teacher, student, momentum)
     return loss.detach()
 

@@ -14,11 +14,13 @@ from .vit import VisionTransformer
 
 
 class SwAVHead(nn.Module):
-    """Projection MLP (l2 output) followed by the K prototypes: feature (.., C) -> scores z·Cᵀ (.., K)."""
+    """Projection MLP (l2 output) followed by the K prototypes: feature (.., C) -> scores z·Cᵀ (.., K).
+    ``norm``: the projection's hidden normalisation (:class:`ProjectionMLP`; ``pretrain.head_norm``)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, n_prototypes: int, nlayers: int = 3):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, n_prototypes: int, nlayers: int = 3,
+                 norm: str = "none"):
         super().__init__()
-        self.projection = ProjectionMLP(in_dim, hidden_dim, out_dim, nlayers=nlayers, l2=True)
+        self.projection = ProjectionMLP(in_dim, hidden_dim, out_dim, nlayers=nlayers, l2=True, norm=norm)
         self.prototypes = Prototypes(out_dim, n_prototypes)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
