@@ -223,7 +223,10 @@ def render(data: dict) -> str:
              "label-free signal on synthetic anomalies of the held-out normal images, per epoch. Profile `demo` rows: "
              "`params.yaml` as the demo pipeline runs it (112 px, batch 8, 15 epochs, test scales 112 + 168), "
              "fine-tuned from the demo pipeline's own APMask-pre-trained backbone, only LR / λ_seg changed: what the "
-             "demo would compute with that default.", "",
+             "demo would compute with that default. Fine-tune s / eval s: wall time of the call that wrote the row; "
+             "runs resume (`runs/finetune_variants/`), so a row whose run was interrupted and resumed shows only the "
+             "part that was left (brick / NIH at LR 1.5e-4: 0-54 s): the timings are not comparable between rows, "
+             "the metrics are.", "",
              "| profile | data set | variant | peak LR | λ_seg | seed | epochs × steps | train / val images | scales | image AUROC | "
              "pixel AUROC | AU-PRO | val Dice per epoch | first epoch val Dice ≥ 0.5 | val AUROC (last) | "
              "train acc (last) | fine-tune s | eval s | load start / end |",
