@@ -252,7 +252,10 @@ def cmd_demo(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     from .repro import pin_process
 
-    pin_process()  # before anything imports torch: fixed threads + AVX2 code paths (apmask_lib/repro.py)
+    try:
+        pin_process()  # before anything imports torch: fixed threads + AVX2 code paths (apmask_lib/repro.py)
+    except ValueError as e:  # an unknown APMASK_NUMERICS: one line, no traceback
+        raise SystemExit(f"apmask: {e}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="apmask", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)

@@ -22,6 +22,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_vendor() -> str:
+    """``vendor_id`` of ``/proc/cpuinfo`` (GenuineIntel, AuthenticAMD, ...; "unknown" where unreadable).
+    MKL honours the ``MKL_CBWR`` code-path branches (AVX2, ...) on GenuineIntel only (apmask_lib/repro.py)."""
+    try:
+        return next(l for l in Path("/proc/cpuinfo").read_text().splitlines()
+                    if l.startswith("vendor_id")).split(":", 1)[1].strip()
+    except (OSError, StopIteration, IndexError):
+        return "unknown"
+
+
 def cpu_flags() -> set[str]:
     """The CPU feature flags of ``/proc/cpuinfo`` (empty where it cannot be read)."""
     try:

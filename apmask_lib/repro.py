@@ -19,6 +19,15 @@ process *before* it imports torch: :func:`pipeline_env` builds it for child proc
 (``apmask demo`` -> ``dvc repro``, ``apmask notebook`` -> the papermill kernel), and
 :func:`pin_process` applies it to the current process at the start of the ``apmask`` command line.
 ``APMASK_NUMERICS=native`` turns the pinning off (all cores, best ISA, results machine-dependent).
+
+**Intel and AMD CPUs give different numbers under the default pinning.** MKL honours the AVX2 branch of
+``MKL_CBWR`` on Intel CPUs only: on an AMD EPYC, ``MKL_VERBOSE=1`` reports ``CNR:AUTO`` for
+``MKL_CBWR=AVX2`` (and for every other branch but COMPATIBLE), so MKL picks its own GEMM path there
+(``tests/test_reproducibility.py`` checks which branch MKL runs). Runs reproduce bit for bit among Intel
+CPUs and, as far as measured, among AMD CPUs of one kind, not between the two (measured on the demo: README,
+"Reproducibility"). ``APMASK_NUMERICS=compatible`` adds ``MKL_CBWR=COMPATIBLE``, the one branch MKL
+documents as giving the same results on Intel and non-Intel x86 CPUs and honours on both (about 3x
+slower matrix products on the 2-core EPYC); not the default, and not yet checked on an Intel CPU here.
 """
 from __future__ import annotations
 
@@ -41,26 +50,44 @@ PINNED: dict[str, str] = {
 }
 
 
+#: ``APMASK_NUMERICS`` values: pinned (the default), compatible (pinned + MKL's cross-vendor branch), native
+MODES = ("pinned", "compatible", "native")
+
+
+def mode(env: Mapping[str, str] | None = None) -> str:
+    """The numerics mode of ``env`` (default ``os.environ``): ``APMASK_NUMERICS``, default ``pinned``."""
+    value = (env if env is not None else os.environ).get("APMASK_NUMERICS", "pinned")
+    if value not in MODES:
+        raise ValueError(f"APMASK_NUMERICS={value!r}: choose one of {', '.join(MODES)}")
+    return value
+
+
 def enabled(env: Mapping[str, str] | None = None) -> bool:
     """Pinning is on unless ``APMASK_NUMERICS=native``."""
-    return (env if env is not None else os.environ).get("APMASK_NUMERICS", "pinned") != "native"
+    return mode(env) != "native"
+
+
+def settings(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables the mode of ``env`` sets: :data:`PINNED`, with ``MKL_CBWR=COMPATIBLE`` in
+    ``compatible`` mode; empty for ``native``."""
+    m = mode(env)
+    return {} if m == "native" else {**PINNED, **({"MKL_CBWR": "COMPATIBLE"} if m == "compatible" else {})}
 
 
 def pipeline_env(env: MutableMapping[str, str] | None = None) -> dict[str, str]:
-    """A copy of ``env`` (default ``os.environ``) with :data:`PINNED` set (unless disabled);
-    values the caller already set explicitly are replaced, so a run is pinned or it is native."""
+    """A copy of ``env`` (default ``os.environ``) with :func:`settings` applied; values the caller
+    already set explicitly are replaced, so a run is pinned (or compatible) or it is native."""
     out = dict(os.environ if env is None else env)
-    if enabled(out):
-        out.update(PINNED)
+    out.update(settings(out))
     return out
 
 
 def pin_process() -> bool:
-    """Apply :data:`PINNED` to this process's environment (for itself and its children). Effective
+    """Apply :func:`settings` to this process's environment (for itself and its children). Effective
     for torch only if torch is not imported yet; returns whether the process is pinned."""
     if not enabled():
         return False
-    os.environ.update(PINNED)
+    os.environ.update(settings())
     if "torch" in sys.modules:
         import torch
 
@@ -73,9 +100,17 @@ def describe() -> dict[str, object]:
     """What governs the numbers of this process (recorded in run folders / reports)."""
     import torch
 
-    return {"numerics": "pinned" if enabled() else "native", "threads": torch.get_num_threads(),
+    from .machine import cpu_vendor
+
+    vendor = cpu_vendor()
+    cbwr = os.environ.get("MKL_CBWR")
+    return {"numerics": mode(), "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "cpu_vendor": vendor,
+            # MKL runs a requested MKL_CBWR branch other than COMPATIBLE on Intel CPUs only (module docstring)
+            "mkl_cbwr_effective": (cbwr if cbwr in (None, "COMPATIBLE") or vendor == "GenuineIntel"
+                                   else f"AUTO ({cbwr} ignored on {vendor})"),
             **{k: os.environ.get(k) for k in PINNED}}
 
 
-__all__ = ["THREADS", "PINNED", "enabled", "pipeline_env", "pin_process", "describe"]
+__all__ = ["THREADS", "PINNED", "MODES", "mode", "enabled", "settings", "pipeline_env", "pin_process", "describe"]

@@ -498,13 +498,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def write(rows: list[dict[str, Any]]) -> None:
         pending = jobs[len(rows):]
+        done = len(rows)
         rows = kept + [dict(r, command=command, machine=machine_text) for r in rows]
         commands = list(dict.fromkeys(r["command"] for r in rows)) or [command]
         write_json(out.with_suffix(".json"), {"command": "; ".join(commands), "machine": machine_text,
                                               "versions": versions(), "complete": not pending, "pending": pending,
                                               "rows": rows})
         atomic_write_text(out, report(rows, " ; ".join(commands), machine_text, time.perf_counter() - t0, pending))
-        print(f"wrote {out} and {out.with_suffix('.json')} ({len(rows)}/{len(jobs)} peers)", flush=True)
+        print(f"wrote {out} and {out.with_suffix('.json')} ({done}/{len(jobs)} peers of this run, {len(rows)} rows)", flush=True)
 
     root = data_root(args.dataset, args.data_root) if args.dataset == "mvtec" or not args.data_root else args.data_root
     rows = run_peers(root, args.category, args.peers, args.device, args.dino_sizes, args.seed,

@@ -99,3 +99,43 @@ def test_equal_checkpoints_are_equal_files(tmp_path):
     for name in ("a", "b"):
         save_checkpoint(tmp_path / name / "model.pt", state_dict={"w": torch.arange(6.0)}, meta={"step": 3})
     assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
+
+
+@pytest.mark.parametrize("numerics", ["pinned", "compatible"])
+def test_mkl_runs_the_branch_the_mode_asks_for_where_it_can(numerics):
+    """MKL reports the code path of each GEMM (``MKL_VERBOSE``). ``compatible`` asks for MKL_CBWR=COMPATIBLE,
+    which MKL honours on every x86 CPU; ``pinned`` asks for AVX2, which MKL honours on Intel CPUs only and
+    replaces by AUTO elsewhere (why Intel- and AMD-made results differ; apmask_lib/repro.py). Fails when MKL
+    stops doing what the module docstring and ``describe()['mkl_cbwr_effective']`` say."""
+    from apmask_lib import repro
+    from apmask_lib.machine import cpu_vendor
+
+    env = repro.pipeline_env({**{k: v for k, v in os.environ.items() if not k.startswith("MKL_")},
+                              "APMASK_NUMERICS": numerics})
+    env["MKL_VERBOSE"] = "1"
+    script = ("import torch, json; torch.randn(64, 384) @ torch.randn(384, 128)\n"
+              "from apmask_lib.repro import describe; print('EFFECTIVE', describe()['mkl_cbwr_effective'])\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    branch = next(w for w in r.stdout.split() if w.startswith("CNR:")).removeprefix("CNR:")
+    effective = r.stdout.split("EFFECTIVE", 1)[1].strip()
+    if numerics == "compatible":
+        assert branch == "COMPATIBLE" and effective == "COMPATIBLE"
+    elif cpu_vendor() == "GenuineIntel":
+        assert branch == "AVX2" and effective == "AVX2"
+    else:
+        assert branch == "AUTO" and effective.startswith("AUTO (AVX2 ignored")
+
+
+def test_unknown_numerics_mode_is_refused():
+    from apmask_lib import repro
+
+    with pytest.raises(ValueError, match="APMASK_NUMERICS='fast'"):
+        repro.pipeline_env({"APMASK_NUMERICS": "fast"})
+    assert repro.settings({"APMASK_NUMERICS": "native"}) == {}
+    assert repro.settings({"APMASK_NUMERICS": "compatible"})["MKL_CBWR"] == "COMPATIBLE"
+    assert repro.settings({})["MKL_CBWR"] == "AVX2"
+    r = subprocess.run([sys.executable, "-m", "apmask_lib.cli", "data", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "APMASK_NUMERICS": "fast", "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip() == "apmask: APMASK_NUMERICS='fast': choose one of pinned, compatible, native"
