@@ -105,6 +105,16 @@ def bf16_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy
 
 
+def patch_features_at(backbone: torch.nn.Module, images01: torch.Tensor, layer: int, final_norm: bool = True,
+                      bf16: bool = False) -> torch.Tensor:
+    """:func:`patch_features` in fp32 (``bf16=False``) or in bf16 (an APPROXIMATION): on the CPU a bf16
+    copy of the backbone on a bf16 input (:func:`bf16_copy`), on CUDA bf16 autocast. float32 out."""
+    if bf16 and images01.device.type == "cpu":
+        return patch_features(bf16_copy(backbone), images01.bfloat16(), layer, final_norm)
+    with torch.autocast(device_type=images01.device.type, dtype=torch.bfloat16, enabled=bf16):
+        return patch_features(backbone, images01, layer, final_norm)
+
+
 # --------------------------------------------------------------------------------------------
 # nearest neighbours
 # --------------------------------------------------------------------------------------------
@@ -469,12 +479,7 @@ class KnnScorer:
     @torch.no_grad()
     def features(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(B, N, C) l2-normalised patch features of a batch of RGB uint8 images (one input shape)."""
-        x = self.batch(images)
-        if self.feature_bf16 and self.device.type == "cpu":  # a bf16 copy of the backbone, bf16 input
-            f = patch_features(bf16_copy(self.backbone), x.bfloat16(), self.layer, self.final_norm)
-        else:
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.feature_bf16):
-                f = patch_features(self.backbone, x, self.layer, self.final_norm)
+        f = patch_features_at(self.backbone, self.batch(images), self.layer, self.final_norm, bf16=self.feature_bf16)
         return F.normalize(f.float(), dim=-1)
 
     def features_list(self, images: Sequence[np.ndarray]) -> list[torch.Tensor]:
@@ -531,5 +536,5 @@ def average_outputs(outputs: Sequence[KnnOutput]) -> KnnOutput:
     return KnnOutput(dists=outputs[0].dists, scores=scores, maps=maps)
 
 
-__all__ = ["CORESET_METHODS", "SEARCHES", "patch_features", "bf16_copy", "knn_distances", "random_coreset", "greedy_coreset", "MemoryBank",
+__all__ = ["CORESET_METHODS", "SEARCHES", "patch_features", "bf16_copy", "patch_features_at", "knn_distances", "random_coreset", "greedy_coreset", "MemoryBank",
            "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "SIGMA_AT", "distance_map", "KnnOutput", "ASPECTS", "input_shape", "FEATURE_PRECISIONS", "feature_bf16_of", "KnnScorer", "average_outputs"]

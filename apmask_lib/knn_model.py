@@ -41,7 +41,7 @@ from torch import nn
 
 from .config import Config
 from .data import AnomalyDataset, dataset_from_config
-from .knn import SEARCHES, KnnScorer, bf16_copy, distance_map, feature_bf16_of, knn_distances, patch_features, top_fraction_mean
+from .knn import SEARCHES, KnnScorer, distance_map, feature_bf16_of, knn_distances, patch_features_at, top_fraction_mean
 from .knn_fusion import bank_features, training_samples
 from .models import ViTConfig, VisionTransformer
 from .weights import build_backbone
@@ -121,12 +121,9 @@ class KnnDetector(nn.Module):
         h, w = int(images.shape[-2]), int(images.shape[-1])
         if h != w:
             raise ValueError(f"the kNN model takes square inputs at its sizes {list(self.sizes)}, got {h}x{w}")
-        if self.features == "bf16" and images.device.type == "cpu" and not torch.jit.is_tracing():
-            feats = patch_features(bf16_copy(self.backbone), images.bfloat16(), self.layer, self.final_norm).float()
-        else:
-            with torch.autocast(images.device.type, dtype=torch.bfloat16,
-                                enabled=self.features == "bf16" and images.device.type == "cuda"):
-                feats = patch_features(self.backbone, images, self.layer, self.final_norm).float()
+        # a CPU trace (export) stays exact fp32: a bf16 copy of the backbone is no part of the exported graph
+        bf16 = self.features == "bf16" and not (torch.jit.is_tracing() and images.device.type == "cpu")
+        feats = patch_features_at(self.backbone, images, self.layer, self.final_norm, bf16=bf16)
         d = self.patch_distances(feats, self.bank(h))
         p = self.backbone.patch_size
         score = top_fraction_mean(d, self.top_fraction)

@@ -11,34 +11,30 @@ from typing import Any
 import torch
 
 
+def cpuinfo_field(name: str) -> str | None:
+    """The value of the first ``name : value`` line of ``/proc/cpuinfo``, or None where the file or the
+    field is missing."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((l.split(":", 1)[1].strip() for l in lines if l.startswith(name) and ":" in l), None)
+
+
 def cpu_model() -> str:
     """The CPU's model name (for benchmark reports)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return cpuinfo_field("model name") or platform.processor() or "unknown"
 
 
 def cpu_vendor() -> str:
     """``vendor_id`` of ``/proc/cpuinfo`` (GenuineIntel, AuthenticAMD, ...; "unknown" where unreadable).
     MKL honours the ``MKL_CBWR`` code-path branches (AVX2, ...) on GenuineIntel only (apmask_lib/repro.py)."""
-    try:
-        return next(l for l in Path("/proc/cpuinfo").read_text().splitlines()
-                    if l.startswith("vendor_id")).split(":", 1)[1].strip()
-    except (OSError, StopIteration, IndexError):
-        return "unknown"
+    return cpuinfo_field("vendor_id") or "unknown"
 
 
 def cpu_flags() -> set[str]:
     """The CPU feature flags of ``/proc/cpuinfo`` (empty where it cannot be read)."""
-    try:
-        return set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
-                   .split(":", 1)[1].split())
-    except (OSError, StopIteration, IndexError):
-        return set()
+    return set((cpuinfo_field("flags") or "").split())
 
 
 BF16_UNITS = ("amx_bf16", "avx512_bf16")  # CPU units that run bf16 matrix products natively
@@ -91,4 +87,4 @@ def versions_line(*packages: str) -> str:
     return ", ".join(f"{k} {v}" for k, v in versions(*packages).items())
 
 
-__all__ = ["cpu_model", "cpu_flags", "BF16_UNITS", "bf16_slow_reason", "machine_info", "machine_line", "versions", "versions_line"]
+__all__ = ["cpuinfo_field", "cpu_model", "cpu_vendor", "cpu_flags", "BF16_UNITS", "bf16_slow_reason", "machine_info", "machine_line", "versions", "versions_line"]

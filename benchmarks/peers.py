@@ -245,6 +245,12 @@ def build_anomalydino(block: int, size: int = 252, num_neighbours: int = 1) -> P
                 lambda ims: imagenet_normalise(to_batch(ims, size, "bicubic")), model.fit, settings, check)
 
 
+def peer_sizes(peers: Sequence[str], dino_sizes: Sequence[int]) -> list[tuple[str, int]]:
+    """The (peer, input size) runs of ``peers``: each AnomalyDINO at every size of ``dino_sizes``,
+    PatchCore once at :data:`PATCHCORE_SIZE`."""
+    return [(pid, s) for pid in peers for s in (dino_sizes if pid.startswith("anomalydino") else (PATCHCORE_SIZE,))]
+
+
 def build_peer(peer: str, dino_size: int) -> Peer:
     if peer == "patchcore":
         return build_patchcore()
@@ -341,32 +347,31 @@ def run_peers(data_root: str | Path, category: str = "bottle", peers: Sequence[s
         ds.train = list(ds.train)[:max_train]
     dev = resolve_device(device)
     rows = []
-    for peer_id in peers:
-        for size in (dino_sizes if peer_id.startswith("anomalydino") else (None,)):
-            seed_everything(seed)
-            peer = build_peer(peer_id, size)
-            if verbose:
-                print(peer.weights_check, flush=True)
-            fit_s = fit_peer(peer, ds, dev, batch_size)
-            bank = int(getattr(peer.model, "memory_bank").shape[0])
-            # kNN inference holds a (patches x bank) distance matrix: one image at a time for the ViT
-            scores, maps, shapes, infer_s = predict_peer(peer, ds, dev, 1 if peer_id.startswith("anomalydino")
-                                                         else batch_size)
-            t0 = time.perf_counter()
-            m = peer_metrics(ds, scores, maps, shapes)
-            row = {"name": peer.name, "peer": peer_id, "category": category, "dataset": ds.name,
-                   "dataset_kind": dataset, "max_train": max_train,
-                   "settings": {**peer.settings, "memory_bank_patches": bank, "train_images": len(ds.train)},
-                   "anomalib": anomalib.__version__, "weights_check": peer.weights_check, **m,
-                   "fit_s": fit_s, "infer_s": infer_s, "infer_per_image_s": infer_s / len(ds.test),
-                   "metrics_s": time.perf_counter() - t0, "seed": seed, "device": str(dev)}
-            if verbose:
-                print(f"{peer.name}: image AUROC {row['image_auroc']:.2f}, pixel AUROC {row['pixel_auroc']:.2f}, "
-                      f"AU-PRO {row['au_pro']:.2f}, fit {fit_s:.0f} s, inference {infer_s:.0f} s", flush=True)
-            rows.append(row)
-            del peer
-            if on_row is not None:
-                on_row(rows)
+    for peer_id, size in peer_sizes(peers, dino_sizes):
+        seed_everything(seed)
+        peer = build_peer(peer_id, size)
+        if verbose:
+            print(peer.weights_check, flush=True)
+        fit_s = fit_peer(peer, ds, dev, batch_size)
+        bank = int(getattr(peer.model, "memory_bank").shape[0])
+        # kNN inference holds a (patches x bank) distance matrix: one image at a time for the ViT
+        scores, maps, shapes, infer_s = predict_peer(peer, ds, dev, 1 if peer_id.startswith("anomalydino")
+                                                     else batch_size)
+        t0 = time.perf_counter()
+        m = peer_metrics(ds, scores, maps, shapes)
+        row = {"name": peer.name, "peer": peer_id, "category": category, "dataset": ds.name,
+               "dataset_kind": dataset, "max_train": max_train,
+               "settings": {**peer.settings, "memory_bank_patches": bank, "train_images": len(ds.train)},
+               "anomalib": anomalib.__version__, "weights_check": peer.weights_check, **m,
+               "fit_s": fit_s, "infer_s": infer_s, "infer_per_image_s": infer_s / len(ds.test),
+               "metrics_s": time.perf_counter() - t0, "seed": seed, "device": str(dev)}
+        if verbose:
+            print(f"{peer.name}: image AUROC {row['image_auroc']:.2f}, pixel AUROC {row['pixel_auroc']:.2f}, "
+                  f"AU-PRO {row['au_pro']:.2f}, fit {fit_s:.0f} s, inference {infer_s:.0f} s", flush=True)
+        rows.append(row)
+        del peer
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -483,15 +488,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     command = recorded_command("peers", argv)
     machine_text = machine(args.device)
-    jobs = [f"{pid} {s} px" if pid.startswith("anomalydino") else pid
-            for pid in args.peers for s in (args.dino_sizes if pid.startswith("anomalydino") else (None,))]
+    jobs = [f"{pid} {s} px" if pid.startswith("anomalydino") else pid for pid, s in peer_sizes(args.peers, args.dino_sizes)]
     out = Path(args.out)
     kept: list[dict[str, Any]] = []
     if args.keep_previous and out.with_suffix(".json").is_file():
         previous = json.loads(out.with_suffix(".json").read_text())
-        running = {(args.dataset, args.category, args.max_train, pid,
-                    s if pid.startswith("anomalydino") else PATCHCORE_SIZE)
-                   for pid in args.peers for s in (args.dino_sizes if pid.startswith("anomalydino") else (None,))}
+        running = {(args.dataset, args.category, args.max_train, pid, s) for pid, s in peer_sizes(args.peers, args.dino_sizes)}
         kept = [dict(r, command=r.get("command", previous.get("command", "?")),
                      machine=r.get("machine", previous.get("machine", "?")))
                 for r in previous.get("rows", []) if row_key(r) not in running]
@@ -507,8 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         atomic_write_text(out, report(rows, " ; ".join(commands), machine_text, time.perf_counter() - t0, pending))
         print(f"wrote {out} and {out.with_suffix('.json')} ({done}/{len(jobs)} peers of this run, {len(rows)} rows)", flush=True)
 
-    root = data_root(args.dataset, args.data_root) if args.dataset == "mvtec" or not args.data_root else args.data_root
-    rows = run_peers(root, args.category, args.peers, args.device, args.dino_sizes, args.seed,
+    rows = run_peers(args.data_root or data_root(args.dataset), args.category, args.peers, args.device, args.dino_sizes, args.seed,
                      args.batch_size, on_row=write, dataset=args.dataset, max_train=args.max_train)
     print(markdown_table(rows))
     return 0

@@ -71,7 +71,10 @@ def test_knn_quality_puts_the_default_beside_peers_measured_on_the_same_images()
 def test_peer_rows_are_kept_per_data_set_category_cap_and_size():
     """benchmarks/peers.py: rows written before --dataset existed count as MVTec on all training images;
     the table names each row's data set and training images."""
-    from benchmarks.peers import markdown_table, row_key
+    from benchmarks.peers import PATCHCORE_SIZE, markdown_table, peer_sizes, row_key
+
+    assert peer_sizes(["anomalydino7", "patchcore"], [252, 448]) == [("anomalydino7", 252), ("anomalydino7", 448),
+                                                                    ("patchcore", PATCHCORE_SIZE)]
 
     old = {"peer": "patchcore", "category": "bottle", "settings": {"image_size": 224, "train_images": 209}}
     assert row_key(old) == ("mvtec", "bottle", None, "patchcore", 224)
