@@ -97,7 +97,8 @@ def pin_process() -> bool:
 
 
 def describe() -> dict[str, object]:
-    """What governs the numbers of this process (recorded in run folders / reports)."""
+    """What governs the numbers of this process, for reports and tests (not written into run folders or
+    ``results/``, which would then differ by machine)."""
     import torch
 
     from .machine import cpu_vendor
