@@ -91,6 +91,7 @@ CONSTRAINTS: dict[str, Any] = {
     "finetune.weight_decay": "num>=0", "finetune.clip_grad": "num>=0", "finetune.num_workers": "int>=0",
     "finetune.attention_temperature": "num>0", "finetune.hflip": "[0,1]", "finetune.normal_jitter": "num>=0",
     "finetune.log_every": "int>0", "finetune.val_fraction": "[0,1)", "finetune.val_max_images": "int>0",
+    "finetune.backbone_lr_scale": "num>=0", "finetune.layer_decay": "(0,1]", "finetune.ema": "[0,1)",
     "evaluate.scales": "sizes>0", "evaluate.batch_size": "int>0",
     "evaluate.pro_fpr_limit": "(0,1]", "evaluate.pixel_bins": "int>0", "evaluate.figure_images": "int>=0",
     "evaluate.knn_layer": "int>=0", "evaluate.knn_sizes": "sizes>0",
@@ -103,6 +104,7 @@ CONSTRAINTS: dict[str, Any] = {
 # resume fingerprints while they hold it, so checkpoints written before the key existed still resume
 # (values as after a JSON round trip: a tuple reads back as a list)
 FINGERPRINT_OMIT_AT = {("pretrain", "rank_source"): "view", ("pretrain", "queue_length"): 0,
+                       ("finetune", "backbone_lr_scale"): 1.0, ("finetune", "layer_decay"): 1.0, ("finetune", "ema"): 0.0,
                        **{("data", k): v for k, v in (("normal_dir", None), ("abnormal_dir", []), ("mask_dir", None),
                                                       ("normal_test_dir", None), ("normal_test_split", 0.2),
                                                       ("normal_val_split", 0.1), ("split_seed", 0))}}
@@ -204,6 +206,11 @@ class FinetuneConfig:
     val_fraction: float = 0.1        # fraction of the normal training images held out of fine-tuning for the label-free validation signal
                                      # (synthetic anomalies on them, scored per epoch: apmask_lib/validation.py); 0 = none, train on all
     val_max_images: Optional[int] = 32  # cap on the held-out images (each is scored normal + anomalous every epoch); None = no cap
+    # --- stabilisers (not in the paper; README "Run-to-run spread"): the defaults leave the paper's optimisation as it is ---
+    backbone_lr_scale: float = 1.0   # learning-rate multiplier of every backbone parameter (the new heads keep 1); 0 = frozen backbone
+    layer_decay: float = 1.0         # layer-wise LR decay (BEiT/MAE fine-tuning): block i of L gets layer_decay^(L - i), embeddings the least; 1 = off
+    ema: float = 0.0                 # EMA of the fine-tuned weights (momentum, warmed up as min(ema, (1+t)/(10+t))); model.pt and validation use
+                                     # the average; 0 = off (the last weights)
 
     def __post_init__(self):
         validate(self, "finetune")

@@ -21,7 +21,9 @@ One step, for a batch of B training images (``finetune.batch_size``):
 3. AdamW (no weight decay on biases, norms, position embedding, [CLS] token), learning rate
    linear warm-up ``start_lr -> lr`` over ``warmup_epochs`` then cosine to ``min_lr``
    (:func:`~apmask_lib.optim.cosine_scheduler`, as pre-training), gradient clipping, bf16 autocast
-   on CUDA.
+   on CUDA. Optional stabilisers, off by default: a lower learning rate for the backbone than for the
+   new heads (``backbone_lr_scale``), layer-wise decay (``layer_decay``), and an exponential moving
+   average of the weights (``ema``, :class:`WeightAverage`) that model.pt and the validation signal use.
 
 Batches are made on the CPU by :class:`~apmask_lib.finetune_data.SyntheticBatches`, in ``num_workers`` DataLoader workers
 (or the main process when 0). Batch ``t`` is a pure function of (seed, t): the image order comes
@@ -57,7 +59,7 @@ from .models.detector import AnomalyDetector
 from .runfolder import RunFolder, resume_ignored
 from .training import BAR, TrainLoop, progress_mode
 from .devices import accelerated, autocast_context, resolve_device
-from .optim import cosine_scheduler, param_groups
+from .optim import cosine_scheduler, param_groups, set_lr
 from .rng import seed_everything, set_rng_state
 from .weights import build_backbone, save_detector
 from .validation import COLUMNS as VAL_COLUMNS, ValidationSet, holdout_indices, make_validation_set, score_validation
@@ -144,6 +146,36 @@ def train_step(model: AnomalyDetector, optimizer: torch.optim.Optimizer, batch: 
     return {"loss": loss.detach(), "loss_det": l_det.detach(), "loss_seg": l_seg.detach(), "acc": acc}
 
 
+# ----------------------------------------------------------------------------- weight average
+class WeightAverage:
+    """An exponential moving average of a model's weights (``finetune.ema``), for evaluation.
+
+    After step t (counted from 0) ``avg <- m_t · avg + (1 − m_t) · weights`` with the warmed-up
+    momentum ``m_t = min(m, (1 + t) / (10 + t))`` (timm's ``ModelEmaV3`` warm-up), so the average of
+    a short run is not dominated by the untrained starting weights. Buffers are copied. ``model``:
+    the averaged copy (a deep copy of the model at construction, no gradients)."""
+
+    def __init__(self, model: torch.nn.Module, momentum: float):
+        import copy
+
+        if not 0.0 < momentum < 1.0:
+            raise ValueError(f"finetune.ema must lie in (0, 1) to average (0 = off), got {momentum}")
+        self.momentum = float(momentum)
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def momentum_at(self, step: int) -> float:
+        return min(self.momentum, (1.0 + step) / (10.0 + step))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        avg = list(self.model.parameters())
+        torch._foreach_lerp_(avg, [p.detach() for p in model.parameters()], 1.0 - self.momentum_at(step))
+        for b_avg, b in zip(self.model.buffers(), model.buffers()):
+            b_avg.copy_(b)
+
+
 # ----------------------------------------------------------------------------- the state
 @dataclass
 class FinetuneState:
@@ -159,6 +191,7 @@ class FinetuneState:
     total: int                         # steps of the whole schedule
     lrs: np.ndarray                    # per-step learning rate
     optimizer: torch.optim.Optimizer
+    ema: Optional["WeightAverage"] = None  # finetune.ema > 0: the averaged weights that model.pt and validation use
 
 
 def build_finetune_state(cfg: Config, dataset=None, device: torch.device | str = "cpu", progress: bool = False,
@@ -202,10 +235,11 @@ def build_finetune_state(cfg: Config, dataset=None, device: torch.device | str =
     iters = batches.steps_per_epoch
     lrs = cosine_scheduler(f.lr, f.min_lr, f.epochs, iters, f.warmup_epochs, f.start_lr)
     fused = accelerated(device)
-    optimizer = torch.optim.AdamW(param_groups(model), lr=f.lr, weight_decay=f.weight_decay,
-                                  **({"fused": True} if fused else {}))
+    groups = param_groups(model, layer_decay=f.layer_decay, backbone_scale=f.backbone_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=f.lr, weight_decay=f.weight_decay, **({"fused": True} if fused else {}))
+    ema = WeightAverage(model, f.ema) if f.ema > 0 else None
     return FinetuneState(images, attentions, val_set, len(val_images), model, batches, iters, f.epochs * iters, lrs,
-                         optimizer)
+                         optimizer, ema)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -248,6 +282,11 @@ def _run(cfg: Config, run: RunFolder, dataset, max_steps: Optional[int], resume:
         run.check_resume(ckpt, iters)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if st.ema is not None:
+            if ckpt.get("ema") is None:
+                raise ValueError(f"{run.checkpoint} holds no weight average (finetune.ema={f.ema}): it was written "
+                                 "without one; resume with the same finetune.ema or start afresh (force)")
+            st.ema.model.load_state_dict(ckpt["ema"])
         set_rng_state(ckpt["rng"])
         start, means = int(ckpt["step"]), ckpt["epoch_acc"]
     autocast = autocast_context(device)
@@ -261,16 +300,19 @@ def _run(cfg: Config, run: RunFolder, dataset, max_steps: Optional[int], resume:
         "attention_grid": None if st.attentions is None else list(st.attentions.shape[1:])})
     att_tensor = None if st.attentions is None else torch.from_numpy(np.ascontiguousarray(st.attentions, dtype=np.float32))
 
+    evaluated = model if st.ema is None else st.ema.model  # what model.pt and the validation signal hold
+
     def export(step: int) -> None:
         """model.pt, then done.json (last): where this call stops."""
-        save_detector(run / "model.pt", model, cfg.to_dict(), meta={"step": step, "total_steps": st.total,
+        save_detector(run / "model.pt", evaluated, cfg.to_dict(), meta={"step": step, "total_steps": st.total,
                                                                       "done": step >= st.total})
         run.mark(step, st.total)
 
     def save(step: int, done: bool, final: bool) -> None:
         """Checkpoint (every epoch end and at the stop); model.pt and done.json only where the run stops."""
         run.save_checkpoint(model=model, optimizer=optimizer, step=step, iters_per_epoch=iters, done=done,
-                            attention=att_tensor, epoch_acc={k: list(v) for k, v in loop.means.items()})
+                            attention=att_tensor, epoch_acc={k: list(v) for k, v in loop.means.items()},
+                            **({} if st.ema is None else {"ema": st.ema.model.state_dict()}))
         if final:
             export(step)
 
@@ -278,7 +320,7 @@ def _run(cfg: Config, run: RunFolder, dataset, max_steps: Optional[int], resume:
         record = {"epoch": epoch, "step": step, "lr": loop.last["lr"], "time_s": secs, **loop.epoch_means(),
                   "images_per_s": len(loop.means["loss"]) * st.batches.batch_size / max(secs, 1e-9)}
         if st.val_set is not None:  # label-free validation signal (apmask_lib/validation.py)
-            record.update(score_validation(model, st.val_set, device, f, autocast=autocast))
+            record.update(score_validation(evaluated, st.val_set, device, f, autocast=autocast))
             logs["validation.csv"].write(record)
         return record
 
@@ -289,9 +331,10 @@ def _run(cfg: Config, run: RunFolder, dataset, max_steps: Optional[int], resume:
     loader = batch_loader(st.batches, start, stop, f.num_workers, pin_memory=device.type == "cuda")
     for step, batch in loop.steps(loader):
         lr = float(st.lrs[step])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         losses = train_step(model, optimizer, batch, f, device, autocast)
+        if st.ema is not None:
+            st.ema.update(model, step)
         loop.record(step, losses, len(batch["labels"]), lr=lr)
     loop.close()
     if start >= stop:  # nothing to train: the checkpoint covers this call; re-derive model.pt from it
@@ -300,5 +343,5 @@ def _run(cfg: Config, run: RunFolder, dataset, max_steps: Optional[int], resume:
 
 
 __all__ = ["CSV_COLUMNS", "resolve_poisson", "resolve_blend", "resolve_hflip", "initial_backbone", "build_detector",
-           "param_groups", "load_train_images", "attention_maps", "SyntheticBatches", "batch_loader", "make_batches",
+           "param_groups", "WeightAverage", "load_train_images", "attention_maps", "SyntheticBatches", "batch_loader", "make_batches",
            "train_step", "FinetuneState", "build_finetune_state", "run_finetune"]

@@ -19,12 +19,25 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOTS = {"mvtec": "../shared/data/mvtec_ad", "nih": "../shared/data/nih_cxr14", "demo": "/tmp/apmask_demo"}
 PAPER_EPOCHS = {"pretrain": (300, 10), "finetune": (100, 10)}  # (epochs, warm-up epochs) in the paper
 METRICS = ("image_auroc", "pixel_auroc", "au_pro")
+#: the real and generated data sets the studies run on: name -> (dataset kind, category)
+DATASETS = {"bottle": ("mvtec", "bottle"), "brick": ("demo", "brick"), "nih": ("nih", "all"),
+            "grass": ("demo", "grass"), "gravel": ("demo", "gravel")}
 
 
 def data_root(dataset: str, override: str | None = None) -> str:
     """Absolute root of ``dataset``: ``override`` for MVTec when given, else :data:`DATA_ROOTS`."""
     root = override if dataset == "mvtec" and override else DATA_ROOTS[dataset]
     return str((ROOT / root).resolve()) if not os.path.isabs(root) else root
+
+
+def ensure_data(dataset: str) -> None:
+    """Generate a demo category of :data:`DATASETS` when missing (deterministic, the demo defaults);
+    real data sets must be where :data:`DATA_ROOTS` says."""
+    kind, category = DATASETS[dataset]
+    if kind == "demo":
+        from apmask_lib.data.demo import generate_demo
+
+        generate_demo(data_root("demo"), [category])
 
 
 def scaled_warmup(stage: str, epochs: int) -> int:
@@ -35,6 +48,17 @@ def scaled_warmup(stage: str, epochs: int) -> int:
     if epochs < 2:
         return 0
     return max(1, int(round(epochs * paper_warm / paper_epochs)))
+
+
+def iters_per_epoch(cfg) -> int:
+    """Fine-tuning steps per epoch, as run_finetune computes them (after the held-out validation slice)."""
+    from apmask_lib.data import build_dataset
+    from apmask_lib.validation import holdout_indices
+
+    ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
+    keep, _ = holdout_indices(len(ds.train), cfg.finetune.val_fraction, cfg.finetune.val_max_images)
+    n = len(keep) if cfg.data.max_train is None else min(len(keep), cfg.data.max_train)
+    return max(1, n // min(cfg.finetune.batch_size, n))
 
 
 def schedule_config(args, dataset: str, category: str, seed: int, out_dir: Path) -> Config:
@@ -73,5 +97,5 @@ def fmt(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * stat['mean']:.{digits}f}" + (f" ± {scale * se:.{digits}f}" if se is not None else "")
 
 
-__all__ = ["ROOT", "DATA_ROOTS", "PAPER_EPOCHS", "METRICS", "data_root", "scaled_warmup", "schedule_config",
+__all__ = ["ROOT", "DATA_ROOTS", "PAPER_EPOCHS", "METRICS", "DATASETS", "ensure_data", "iters_per_epoch", "data_root", "scaled_warmup", "schedule_config",
            "command", "machine", "versions", "fmt"]

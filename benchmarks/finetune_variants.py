@@ -44,7 +44,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
-from benchmarks.common import METRICS, ROOT, command, data_root, machine, scaled_warmup, versions
+from benchmarks.common import DATASETS, METRICS, ROOT, command, data_root, ensure_data, machine, scaled_warmup, versions
 
 from apmask_lib.files import atomic_write_text
 
@@ -54,9 +54,6 @@ RUNS = ROOT / "runs" / "finetune_variants"
 #: name -> (peak LR, λ_seg); the loss is (1 - λ_seg)·BCE + λ_seg·Dice
 VARIANTS = {"default": (5e-5, 0.05), "lr1.5e-4": (1.5e-4, 0.05), "seg0.2": (5e-5, 0.2),
             "lr1.5e-4+seg0.2": (1.5e-4, 0.2)}
-#: name -> (dataset kind, category)
-DATASETS = {"bottle": ("mvtec", "bottle"), "brick": ("demo", "brick"), "nih": ("nih", "all"),
-            "grass": ("demo", "grass"), "gravel": ("demo", "gravel")}
 #: profiles: ``paper`` = params-paper.yaml from the backbone with this script's schedule (any data set);
 #: ``demo`` = params.yaml as ``dvc repro`` runs it (112 px, batch 8, its 15 epochs), fine-tuned from the demo
 #: pipeline's pre-trained backbone ``--demo-runs/<category>/s<seed>/pretrain/backbone.pt`` (demo categories)
@@ -103,15 +100,6 @@ def run_config(dataset: str, variant: str, seed: int, epochs: int, max_train: in
           f"finetune.init={backbone}", f"finetune.epochs={epochs}", "finetune.num_workers=0",
           f"finetune.warmup_epochs={scaled_warmup('finetune', epochs)}", *variant_overrides(variant)]
     return replace(load_params(ROOT / "params-paper.yaml", ov), evaluate={"scales": tuple(scales)})
-
-
-def ensure_data(dataset: str) -> None:
-    """Generate the demo category when missing (deterministic, the demo defaults)."""
-    kind, category = DATASETS[dataset]
-    if kind == "demo":
-        from apmask_lib.data.demo import generate_demo
-
-        generate_demo(data_root("demo"), [category])
 
 
 def epoch_log(path: Path) -> list[dict]:

@@ -48,7 +48,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import METRICS, scaled_warmup, versions, machine  # noqa: E402
+from benchmarks.common import METRICS, iters_per_epoch, scaled_warmup, versions, machine  # noqa: E402
 
 from apmask_lib.config import load_params  # noqa: E402
 from apmask_lib.devices import resolve_device  # noqa: E402
@@ -72,17 +72,6 @@ def curve_config(args, out_dir: Path, init: str):
           f"pretrain.warmup_epochs={scaled_warmup('pretrain', args.pretrain_epochs)}",
           f"pretrain.num_workers={args.workers}"]
     return load_params(ROOT / "params-paper.yaml", ov)
-
-
-def iters_per_epoch(cfg) -> int:
-    """Fine-tuning steps per epoch, as run_finetune computes them (after the held-out slice)."""
-    from apmask_lib.data import build_dataset
-    from apmask_lib.validation import holdout_indices
-
-    ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
-    keep, _ = holdout_indices(len(ds.train), cfg.finetune.val_fraction, cfg.finetune.val_max_images)
-    n = len(keep) if cfg.data.max_train is None else min(len(keep), cfg.data.max_train)
-    return max(1, n // min(cfg.finetune.batch_size, n))
 
 
 def run_curve(args) -> dict:
