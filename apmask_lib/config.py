@@ -39,6 +39,7 @@ Fusion = Literal["knn", "fused"]                                        # evalua
 KnnAspect = Literal["square", "keep"]                                   # evaluate.knn_aspect
 KnnFeatures = Literal["auto", "fp32", "bf16"]                           # evaluate.knn_features
 KnnSearch = Literal["exact", "bf16"]                                    # evaluate.knn_search
+LrScaling = Literal["absolute", "linear"]                               # pretrain.lr_scaling
 
 
 def choices(tp: Any) -> tuple[str, ...]:
@@ -103,7 +104,7 @@ CONSTRAINTS: dict[str, Any] = {
 # keys added after runs were written, with the value that reproduces the older behaviour: left out of
 # resume fingerprints while they hold it, so checkpoints written before the key existed still resume
 # (values as after a JSON round trip: a tuple reads back as a list)
-FINGERPRINT_OMIT_AT = {("pretrain", "rank_source"): "view", ("pretrain", "queue_length"): 0,
+FINGERPRINT_OMIT_AT = {("pretrain", "rank_source"): "view", ("pretrain", "queue_length"): 0, ("pretrain", "lr_scaling"): "absolute",
                        ("finetune", "backbone_lr_scale"): 1.0, ("finetune", "layer_decay"): 1.0, ("finetune", "ema"): 0.0,
                        **{("data", k): v for k, v in (("normal_dir", None), ("abnormal_dir", []), ("mask_dir", None),
                                                       ("normal_test_dir", None), ("normal_test_split", 0.2),
@@ -151,7 +152,9 @@ class PretrainConfig:
     sinkhorn_iters: int = 3
     queue_length: int = 0            # SwAV's feature queue for small batches: the last L teacher embeddings join Sinkhorn's equal partition
                                      # (apmask_lib/sinkhorn.py); 0 = no queue. Not checkpointed: a resumed run starts with an empty queue
-    lr: float = 5e-4                 # peak LR after warm-up
+    lr: float = 5e-4                 # peak LR after warm-up (read as lr_scaling says)
+    lr_scaling: LrScaling = "absolute"  # absolute = lr as written | linear = DINO's rule lr * global batch / 256 (the paper's 5e-4 at batch 16
+                                     # -> 3.1e-5); the effective peak is in log.csv's lr column (pretrain.peak_lr, README "Where we differ")
     start_lr: float = 1e-5           # warm-up start
     min_lr: float = 1e-6             # cosine floor
     warmup_epochs: int = 10

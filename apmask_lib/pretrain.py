@@ -190,10 +190,21 @@ def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(s))
 
 
-def schedules(p, iters_per_epoch: int) -> dict[str, np.ndarray]:
-    """Per-iteration lr, weight decay and teacher momentum (DINO's schedules)."""
+def peak_lr(p, global_batch: int) -> float:
+    """The peak learning rate the optimiser gets. ``pretrain.lr_scaling`` "absolute": ``pretrain.lr`` as
+    written; "linear": DINO's rule ``lr · global_batch / 256`` (``main_dino.py`` reads ``--lr`` "for a
+    reference batch size of 256"; global_batch = images per step over all processes), e.g. 5e-4 at batch
+    16 gives 3.125e-5. The warm-up start and the cosine floor stay as written (as in DINO)."""
+    if p.lr_scaling == "linear":
+        return p.lr * global_batch / 256.0
+    return p.lr
+
+
+def schedules(p, iters_per_epoch: int, global_batch: int = 256) -> dict[str, np.ndarray]:
+    """Per-iteration lr (peak :func:`peak_lr`), weight decay and teacher momentum (DINO's schedules)."""
     return {
-        "lr": cosine_scheduler(p.lr, p.min_lr, p.epochs, iters_per_epoch, p.warmup_epochs, p.start_lr),
+        "lr": cosine_scheduler(peak_lr(p, global_batch), p.min_lr, p.epochs, iters_per_epoch, p.warmup_epochs,
+                               p.start_lr),
         "wd": cosine_scheduler(p.weight_decay, p.weight_decay_end, p.epochs, iters_per_epoch),
         "momentum": cosine_scheduler(p.momentum_teacher, 1.0, p.epochs, iters_per_epoch),
     }
@@ -246,7 +257,7 @@ def build_pretrain_state(cfg: Config, dataset=None, device: torch.device | str =
     if gb == 0:
         raise ValueError(f"{n} training image(s) cannot be split across {world} processes")
     iters = n // gb  # drop_last when n >= batch_size; one smaller batch otherwise
-    sched = schedules(p, iters)
+    sched = schedules(p, iters, gb)
     crops = MultiCrop.from_config(p)
 
     seed_everything(cfg.seed)  # same init on every rank
@@ -375,6 +386,6 @@ def _run(cfg: Config, run: RunFolder, dataset, max_steps, resume: bool, force: b
     return run.path
 
 
-__all__ = ["build_student", "param_groups", "ema_update",
+__all__ = ["build_student", "param_groups", "ema_update", "peak_lr", "schedules",
            "pretrain_loss", "train_step", "schedules", "PretrainState", "build_pretrain_state", "run_pretrain",
            "CSV_COLUMNS"]

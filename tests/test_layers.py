@@ -108,7 +108,7 @@ LAYERS = {
               "threshold", "knn"],
     "figures": ["viz"],
     "stages": ["runfolder", "training", "pretrain", "finetune", "finetune_data", "validation", "evaluate",
-               "knn_fusion", "knn_model", "predict", "export"],
+               "knn_fusion", "knn_model", "predict", "export", "probe"],
     "reports": ["reference", "tables", "report"],
     "entry": ["cli", "notebook"],
 }

@@ -232,3 +232,23 @@ def test_variants_run(mvtec_root, tmp_path, mask, teacher_view):
                          progress=False)
     losses = [float(r["loss"]) for r in read_log(out)]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+# --- the learning-rate reading (pretrain.lr_scaling)
+def test_lr_scaling_absolute_or_dino_linear_rule():
+    p = replace(Config(), pretrain={"lr": 5e-4, "batch_size": 16}).pretrain
+    assert P.peak_lr(p, 16) == 5e-4  # absolute (the default): as written
+    lin = replace(Config(), pretrain={"lr": 5e-4, "batch_size": 16, "lr_scaling": "linear"}).pretrain
+    assert P.peak_lr(lin, 16) == pytest.approx(3.125e-5) and P.peak_lr(lin, 256) == pytest.approx(5e-4)
+    sched = P.schedules(lin, iters_per_epoch=4, global_batch=16)["lr"]
+    assert sched.max() == pytest.approx(3.125e-5) and sched[0] == pytest.approx(lin.start_lr)
+    with pytest.raises(ValueError, match="lr_scaling"):
+        replace(Config(), pretrain={"lr_scaling": "sqrt"})
+
+
+def test_linear_lr_reading_is_what_the_run_logs(mvtec_root, tmp_path):
+    cfg = make_cfg(mvtec_root, tmp_path, lr_scaling="linear", lr=0.0256, start_lr=1e-6, warmup_epochs=1)
+    P.run_pretrain(cfg, max_steps=2, progress=False)
+    lrs = [float(r["lr"]) for r in read_log(tmp_path / "pretrain")]
+    # global batch 4: peak 0.0256 * 4 / 256 = 4e-4, reached at the end of the 2-step warm-up
+    assert max(lrs) == pytest.approx(4e-4)
