@@ -52,7 +52,7 @@ def cmd_data(args) -> None:
         checked, cached = verify_split(ds, progress=False)
         print(f"verified every image and mask: {checked} decoded now, {cached} unchanged since they last passed")
     if args.index:
-        from .files import write_json
+        from .core.files import write_json
 
         def listing(samples):
             return [[str(s.path), s.label, s.defect, s.path.stat().st_size] for s in samples]
@@ -63,7 +63,7 @@ def cmd_data(args) -> None:
 
 
 def cmd_collect(args) -> None:
-    from .report import collect_run
+    from .report.collect import collect_run
 
     stages = tuple(args.stage) if args.stage else ("pretrain", "finetune", "evaluate")
     for k, v in collect_run(args.run, args.name, args.results, stages).items():
@@ -77,8 +77,8 @@ def cmd_drop_resume_state(args) -> None:
     ``done.json``: the stage then starts afresh (DVC has already removed the declared outputs). A
     finished folder without its resume state is not re-trained by a later run outside DVC without
     ``--force`` (README, "Reliability")."""
-    from . import runfolder
-    from .files import load_checkpoint
+    from .training import runfolder
+    from .core.files import load_checkpoint
 
     for folder in args.folders:
         if args.all:
@@ -125,13 +125,13 @@ def cmd_attention_figure(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from .pretrain import run_pretrain
+    from .pretrain.stage import run_pretrain
 
     print(run_pretrain(_cfg(args), force=args.force))
 
 
 def cmd_finetune(args) -> None:
-    from .finetune import run_finetune
+    from .finetune.stage import run_finetune
 
     print(run_finetune(_cfg(args), force=args.force))
 
@@ -139,12 +139,12 @@ def cmd_finetune(args) -> None:
 def cmd_fit(args) -> None:
     cfg = _cfg(args)
     if args.method == "knn":
-        from .knn_model import fit_knn_model
+        from .knn.model import fit_knn_model
 
         print(f"kNN model (no training): {fit_knn_model(cfg, force=args.force)}")
         return
-    from .finetune import run_finetune
-    from .pretrain import run_pretrain
+    from .finetune.stage import run_finetune
+    from .pretrain.stage import run_pretrain
 
     if cfg.finetune.init == "pretrain":
         print(f"pre-training: {run_pretrain(cfg, force=args.force)}")
@@ -154,12 +154,12 @@ def cmd_fit(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate import run_evaluate
+    from .evaluate.stage import run_evaluate
 
     cfg = _cfg(args)
     model = args.model
     if model is None and args.method == "knn":
-        from .knn_model import knn_model_path
+        from .knn.model import knn_model_path
 
         model = knn_model_path(cfg)
     m = run_evaluate(cfg, model_path=model)
@@ -173,7 +173,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import export_detector
+    from .deploy.export import export_detector
 
     cfg = _cfg(args)
     scales = tuple(args.scales) if args.scales else cfg.evaluate.scales
@@ -183,7 +183,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from .predict import predict
+    from .deploy.predict import predict
 
     cfg = _cfg(args)
     scales = tuple(args.scales) if args.scales else cfg.evaluate.scales
@@ -193,7 +193,7 @@ def cmd_predict(args) -> None:
             threshold = float(threshold)
         except ValueError:
             pass  # a threshold.json path
-    from .predict import MAX_PIXELS, summary_line
+    from .deploy.predict import MAX_PIXELS, summary_line
 
     rows = predict(args.model, args.inputs, args.out, scales=scales, device=args.device or cfg.device,
                    batch_size=args.batch_size or cfg.evaluate.batch_size, threshold=threshold, force=args.force,
@@ -205,7 +205,7 @@ def cmd_predict(args) -> None:
 
 
 def cmd_tables(args) -> None:
-    from .tables import write_tables
+    from .report.tables import write_tables
 
     write_tables(args.runs, args.out)
     print(f"tables written to {args.out}")
@@ -236,8 +236,8 @@ def pipeline_root(start: str | Path | None = None) -> Path:
 def cmd_demo(args) -> None:
     """The README's main job: ``dvc repro`` in the project folder the user stands in (found from
     the current folder, not from where the package is installed), under the pinned numerical
-    environment of :mod:`apmask_lib.repro` so the committed metrics are reproduced."""
-    from .repro import pipeline_env
+    environment of :mod:`apmask_lib.core.repro` so the committed metrics are reproduced."""
+    from .core.repro import pipeline_env
 
     root = pipeline_root()
     bin_dir = Path(sys.executable).parent
@@ -250,10 +250,10 @@ def cmd_demo(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .repro import pin_process
+    from .core.repro import pin_process
 
     try:
-        pin_process()  # before anything imports torch: fixed threads + AVX2 code paths (apmask_lib/repro.py)
+        pin_process()  # before anything imports torch: fixed threads + AVX2 code paths (apmask_lib/core/repro.py)
     except ValueError as e:  # an unknown APMASK_NUMERICS: one line, no traceback
         raise SystemExit(f"apmask: {e}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
             sp.add_argument("--method", choices=("detector", "knn"), default="detector",
                             help="detector: the paper's pre-training + fine-tuning (default); knn: the kNN extension "
                                  "alone, no training: banks of block evaluate.knn_layer (default 7) patch features of "
-                                 "the training images at evaluate.knn_sizes (apmask_lib/knn_model.py)")
+                                 "the training images at evaluate.knn_sizes (apmask_lib/knn/model.py)")
     sp = add("evaluate", cmd_evaluate, "multi-scale evaluation on the test split; writes metrics.json, scores.csv "
              "and the decision threshold OUT_DIR/evaluate/threshold.json",
              "apmask evaluate -S data.dataset=folder -S data.root=my_data -S data.category=widget "

@@ -151,7 +151,7 @@ class PretrainConfig:
     sinkhorn_eps: float = 0.05
     sinkhorn_iters: int = 3
     queue_length: int = 0            # SwAV's feature queue for small batches: the last L teacher embeddings join Sinkhorn's equal partition
-                                     # (apmask_lib/sinkhorn.py); 0 = no queue. Not checkpointed: a resumed run starts with an empty queue
+                                     # (apmask_lib/pretrain/sinkhorn.py); 0 = no queue. Not checkpointed: a resumed run starts with an empty queue
     lr: float = 5e-4                 # peak LR after warm-up (read as lr_scaling says)
     lr_scaling: LrScaling = "absolute"  # absolute = lr as written | linear = DINO's rule lr * global batch / 256 (the paper's 5e-4 at batch 16
                                      # -> 3.1e-5); the effective peak is in log.csv's lr column (pretrain.peak_lr, README "Where we differ")
@@ -171,7 +171,7 @@ class PretrainConfig:
                                      # (one teacher pass per view size); "image" = once on the whole image at global_size, resampled onto each view's
                                      # crop box (fewer teacher tokens, README "Design choices"); quality at the full schedule not yet compared
     log_every: int = 20              # steps between loss read-backs (host syncs) / CSV rows flushed; NaN is caught at these points
-    compile: CompileMode = "none"    # torch.compile each ViT block: none | default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs | aot_eager (apmask_lib/fastpath.py); same maths
+    compile: CompileMode = "none"    # torch.compile each ViT block: none | default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs | aot_eager (apmask_lib/core/fastpath.py); same maths
 
     def __post_init__(self):
         validate(self, "pretrain")
@@ -205,9 +205,9 @@ class FinetuneConfig:
     dice: DiceReduction = "batch"    # Dice reduction: batch (jointly over the batch; defined with empty masks) | mean (per image)
     seg_transform: SegTransform = "log"  # attention maps fed to the segmentation: log(N*a) | linear (N*a)
     log_every: int = 20              # steps between loss read-backs (host syncs); NaN is caught at these points and at epoch ends
-    compile: CompileMode = "none"    # as pretrain.compile (apmask_lib/fastpath.py)
+    compile: CompileMode = "none"    # as pretrain.compile (apmask_lib/core/fastpath.py)
     val_fraction: float = 0.1        # fraction of the normal training images held out of fine-tuning for the label-free validation signal
-                                     # (synthetic anomalies on them, scored per epoch: apmask_lib/validation.py); 0 = none, train on all
+                                     # (synthetic anomalies on them, scored per epoch: apmask_lib/finetune/validation.py); 0 = none, train on all
     val_max_images: Optional[int] = 32  # cap on the held-out images (each is scored normal + anomalous every epoch); None = no cap
     # --- stabilisers (not in the paper; README "Run-to-run spread"): the defaults leave the paper's optimisation as it is ---
     backbone_lr_scale: float = 1.0   # learning-rate multiplier of every backbone parameter (the new heads keep 1); 0 = frozen backbone
@@ -228,11 +228,11 @@ class EvaluateConfig:
     pixel_bins: Optional[int] = 1048576  # pixel metrics: histogram bins over [0, 1] (2^20, memory-bounded); None = exact (small sets)
     figure_images: int = 8           # images in the localisation figure (defect types first, then good)
     save_maps: bool = False          # also write every averaged map to evaluate/maps/<defect>/<stem>.npy (float16)
-    # --- decision threshold (apmask_lib/threshold.py) -> evaluate/threshold.json, read by apmask predict/export ---
+    # --- decision threshold (apmask_lib/evaluate/threshold.py) -> evaluate/threshold.json, read by apmask predict/export ---
     threshold_on: ThresholdOn = "auto"  # auto (validation images when the data set has them, else the test set, stated as optimistic) | val | test
     threshold_quantile: float = 0.99          # no anomalous images in that data: this quantile of normal image scores
     pixel_threshold_quantile: float = 0.999   # no masks in that data: this quantile of normal images' map values
-    # --- EXTENSION (not in the paper; apmask_lib/knn.py): kNN patch scoring on intermediate features ---
+    # --- EXTENSION (not in the paper; apmask_lib/knn/scoring.py): kNN patch scoring on intermediate features ---
     knn_layer: Optional[int] = None  # block (0-based) whose patch tokens feed a kNN memory bank; None = paper method only (default); AnomalyDINO-style: 7 (8th of 12)
     knn_backbone: KnnBackbone = "init"  # kNN features: init = cfg.backbone before any training (training-free) | finetuned = the detector's backbone
     knn_sizes: tuple[int, ...] = (224, 448)  # input sizes of the kNN branch (snapped to the patch size), maps/scores averaged as the paper averages scales; AnomalyDINO alone: (448,)

@@ -401,7 +401,7 @@ def per_defect_auroc(scores: Sequence[float], labels: Sequence[int], defects: Se
 def paper_image_score(res: Any, score: str) -> np.ndarray:
     """The paper's continuous image score of a batch (``cfg.evaluate.score``): ``det_mean`` (mean
     detection probability over the scales) or ``map_max`` of a
-    :class:`~apmask_lib.multiscale.MultiScaleOutput`."""
+    :class:`~apmask_lib.inference.multiscale.MultiScaleOutput`."""
     return res.det_mean if score == "det_mean" else res.map_max
 
 

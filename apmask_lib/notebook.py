@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from .config import Config, load_params
-from .files import atomic_write_text
+from .core.files import atomic_write_text
 
 # Every notebook imports this module, so its module-level imports run in every DVC stage (and are
 # dependencies of each): keep them light. The figure helpers live in apmask_lib/viz (curves, tsne,

@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Optional
 
 from apmask_lib.config import replace
-from apmask_lib.devices import resolve_device
-from apmask_lib.evaluate import run_evaluate
-from apmask_lib.files import atomic_write_text
-from apmask_lib.finetune import run_finetune
+from apmask_lib.core.devices import resolve_device
+from apmask_lib.evaluate.stage import run_evaluate
+from apmask_lib.core.files import atomic_write_text
+from apmask_lib.finetune.stage import run_finetune
 from apmask_lib.metrics import aggregate_seeds
-from apmask_lib.pretrain import run_pretrain
+from apmask_lib.pretrain.stage import run_pretrain
 from benchmarks.common import METRICS, ROOT, command, fmt, machine, schedule_config, versions
 
 

@@ -1,7 +1,7 @@
 """Fingerprint of the library's behaviour, for refactors that must not change a number (issue 17).
 
 Runs one tiny fixed-seed pipeline through the ``apmask`` command line in a fresh process under the
-pinned numerics (:mod:`apmask_lib.repro`): demo data (grass), a tiny random ViT, pre-training ->
+pinned numerics (:mod:`apmask_lib.core.repro`): demo data (grass), a tiny random ViT, pre-training ->
 fine-tuning -> evaluation with the kNN extension fused (``evaluate.knn_layer``), and a prediction on the
 test folder. It records every logged loss (as text, all digits), an md5 over every tensor of the
 pre-trained and fine-tuned checkpoints, every float of ``metrics.json`` (paper method and kNN /

@@ -4,7 +4,7 @@ Short pre-trainings at the demo's small settings (``params.yaml``: 112 px, batch
 56 px; ``--epochs`` 3 and ``--max-train`` 24 images per data set, so every data set gets the same 9 steps)
 for each variant of the SwAV objective, on the demo textures, MVTec AD bottle and the NIH subset
 (``../shared/data``). Per epoch, the collapse diagnostics that pre-training logs
-(``pretrain/log.jsonl``; :mod:`apmask_lib.collapse`) are tabulated into ``results/collapse.json`` /
+(``pretrain/log.jsonl``; :mod:`apmask_lib.pretrain.collapse`) are tabulated into ``results/collapse.json`` /
 ``results/collapse.md`` with the command, machine and load average.
 
 Variants (``--variants``; config overrides of ``pretrain``):
@@ -58,9 +58,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.common import machine, scaled_warmup, versions  # noqa: E402
 
-from apmask_lib.collapse import STAT_COLUMNS  # noqa: E402
+from apmask_lib.pretrain.collapse import STAT_COLUMNS  # noqa: E402
 from apmask_lib.config import load_params  # noqa: E402
-from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.core.files import atomic_write_text  # noqa: E402
 
 JSON = ROOT / "results" / "collapse.json"
 MD = ROOT / "results" / "collapse.md"
@@ -114,7 +114,7 @@ def variant_config(args, data: str, variant: str):
 
 
 def run_one(args, data: str, variant: str) -> dict:
-    from apmask_lib.pretrain import run_pretrain
+    from apmask_lib.pretrain.stage import run_pretrain
 
     cfg = variant_config(args, data, variant)
     load0 = os.getloadavg()
@@ -155,8 +155,8 @@ def init_one(args, data: str, variant: str) -> dict:
     (:func:`own_image_retrieval`) from the student's global / local views to the teacher views, on the
     [CLS] features and on the projections; the agreement of the student's arg-max prototype with the
     code's, per view kind. Each value is the mean over the epoch's batches."""
-    from apmask_lib.pretrain import build_pretrain_state, pretrain_loss, _epoch_order, _step_generator
-    from apmask_lib.sinkhorn import sinkhorn
+    from apmask_lib.pretrain.stage import build_pretrain_state, pretrain_loss, _epoch_order, _step_generator
+    from apmask_lib.pretrain.sinkhorn import sinkhorn
 
     cfg = variant_config(args, data, variant)
     torch.manual_seed(cfg.seed)
@@ -272,7 +272,7 @@ def report() -> None:
              f"Setting: {PROFILES['demo'][1]}; runs marked [paper profile]: {PROFILES['paper'][1]}; "
              "epochs and the training-image cap per run (below), "
              f"seed {s['seed']}; backbone `dinov2-s14-offline`. Columns are per-epoch means of the per-step "
-             "diagnostics of `apmask_lib/collapse.py` (code entropy: ln K = uniform codes; teacher spread: std over "
+             "diagnostics of `apmask_lib/pretrain/collapse.py` (code entropy: ln K = uniform codes; teacher spread: std over "
              "the batch of the teacher's prototype scores; proto perplexity: K = all prototypes used equally; "
              "agreement: student arg-max = code arg-max, chance = 1/K).", "",
              "A variant fixes the collapse if, on every data set, the teacher spread grows from the first to the "

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from apmask_lib.config import Config, replace
-from apmask_lib.machine import machine_line, versions_line
+from apmask_lib.core.machine import machine_line, versions_line
 
 ROOT = Path(__file__).resolve().parents[1]
 #: default data roots, relative to the project root (``--data-root`` overrides MVTec's)
@@ -53,7 +53,7 @@ def scaled_warmup(stage: str, epochs: int) -> int:
 def iters_per_epoch(cfg) -> int:
     """Fine-tuning steps per epoch, as run_finetune computes them (after the held-out validation slice)."""
     from apmask_lib.data import build_dataset
-    from apmask_lib.validation import holdout_indices
+    from apmask_lib.finetune.validation import holdout_indices
 
     ds = build_dataset(cfg.data.dataset, cfg.data.root, cfg.data.category)
     keep, _ = holdout_indices(len(ds.train), cfg.finetune.val_fraction, cfg.finetune.val_max_images)
@@ -80,12 +80,12 @@ def command(module: str, argv: Sequence[str] | None = None) -> str:
 
 
 def machine(device=None, load: bool = False) -> str:
-    """The machine line of every report (:func:`apmask_lib.machine.machine_line`)."""
+    """The machine line of every report (:func:`apmask_lib.core.machine.machine_line`)."""
     return machine_line(device, load)
 
 
 def versions() -> str:
-    """``python X, torch Y, timm Z`` (:func:`apmask_lib.machine.versions_line`)."""
+    """``python X, torch Y, timm Z`` (:func:`apmask_lib.core.machine.versions_line`)."""
     return versions_line("timm")
 
 

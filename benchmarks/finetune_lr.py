@@ -14,8 +14,8 @@ import time
 import pandas as pd
 
 from apmask_lib.config import load_params
-from apmask_lib.evaluate import run_evaluate
-from apmask_lib.finetune import run_finetune
+from apmask_lib.evaluate.stage import run_evaluate
+from apmask_lib.finetune.stage import run_finetune
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ centre), converted to one grey channel and written in the MVTec layout under ``-
 * ``grey, stretched`` -- the grey crops, each resized to a square input (``aspect="square"``, the
   default: a 112 x 256 crop is stretched 2.3x along one axis),
 * ``grey, own aspect`` -- the grey crops at their own aspect ratio (``aspect="keep"``, about the
-  same number of patches, :func:`apmask_lib.knn.input_shape`),
+  same number of patches, :func:`apmask_lib.knn.scoring.input_shape`),
 
 with the default read-out (offline ViT-S/14 block 7, sizes 224 + 448 averaged, k = 1, top 1 %
 score, sigma 4 px at the stored size), metrics at each image's stored size. Grey files are read as
@@ -40,10 +40,10 @@ from apmask_lib.config import Config  # noqa: E402
 from apmask_lib.data import build_dataset  # noqa: E402
 from apmask_lib.data.mvtec import load_mvtec  # noqa: E402
 from apmask_lib.data.ground_truth import pixel_ground_truth  # noqa: E402
-from apmask_lib.knn import KnnScorer, average_outputs  # noqa: E402
+from apmask_lib.knn.scoring import KnnScorer, average_outputs  # noqa: E402
 from apmask_lib.metrics import PixelMetrics, image_auroc  # noqa: E402
 from apmask_lib.weights import build_backbone  # noqa: E402
-from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.core.files import atomic_write_text  # noqa: E402
 
 
 def crop_window(hw: tuple[int, int], rng: np.random.Generator, centre=None, lo: int = 112,

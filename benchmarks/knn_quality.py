@@ -54,10 +54,10 @@ from benchmarks.knn_readout import DATA_ROOTS, ground_truth  # noqa: E402
 from benchmarks.common import machine  # noqa: E402
 from apmask_lib.config import Config  # noqa: E402
 from apmask_lib.data import build_dataset  # noqa: E402
-from apmask_lib.knn import KnnScorer, MemoryBank, distance_map, top_fraction_mean  # noqa: E402
+from apmask_lib.knn.scoring import KnnScorer, MemoryBank, distance_map, top_fraction_mean  # noqa: E402
 from apmask_lib.metrics import PixelMetrics, image_auroc  # noqa: E402
 from apmask_lib.weights import build_backbone  # noqa: E402
-from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.core.files import atomic_write_text  # noqa: E402
 
 DATASETS = ("mvtec:bottle", "demo:brick", "demo:grass", "demo:gravel", "nih:all")
 BLOCKS = (6, 7, 8)

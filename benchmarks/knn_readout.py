@@ -1,6 +1,6 @@
 """Read-out choices of the kNN extension, compared on every data set we have (not a test).
 
-The kNN extension (:mod:`apmask_lib.knn`) turns patch distances into pixel maps and image scores.
+The kNN extension (:mod:`apmask_lib.knn.scoring`) turns patch distances into pixel maps and image scores.
 This benchmark measures its read-out choices on real MVTec bottle, the built-in demo textures and
 the NIH subset, with the distances computed ONCE per (data set, input size) and cached, so each
 read-out variant costs only the map/metric computation:
@@ -46,10 +46,10 @@ from benchmarks.common import versions, machine  # noqa: E402
 from apmask_lib.config import Config  # noqa: E402
 from apmask_lib.data import build_dataset  # noqa: E402
 from apmask_lib.data.ground_truth import pixel_ground_truth  # noqa: E402
-from apmask_lib.knn import SIGMA_AT, KnnScorer, distance_map, top_fraction_mean  # noqa: E402
+from apmask_lib.knn.scoring import SIGMA_AT, KnnScorer, distance_map, top_fraction_mean  # noqa: E402
 from apmask_lib.metrics import PixelMetrics, image_auroc  # noqa: E402
 from apmask_lib.weights import build_backbone  # noqa: E402
-from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.core.files import atomic_write_text  # noqa: E402
 
 DATA_ROOTS = {"mvtec": "../shared/data/mvtec_ad", "nih": "../shared/data/nih_cxr14", "demo": "/tmp/apmask_demo"}
 DEFAULT_DATASETS = ("mvtec:bottle", "demo:brick", "demo:grass", "demo:gravel", "nih:all")

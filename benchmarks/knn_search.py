@@ -26,13 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks.common import machine  # noqa: E402
-from apmask_lib.knn import knn_distances  # noqa: E402
-from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.knn.scoring import knn_distances  # noqa: E402
+from apmask_lib.core.files import atomic_write_text  # noqa: E402
 
 
 @torch.no_grad()
 def previous_knn_distances(queries, bank, k=1, query_chunk=4096, bank_chunk=65536):
-    """``apmask_lib.knn.knn_distances`` before issue 16 (verbatim logic), for the comparison."""
+    """``apmask_lib.knn.scoring.knn_distances`` before issue 16 (verbatim logic), for the comparison."""
     out = []
     for qs in range(0, queries.shape[0], query_chunk):
         q = queries[qs:qs + query_chunk]

@@ -50,8 +50,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from apmask_lib.files import atomic_write_text  # noqa: E402
-from apmask_lib.machine import cpu_flags, cpu_model  # noqa: E402
+from apmask_lib.core.files import atomic_write_text  # noqa: E402
+from apmask_lib.core.machine import cpu_flags, cpu_model  # noqa: E402
 
 DATA_ROOT = "../shared/data/mvtec_ad"
 
@@ -79,7 +79,7 @@ def batches(items: Sequence, size: int):
 def run_ours(ds, train, test, sizes=(224, 448), batch_size: int = 8, feature_bf16: bool = False,
              search: str = "exact") -> dict[str, Any]:
     """Bank + inference of the kNN extension; returns timings per phase, scores and maps."""
-    from apmask_lib.knn import KnnScorer, average_outputs
+    from apmask_lib.knn.scoring import KnnScorer, average_outputs
     from apmask_lib.weights import build_backbone
 
     backbone = build_backbone("dinov2-s14-offline").eval()
@@ -169,7 +169,7 @@ def quality(ds, test, scores, maps, method: str) -> dict[str, float]:
 
 def extract_cache(ds, train, test, path: Path, sizes=(224, 448), batch_size: int = 8) -> dict[str, Any]:
     """Features of ``train`` and ``test`` at every size, timed per image and saved to ``path``."""
-    from apmask_lib.knn import KnnScorer
+    from apmask_lib.knn.scoring import KnnScorer
     from apmask_lib.weights import build_backbone
 
     backbone = build_backbone("dinov2-s14-offline").eval()
@@ -194,7 +194,7 @@ def extract_cache(ds, train, test, path: Path, sizes=(224, 448), batch_size: int
 
 def search_cached(path: Path, n: int, shapes: Sequence[tuple[int, int]], sizes=(224, 448), batch_size: int = 8) -> dict[str, Any]:
     """Bank fit on the first ``n`` cached training images + search + maps of the cached test images."""
-    from apmask_lib.knn import KnnScorer
+    from apmask_lib.knn.scoring import KnnScorer
     from apmask_lib.weights import build_backbone
 
     cache = torch.load(path, weights_only=True, mmap=True)
@@ -226,7 +226,7 @@ def backbone_bench(sizes=(224, 448), batch_size: int = 8, repeats: int = 3) -> d
     inputs) at each size: fp32, bf16 autocast, and the bf16 copy of the backbone that
     ``KnnScorer(feature_bf16=True)`` uses on the CPU (median of ``repeats`` timed batches after one
     warm-up batch)."""
-    from apmask_lib.knn import bf16_copy, patch_features
+    from apmask_lib.knn.scoring import bf16_copy, patch_features
     from apmask_lib.weights import build_backbone
 
     backbone = build_backbone("dinov2-s14-offline").eval()
@@ -282,8 +282,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """Run :func:`child` in a fresh process (own peak memory); returns its row."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if spec.get("pinned"):  # the numerics `apmask` runs under by default (apmask_lib/repro.py: AVX2, 2 threads)
-        from apmask_lib.repro import pipeline_env
+    if spec.get("pinned"):  # the numerics `apmask` runs under by default (apmask_lib/core/repro.py: AVX2, 2 threads)
+        from apmask_lib.core.repro import pipeline_env
 
         env = pipeline_env({k: v for k, v in env.items() if k != "APMASK_NUMERICS"})
     proc = subprocess.run([sys.executable, "-m", "benchmarks.knn_speed", "--child", json.dumps(spec)],
@@ -362,7 +362,7 @@ def render(res: dict[str, Any], cmd: str, machine: str) -> str:
         runs = [("native (as above: AVX-512, AMX)", res["backbone"])]
         if res.get("backbone_pinned"):
             runs.append(("pinned (what `apmask` runs under by default: ATen / MKL / oneDNN on AVX2, "
-                          "apmask_lib/repro.py)", res["backbone_pinned"]))
+                          "apmask_lib/core/repro.py)", res["backbone_pinned"]))
         t0 = runs[0][1]["timings"]
         sizes = sorted({int(k.rsplit("@", 1)[1]) for k in t0})
         names = list(dict.fromkeys(k.rsplit(" @", 1)[0] for k in t0))

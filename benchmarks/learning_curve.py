@@ -51,8 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 from benchmarks.common import METRICS, iters_per_epoch, scaled_warmup, versions, machine  # noqa: E402
 
 from apmask_lib.config import load_params  # noqa: E402
-from apmask_lib.devices import resolve_device  # noqa: E402
-from apmask_lib.files import atomic_write_text  # noqa: E402
+from apmask_lib.core.devices import resolve_device  # noqa: E402
+from apmask_lib.core.files import atomic_write_text  # noqa: E402
 
 JSON = ROOT / "results" / "learning_curve.json"
 MD = ROOT / "results" / "learning_curve.md"
@@ -76,9 +76,9 @@ def curve_config(args, out_dir: Path, init: str):
 
 def run_curve(args) -> dict:
     from apmask_lib.config import replace
-    from apmask_lib.evaluate import run_evaluate
-    from apmask_lib.finetune import run_finetune
-    from apmask_lib.pretrain import run_pretrain
+    from apmask_lib.evaluate.stage import run_evaluate
+    from apmask_lib.finetune.stage import run_finetune
+    from apmask_lib.pretrain.stage import run_pretrain
 
     base = ROOT / args.runs / f"{args.category}_seed{args.seed}"
     times = {}
@@ -126,10 +126,10 @@ def run_untrained(args) -> None:
     (segmentation = the backbone's last-layer [CLS] attention, log of the heads' geometric mean; detection
     head random). Does that attention carry the defects at some scale? Stored under curve ``untrained``."""
     from apmask_lib.config import replace
-    from apmask_lib.evaluate import run_evaluate
-    from apmask_lib.finetune import build_detector, initial_backbone
+    from apmask_lib.evaluate.stage import run_evaluate
+    from apmask_lib.finetune.stage import build_detector, initial_backbone
     from apmask_lib.weights import save_detector
-    from apmask_lib.rng import seed_everything
+    from apmask_lib.core.rng import seed_everything
 
     base = ROOT / args.runs / f"{args.category}_seed{args.seed}"
     cfg = curve_config(args, base / "untrained", args.backbone)
@@ -157,7 +157,7 @@ def run_six_scales(args) -> None:
     """Re-evaluate the saved snapshot ``model_e<E>.pt`` of ``--curve`` at the paper's six scales (for a
     curve whose run was stopped before its last point) and add it to the curve's points."""
     from apmask_lib.config import replace
-    from apmask_lib.evaluate import run_evaluate
+    from apmask_lib.evaluate.stage import run_evaluate
 
     e = args.six_scales_at
     base = ROOT / args.runs / f"{args.category}_seed{args.seed}"
@@ -229,7 +229,7 @@ def peer_lines(peers_json: Path = ROOT / "results" / "peers.json", category: str
 
 
 def report() -> None:
-    from apmask_lib.reference import OURS, paper_value
+    from apmask_lib.report.reference import OURS, paper_value
     from apmask_lib.viz.curves import learning_curve_figure
 
     data = json.loads(JSON.read_text())

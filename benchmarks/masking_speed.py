@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from apmask_lib import pretrain as P
+from apmask_lib.pretrain.stage import stage as P
 from apmask_lib.config import Config, replace
-from apmask_lib.devices import resolve_device, synchronize as sync
-from apmask_lib.machine import versions_line
-from apmask_lib.multicrop import MultiCropViews
+from apmask_lib.core.devices import resolve_device, synchronize as sync
+from apmask_lib.core.machine import versions_line
+from apmask_lib.pretrain.multicrop import MultiCropViews
 from benchmarks.common import ROOT, command, machine
 
 def timed(fn, steps: int, warmup: int, device: torch.device) -> list[float]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apmask_lib.files import atomic_write_text
+from apmask_lib.core.files import atomic_write_text
 from benchmarks.common import ROOT, machine
 
 RUNS = Path("runs/nih_hflip")

@@ -21,7 +21,7 @@ Only anomalib's *torch* models are used (fit: training-mode forward over the tra
 coreset / ``fit``; test: eval-mode forward giving ``pred_score`` and ``anomaly_map``). anomalib's
 Lightning ``Engine``, post-processor and evaluator are NOT used: their figures disagreed with the
 official metrics on some runs. Metrics are computed here with :mod:`apmask_lib.metrics` exactly as
-:mod:`apmask_lib.evaluate` does for our method: image AUROC on the raw ``pred_score``; pixel AUROC
+:mod:`apmask_lib.evaluate.stage` does for our method: image AUROC on the raw ``pred_score``; pixel AUROC
 and AU-PRO (FPR <= 0.3) against the ground truth loaded by ``data.ground_truth.pixel_ground_truth`` at each
 image's stored resolution, the peer map (anomalib's: nearest upsampling of the patch scores to the
 input size + Gaussian sigma 4) upsampled bilinearly to that resolution; pixel metrics stream through
@@ -58,10 +58,10 @@ from apmask_lib.config import EvaluateConfig
 from apmask_lib.data import AnomalyDataset, build_dataset
 from apmask_lib.data.ground_truth import pixel_ground_truth
 from apmask_lib.metrics import PixelMetrics, image_auroc
-from apmask_lib.devices import resolve_device
-from apmask_lib.files import atomic_write_text, write_json
-from apmask_lib.machine import versions as machine_versions
-from apmask_lib.rng import seed_everything
+from apmask_lib.core.devices import resolve_device
+from apmask_lib.core.files import atomic_write_text, write_json
+from apmask_lib.core.machine import versions as machine_versions
+from apmask_lib.core.rng import seed_everything
 from apmask_lib.weights import build_backbone
 from benchmarks.common import DATA_ROOTS, ROOT, command as recorded_command, data_root, machine
 
@@ -307,7 +307,7 @@ def upsample(amap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def peer_metrics(ds: AnomalyDataset, scores: np.ndarray, maps: Sequence[np.ndarray],
                  shapes: Sequence[tuple[int, int]], ecfg: EvaluateConfig = EvaluateConfig()) -> dict[str, Any]:
-    """Image AUROC, pixel AUROC, AU-PRO (in %) with apmask_lib.metrics, as apmask_lib.evaluate does."""
+    """Image AUROC, pixel AUROC, AU-PRO (in %) with apmask_lib.metrics, as apmask_lib.evaluate.stage does."""
     labels = np.array([s.label for s in ds.test])
     lo = min(float(m.min()) for m in maps)
     hi = max(float(m.max()) for m in maps)

@@ -7,7 +7,7 @@ For each data set and each reading of the pre-training learning rate (``--lr-sca
 pre-training settings of ``params.yaml``: 112 px global / 56 px local crops, 4 local crops, batch 8,
 r = 0.3, with enough epochs for the largest ``--steps`` and the warm-up scaled from the paper's 10 of 300)
 is stopped at each of ``--steps`` (the schedule stays that of the whole run; the next call continues it
-exactly), and the exported EMA teacher is probed without any training (:mod:`apmask_lib.probe`: kNN on
+exactly), and the exported EMA teacher is probed without any training (:mod:`apmask_lib.evaluate.probe`: kNN on
 block 7 and on the last block, the [CLS] attention as the map) at ``--probe-size``, beside the collapse
 diagnostics of the pre-training log and the relative L2 change of the teacher's weights from the start.
 
@@ -36,8 +36,8 @@ from pathlib import Path
 
 from benchmarks.common import DATASETS, ROOT, command, data_root, ensure_data, machine, versions
 
-from apmask_lib.collapse import STAT_COLUMNS
-from apmask_lib.files import atomic_write_text
+from apmask_lib.pretrain.collapse import STAT_COLUMNS
+from apmask_lib.core.files import atomic_write_text
 
 JSON = ROOT / "results" / "pretrain_probe.json"
 MD = ROOT / "results" / "pretrain_probe.md"
@@ -81,7 +81,7 @@ def relative_change(a: dict, b: dict) -> float:
 
 
 def diagnostics_at(run: Path, step: int) -> dict:
-    """Collapse diagnostics (:data:`~apmask_lib.collapse.STAT_COLUMNS`) and loss of the last logged
+    """Collapse diagnostics (:data:`~apmask_lib.pretrain.collapse.STAT_COLUMNS`) and loss of the last logged
     step before ``step``, and the learning rate applied there (log.csv)."""
     path = run / "log.csv"
     if step == 0 or not path.is_file():
@@ -101,8 +101,8 @@ def run_reading(dataset: str, reading: str, args) -> list[dict]:
     import torch
 
     from apmask_lib.config import replace
-    from apmask_lib.pretrain import peak_lr, run_pretrain
-    from apmask_lib.probe import probe_backbone
+    from apmask_lib.pretrain.stage import peak_lr, run_pretrain
+    from apmask_lib.evaluate.probe import probe_backbone
     from apmask_lib.weights import build_backbone
 
     cfg, iters = pretrain_config(dataset, reading, max(args.steps), args.max_train, args.backbone)

@@ -8,9 +8,9 @@ Rows (each mean ± SE over ``--seeds``, image AUROC / pixel AUROC / AU-PRO in %,
    GPU). Warm-up epochs are scaled by the same factor (paper: 10 of 300 and 10 of 100).
 2. **kNN (training-free)**: AnomalyDINO-style patch kNN inside our pipeline, on the untrained
    offline backbone's block ``--knn-layer`` tokens at ``--knn-size`` px
-   (``evaluate.knn_backbone=init``; :mod:`apmask_lib.knn`).
+   (``evaluate.knn_backbone=init``; :mod:`apmask_lib.knn.scoring`).
 3. **apmask + kNN fused** (the EXTENSION): z-normalised kNN + fine-tuned detector, statistics from
-   held-out NORMAL training images only (:mod:`apmask_lib.evaluate`, ``evaluate.fusion=fused``).
+   held-out NORMAL training images only (:mod:`apmask_lib.evaluate.stage`, ``evaluate.fusion=fused``).
 
 All three come from ONE evaluation per seed (``evaluate.knn_layer`` set): the paper row is that
 evaluation's ``methods.paper`` entry, identical to an evaluation without the extension
@@ -37,13 +37,13 @@ from pathlib import Path
 import torch
 
 from apmask_lib.config import Config, replace
-from apmask_lib.devices import resolve_device
-from apmask_lib.evaluate import run_evaluate
-from apmask_lib.files import atomic_write_text
-from apmask_lib.finetune import run_finetune
+from apmask_lib.core.devices import resolve_device
+from apmask_lib.evaluate.stage import run_evaluate
+from apmask_lib.core.files import atomic_write_text
+from apmask_lib.finetune.stage import run_finetune
 from apmask_lib.metrics import aggregate_seeds
-from apmask_lib.pretrain import run_pretrain
-from apmask_lib.reference import PAPER_TABLE1_MVTEC
+from apmask_lib.pretrain.stage import run_pretrain
+from apmask_lib.report.reference import PAPER_TABLE1_MVTEC
 from benchmarks.ablations import BY_NAME, run_dirs
 from benchmarks.common import METRICS, ROOT, command, data_root, fmt, machine, schedule_config, versions
 from benchmarks.peers import run_peers
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
         f"bilinear + Gaussian sigma 4 px maps) on block {args.knn_layer} tokens, one bank of all training patches per "
         "input size, maps and scores averaged over the sizes (the paper's multi-scale averaging; 448 alone = "
         "AnomalyDINO); fused = z_kNN + z_detector with statistics from held-out normal TRAINING images "
-        "(apmask_lib/knn_fusion.py docstring). Pixel metrics at the images' stored resolution (bottle: 512 px, "
+        "(apmask_lib/knn/fusion.py docstring). Pixel metrics at the images' stored resolution (bottle: 512 px, "
         "downscaled from 900 px). Peer rows (anomalib PatchCore / AnomalyDINO on the same images, their raw "
         "scores and maps scored with our metric code) come from `benchmarks/peers.py`: run in this process with "
         "`--peers`, else quoted from its last run (results/peers.json, command and date in the row header).", "",

@@ -8,7 +8,7 @@ equals the baseline's do not affect the numbers.
     .venv/bin/python -m benchmarks.repro_check --steps 3 --out results/repro_check.md
 
 Not pinned here on purpose (the script calls run_pretrain directly, not through the `apmask`
-command line, so apmask_lib.repro is not applied): it measures the raw effect of each setting.
+command line, so apmask_lib.core.repro is not applied): it measures the raw effect of each setting.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ CHILD = r"""
 import hashlib, json, os, sys, tempfile, torch
 if os.environ.get("T"):
     torch.set_num_threads(int(os.environ["T"]))
-from apmask_lib import pretrain
+from apmask_lib.pretrain.stage import stage as pretrain
 from apmask_lib.config import load_params
 losses = []
 step = pretrain.train_step

@@ -44,7 +44,7 @@ import numpy as np
 from benchmarks.common import (DATASETS, METRICS, ROOT, command, data_root, ensure_data, iters_per_epoch, machine,
                                scaled_warmup, versions)
 
-from apmask_lib.files import atomic_write_text
+from apmask_lib.core.files import atomic_write_text
 
 JSON = ROOT / "results" / "seed_spread.json"
 MD = ROOT / "results" / "seed_spread.md"
@@ -105,8 +105,8 @@ def run_one(dataset: str, variant: str, seed: int, args) -> list[dict]:
     there, the detector is evaluated, the run continues: the schedule stays that of ``args.epochs``);
     one row per evaluated epoch."""
     from apmask_lib.config import replace
-    from apmask_lib.evaluate import run_evaluate
-    from apmask_lib.finetune import run_finetune
+    from apmask_lib.evaluate.stage import run_evaluate
+    from apmask_lib.finetune.stage import run_finetune
 
     cfg = run_config(dataset, variant, seed, args.epochs, args.max_train, args.scales, args.backbone,
                      init=args.init, tag=args.tag)

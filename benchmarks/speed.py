@@ -53,16 +53,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from apmask_lib import finetune as FT  # noqa: E402
-from apmask_lib import pretrain as PT  # noqa: E402
+from apmask_lib.finetune.stage import stage as FT  # noqa: E402
+from apmask_lib.pretrain.stage import stage as PT  # noqa: E402
 from apmask_lib.config import Config, replace  # noqa: E402
 from apmask_lib.data import dataset_from_config  # noqa: E402
-from apmask_lib.fastpath import COMPILE_MODES, compile_blocks  # noqa: E402
-from apmask_lib.multiscale import predict_multiscale, scale_sizes  # noqa: E402
-from apmask_lib.sinkhorn import sinkhorn, swapped_prediction_loss  # noqa: E402
-from apmask_lib.devices import autocast_context, resolve_device, synchronize as sync  # noqa: E402
-from apmask_lib.files import atomic_write_text  # noqa: E402
-from apmask_lib.machine import cpu_model  # noqa: E402
+from apmask_lib.core.fastpath import COMPILE_MODES, compile_blocks  # noqa: E402
+from apmask_lib.inference.multiscale import predict_multiscale, scale_sizes  # noqa: E402
+from apmask_lib.pretrain.sinkhorn import sinkhorn, swapped_prediction_loss  # noqa: E402
+from apmask_lib.core.devices import autocast_context, resolve_device, synchronize as sync  # noqa: E402
+from apmask_lib.core.files import atomic_write_text  # noqa: E402
+from apmask_lib.core.machine import cpu_model  # noqa: E402
 
 # dense (no sparsity) bf16 tensor-core peak, FLOP/s, from the vendors' data sheets
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "L4": 121e12,
@@ -341,7 +341,7 @@ def render(entries: dict) -> str:
 def run_e2e(cfg: Config, args) -> dict:
     import shutil
 
-    from apmask_lib.evaluate import run_evaluate
+    from apmask_lib.evaluate.stage import run_evaluate
 
     out = Path(cfg.out_dir) / "e2e"
     shutil.rmtree(out, ignore_errors=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from apmask_lib import pretrain as P
+from apmask_lib.pretrain.stage import stage as P
 from apmask_lib.config import Config, replace
-from apmask_lib.multicrop import MultiCrop
+from apmask_lib.pretrain.multicrop import MultiCrop
 
 
 # ---- evaluation with a stand-in detector (tests/test_evaluate.py, tests/test_knn.py) ----------------

@@ -1,6 +1,6 @@
 """The GPU configuration, exercised on the CPU: bf16 autocast, fused AdamW and compiled blocks through
 pre-training, fine-tuning (with the validation signal) and evaluation, on a tiny model and real bottle
-images. ``APMASK_ACCELERATED_ON_CPU=1`` (:func:`apmask_lib.devices.accelerated`) turns on on the CPU the
+images. ``APMASK_ACCELERATED_ON_CPU=1`` (:func:`apmask_lib.core.devices.accelerated`) turns on on the CPU the
 branches that otherwise only CUDA takes, so dtype or device mistakes in them surface here.
 
 Still CUDA-only (torch has no CPU equivalent): CUDA graphs (``compile=reduce-overhead``), pinned memory
@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from apmask_lib.config import Config, replace
-from apmask_lib.devices import accelerated, ACCELERATED_ON_CPU_ENV, autocast_context
-from apmask_lib.files import load_checkpoint
+from apmask_lib.core.devices import accelerated, ACCELERATED_ON_CPU_ENV, autocast_context
+from apmask_lib.core.files import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .random")
 
@@ -47,10 +47,10 @@ def _cfg(tmp_path, mvtec_root, compile_mode: str) -> Config:
 
 
 def test_pretrain_finetune_evaluate_through_the_gpu_branches(tmp_path, mvtec_root, monkeypatch):
-    from apmask_lib.evaluate import run_evaluate
-    from apmask_lib.finetune import run_finetune
+    from apmask_lib.evaluate.stage import run_evaluate
+    from apmask_lib.finetune.stage import run_finetune
     from apmask_lib.weights import load_detector
-    from apmask_lib.pretrain import run_pretrain
+    from apmask_lib.pretrain.stage import run_pretrain
 
     monkeypatch.setenv(ACCELERATED_ON_CPU_ENV, "1")
     cfg = _cfg(tmp_path, mvtec_root, "aot_eager")

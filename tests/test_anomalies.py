@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from apmask_lib.anomalies import (KINDS, MIN_MEAN_DIFF, PIXEL_TOL, anomaly_batch, attention_distribution, color_jitter,
+from apmask_lib.finetune.anomalies import (KINDS, MIN_MEAN_DIFF, PIXEL_TOL, anomaly_batch, attention_distribution, color_jitter,
                                   is_gray, make_anomaly, poisson_paste, sample_point, transform_patch)
 from apmask_lib.data import build_dataset, read_image, resize_image
 

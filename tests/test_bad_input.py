@@ -81,13 +81,13 @@ def tiny_args(data_root: Path, out_dir: Path) -> list[str]:
 
 
 def run_pretrain(cfg, **kw):
-    from apmask_lib.pretrain import run_pretrain as rp
+    from apmask_lib.pretrain.stage import run_pretrain as rp
 
     return rp(cfg, progress=False, **kw)
 
 
 def run_finetune(cfg, **kw):
-    from apmask_lib.finetune import run_finetune as rf
+    from apmask_lib.finetune.stage import run_finetune as rf
 
     return rf(cfg, progress=False, **kw)
 
@@ -237,7 +237,7 @@ def test_kill_during_the_last_save_is_repaired_on_resume(data_root, tmp_path):
     assert p.returncode == -9
     out = tmp_path / "pretrain"
     assert list(out.glob("*.tmp")) or list(out.glob(".*.tmp"))
-    from apmask_lib.files import load_checkpoint
+    from apmask_lib.core.files import load_checkpoint
 
     ck = load_checkpoint(out / "checkpoint.pt")
     assert ck["done"]
@@ -309,7 +309,7 @@ def test_unreadable_mask_type_names_the_file(tmp_path):
 def test_a_second_run_in_the_same_folder_is_refused(data_root, tmp_path):
     p = child(f"""
         import sys
-        from apmask_lib.runfolder import RunLock
+        from apmask_lib.training.runfolder import RunLock
         with RunLock({str(tmp_path / 'pretrain')!r}):
             print("locked", flush=True)
             sys.stdin.read()
@@ -399,7 +399,7 @@ def test_truncated_nih_table_names_the_file(tmp_path):
 def test_garbage_checkpoint_never_suggests_weights_only_false(tmp_path, payload):
     from apmask_lib.weights import build_backbone
     from apmask_lib.weights import load_detector
-    from apmask_lib.files import load_checkpoint
+    from apmask_lib.core.files import load_checkpoint
 
     path = tmp_path / "x.pt"
     if payload is None:  # a pickle of an arbitrary object (as DINO's args): refused by weights_only
@@ -445,7 +445,7 @@ def test_a_tiny_checkpoint_cannot_declare_a_huge_architecture(tmp_path):
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_atomic_files_respect_the_umask(tmp_path, umask, mode):
-    from apmask_lib.files import atomic_write_text, save_checkpoint
+    from apmask_lib.core.files import atomic_write_text, save_checkpoint
 
     old = os.umask(umask)
     try:
@@ -458,8 +458,8 @@ def test_atomic_files_respect_the_umask(tmp_path, umask, mode):
 
 
 def test_nan_loss_is_one_line_naming_step_terms_and_checkpoint(data_root, tmp_path, monkeypatch, capsys):
-    import apmask_lib.finetune as ft
-    from apmask_lib.losses import finetune_loss
+    import apmask_lib.finetune.stage as ft
+    from apmask_lib.finetune.losses import finetune_loss
 
     calls = []
 

@@ -15,7 +15,7 @@ from apmask_lib.data import AnomalyDataset, Sample, build_dataset
 from helpers import ConstantMap, micro_cfg
 
 from apmask_lib.data.ground_truth import cap_per_defect, has_pixel_gt, pick_figure_samples, pixel_ground_truth
-from apmask_lib.evaluate import run_evaluate
+from apmask_lib.evaluate.stage import run_evaluate
 from apmask_lib.metrics import finite_or_none, per_defect_auroc
 
 RESULT_FILES = ("metrics.json", "scores.csv", "features.npz", "config.json", "fig4a_localization.png", "roc.png",
@@ -99,7 +99,7 @@ def test_missing_model_is_a_clear_error(tmp_path, mvtec_root):
 # --- end to end with the real detector -------------------------------------------------------
 def make_detector(cfg: Config) -> Path:
     """A briefly fine-tuned detector (the real fine-tuning stage, two steps, tiny random backbone)."""
-    from apmask_lib.finetune import run_finetune
+    from apmask_lib.finetune.stage import run_finetune
 
     run_finetune(cfg, max_steps=2, progress=False)
     path = Path(cfg.out_dir) / "finetune" / "model.pt"

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from apmask_lib.data import read_image
-from apmask_lib.export import MultiScaleDetector, export_detector, run_onnx
-from apmask_lib.multiscale import predict_multiscale
+from apmask_lib.deploy.export import MultiScaleDetector, export_detector, run_onnx
+from apmask_lib.inference.multiscale import predict_multiscale
 
 SCALES = (224, 320)
 

@@ -21,11 +21,11 @@ from torch._dynamo import config as dynamo_config
 
 from helpers import TINY, tiny_setup
 
-from apmask_lib import pretrain as P
+from apmask_lib.pretrain.stage import stage as P
 from apmask_lib.config import Config, replace
-from apmask_lib.fastpath import COMPILE_MODES, compile_blocks
-from apmask_lib.sinkhorn import sinkhorn
-from apmask_lib.files import load_checkpoint
+from apmask_lib.core.fastpath import COMPILE_MODES, compile_blocks
+from apmask_lib.pretrain.sinkhorn import sinkhorn
+from apmask_lib.core.files import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .random")
 

@@ -12,7 +12,7 @@ import torch
 
 from apmask_lib.config import Config, replace
 from apmask_lib.data import build_dataset, resize_image
-from apmask_lib.losses import detection_loss, dice_loss, finetune_loss
+from apmask_lib.finetune.losses import detection_loss, dice_loss, finetune_loss
 from apmask_lib.weights import build_backbone
 from apmask_lib.models.detector import AnomalyDetector, attention_features
 from apmask_lib.weights import load_detector, read_detector_checkpoint, save_detector
@@ -142,7 +142,7 @@ def test_save_load_roundtrip(tmp_path):
 
 # ----------------------------------------------------------------------------- batches
 def test_batches_do_not_depend_on_workers(bottle):
-    from apmask_lib.finetune import SyntheticBatches, batch_loader
+    from apmask_lib.finetune.stage import SyntheticBatches, batch_loader
 
     imgs = np.stack([resize_image(bottle.image(s), 64) for s in bottle.train[:6]])
     atts = np.random.default_rng(0).random((6, 4, 4)).astype(np.float32)
@@ -165,7 +165,7 @@ def test_finetune_steps_lower_the_loss_on_real_images(bottle, offline_backbone):
     anomalies (real offline backbone, 84 px): the loss, and the Dice loss above all, drop."""
     import copy
 
-    from apmask_lib.finetune import SyntheticBatches, attention_maps, build_detector, param_groups, train_step
+    from apmask_lib.finetune.stage import SyntheticBatches, attention_maps, build_detector, param_groups, train_step
 
     cfg = replace(Config(seed=3), pretrain={"hidden_dim": 256, "bottleneck_dim": 64})
     imgs = np.stack([resize_image(bottle.image(s), 84) for s in bottle.train[:8]])
@@ -194,7 +194,7 @@ def test_finetune_steps_lower_the_loss_on_real_images(bottle, offline_backbone):
 
 
 def test_run_writes_logs_and_model(tmp_path, bottle):
-    from apmask_lib.finetune import run_finetune
+    from apmask_lib.finetune.stage import run_finetune
 
     out = run_finetune(_cfg(tmp_path), bottle, max_steps=4, progress=False)
     log = pd.read_csv(out / "log.csv")
@@ -214,8 +214,8 @@ def test_run_writes_logs_and_model(tmp_path, bottle):
 
 
 def test_resume_is_exact_and_finished_runs_are_kept(tmp_path, bottle):
-    from apmask_lib.finetune import run_finetune
-    from apmask_lib.files import load_checkpoint
+    from apmask_lib.finetune.stage import run_finetune
+    from apmask_lib.core.files import load_checkpoint
 
     full = run_finetune(_cfg(tmp_path / "a"), bottle, progress=False)  # 3 epochs x 2 steps
     part = run_finetune(_cfg(tmp_path / "b"), bottle, max_steps=3, progress=False)  # stops mid-epoch
@@ -242,7 +242,7 @@ def test_resume_is_exact_and_finished_runs_are_kept(tmp_path, bottle):
 
 @pytest.mark.parametrize("kind", ["nsa", "scar"])
 def test_baseline_kinds_train(tmp_path, bottle, kind):
-    from apmask_lib.finetune import run_finetune
+    from apmask_lib.finetune.stage import run_finetune
 
     out = run_finetune(_cfg(tmp_path, anomaly=kind, seg_maps="tokens", poisson="on"), bottle, max_steps=2,
                        progress=False)
@@ -251,14 +251,14 @@ def test_baseline_kinds_train(tmp_path, bottle, kind):
 
 
 def test_missing_pretrained_backbone_is_a_clear_error(tmp_path, bottle):
-    from apmask_lib.finetune import run_finetune
+    from apmask_lib.finetune.stage import run_finetune
 
     with pytest.raises(FileNotFoundError, match=r"pretrain/backbone\.pt.*finetune\.init"):
         run_finetune(_cfg(tmp_path, init="pretrain"), bottle, max_steps=1, progress=False)
 
 
 def test_pretrained_backbone_file_is_used(tmp_path, bottle):
-    from apmask_lib.finetune import initial_backbone
+    from apmask_lib.finetune.stage import initial_backbone
 
     bb = _tiny(seed=7)
     (tmp_path / "pretrain").mkdir()
@@ -268,7 +268,7 @@ def test_pretrained_backbone_file_is_used(tmp_path, bottle):
 
 
 def test_nan_loss_stops_with_a_clear_error(tmp_path, bottle, monkeypatch):
-    import apmask_lib.finetune as ft
+    import apmask_lib.finetune.stage as ft
 
     def bad(*args, **kw):
         total, ld, ls = finetune_loss(*args, **kw)
@@ -297,9 +297,9 @@ def test_figures_are_written(tmp_path, bottle):
 
 
 def test_compiled_blocks_train_like_eager(tmp_path, bottle):
-    """finetune.compile (apmask_lib/fastpath.py) changes how the blocks run, not what they compute:
+    """finetune.compile (apmask_lib/core/fastpath.py) changes how the blocks run, not what they compute:
     the same losses are logged and model.pt has the same keys and (to float tolerance) values."""
-    from apmask_lib.finetune import run_finetune
+    from apmask_lib.finetune.stage import run_finetune
 
     outs = {m: run_finetune(_cfg(tmp_path / m, compile=m), bottle, max_steps=2, progress=False)
             for m in ("none", "aot_eager")}

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from apmask_lib.config import Config, replace
-from apmask_lib.finetune import WeightAverage, build_detector, run_finetune
-from apmask_lib.optim import backbone_depth, lr_scale, param_groups, set_lr
+from apmask_lib.finetune.stage import WeightAverage, build_detector, run_finetune
+from apmask_lib.core.optim import backbone_depth, lr_scale, param_groups, set_lr
 from apmask_lib.weights import build_backbone, load_detector
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .random.*random weights")

@@ -14,10 +14,10 @@ from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from apmask_lib import knn
+from apmask_lib.knn.scoring import scoring as knn
 from apmask_lib.config import replace
 from apmask_lib.data import build_dataset
-from apmask_lib.evaluate import run_evaluate
+from apmask_lib.evaluate.stage import run_evaluate
 from apmask_lib.weights import build_backbone
 
 from helpers import ConstantMap, micro_cfg
@@ -244,13 +244,13 @@ def test_bf16_features_on_cpu_use_one_shared_bf16_copy(offline_backbone):
 def test_bf16_options_warn_where_they_would_be_slower(monkeypatch, caplog):
     """Pinned numerics (ONEDNN_MAX_CPU_ISA=AVX2, apmask's default) or a CPU without bf16 units make
     bf16 slower than fp32 (results/knn_speed.md): asking for it says so; fp32 / exact says nothing."""
-    from apmask_lib import machine
+    from apmask_lib.core import machine
 
     bb = build_backbone("random:vit_tiny16", seed=0).eval()
     monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx2", "amx_bf16"})
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     assert "pinned to AVX2" in machine.bf16_slow_reason()
-    with caplog.at_level("WARNING", logger="apmask_lib.knn"):
+    with caplog.at_level("WARNING", logger="apmask_lib.knn.scoring"):
         knn.KnnScorer(bb, 1, 64)
         assert not caplog.records
         knn.KnnScorer(bb, 1, 64, search="bf16")

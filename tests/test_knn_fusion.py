@@ -1,11 +1,11 @@
-"""The kNN extension's fusion helpers (apmask_lib/knn_fusion.py); the extension end to end is in
+"""The kNN extension's fusion helpers (apmask_lib/knn/fusion.py); the extension end to end is in
 tests/test_knn.py (run_evaluate with evaluate.knn_layer set)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from apmask_lib import knn_fusion
+from apmask_lib.knn.scoring import fusion as knn_fusion
 
 
 def test_fusion_helpers():

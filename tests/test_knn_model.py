@@ -1,4 +1,4 @@
-"""The kNN extension as a model of its own (apmask_lib/knn_model.py): fit without training, save, load,
+"""The kNN extension as a model of its own (apmask_lib/knn/model.py): fit without training, save, load,
 evaluate, predict, export -- on real bottle images.
 
 Tolerances: the kNN model through the detector's multi-scale inference vs the extension's own read-out
@@ -18,12 +18,12 @@ import pytest
 import torch
 import yaml
 
-from apmask_lib import knn
+from apmask_lib.knn.scoring import scoring as knn
 from apmask_lib.cli import main
 from apmask_lib.data import read_image
-from apmask_lib.knn_model import (KNN_FORMAT, KnnDetector, load_knn_model, load_model, save_knn_model,
+from apmask_lib.knn.model import (KNN_FORMAT, KnnDetector, load_knn_model, load_model, save_knn_model,
                                   truncated_backbone)
-from apmask_lib.multiscale import predict_multiscale
+from apmask_lib.inference.multiscale import predict_multiscale
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def widget(tmp_path, mvtec_root) -> Path:
 
 def test_fit_knn_evaluate_predict_export_end_to_end(widget, tmp_path, capsys):
     """The README's commands with ``--method knn`` (tiny random ViT, block 2, sizes 64 + 96)."""
-    from apmask_lib.export import MultiScaleDetector, run_onnx
+    from apmask_lib.deploy.export import MultiScaleDetector, run_onnx
 
     run = tmp_path / "runs" / "widget"
     params = {"seed": 0, "device": "cpu", "backbone": "random:vit_tiny16", "out_dir": str(run),

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from apmask_lib.masking import dropped_mask, keep_indices, num_dropped
+from apmask_lib.pretrain.masking import dropped_mask, keep_indices, num_dropped
 from apmask_lib.weights import build_backbone
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from apmask_lib.multiscale import (majority_vote, model_patch_size, predict_multiscale, scale_sizes, snap_size)
+from apmask_lib.inference.multiscale import (majority_vote, model_patch_size, predict_multiscale, scale_sizes, snap_size)
 from helpers import FakeOutput
 
 

@@ -82,7 +82,7 @@ def test_dvc_stages_run_the_notebooks():
 @pytest.mark.slow
 def test_every_notebook_runs_at_micro_scale_on_real_bottle(tmp_path, mvtec_root):
     """The stages' own commands, micro-sized: tiny backbone, 4 training images, 64 px."""
-    from apmask_lib.report import collect_run
+    from apmask_lib.report.collect import collect_run
 
     params = {
         "seed": 0, "device": "cpu", "backbone": "random:vit_tiny16",
@@ -166,7 +166,7 @@ def test_pipeline_root_is_found_from_the_current_folder(tmp_path, monkeypatch):
 
 def test_drop_resume_state_keeps_unfinished_runs(tmp_path):
     from apmask_lib.cli import main
-    from apmask_lib.files import save_checkpoint
+    from apmask_lib.core.files import save_checkpoint
 
     done, running = tmp_path / "done", tmp_path / "running"
     save_checkpoint(done / "checkpoint.pt", step=4, done=True)
@@ -176,7 +176,7 @@ def test_drop_resume_state_keeps_unfinished_runs(tmp_path):
 
 
 def test_metrics_split_into_numbers_and_info():
-    from apmask_lib.report import split_metrics
+    from apmask_lib.report.collect import split_metrics
 
     numbers, info = split_metrics({"image_auroc": 0.9, "n_images": 30, "model_path": "runs/x/model.pt",
                                    "max_test": None, "flag": True, "methods": {"knn": {"image_auroc": 1.0, "name": "k"}},
@@ -186,7 +186,7 @@ def test_metrics_split_into_numbers_and_info():
 
 
 def test_pinned_environment():
-    from apmask_lib import repro
+    from apmask_lib.core import repro
 
     env = repro.pipeline_env({"OMP_NUM_THREADS": "16", "ATEN_CPU_CAPABILITY": "avx512"})
     assert env["OMP_NUM_THREADS"] == str(repro.THREADS) and env["ATEN_CPU_CAPABILITY"] == "avx2"

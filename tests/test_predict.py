@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from apmask_lib import predict as predict_module
-from apmask_lib.predict import collect_inputs, heatmap_name, predict
+from apmask_lib.deploy import predict as predict_module
+from apmask_lib.deploy.predict import collect_inputs, heatmap_name, predict
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def folder(tmp_path, mvtec_root) -> Path:
 
 def test_folder_with_a_corrupt_file(folder, model_path, tmp_path, caplog):
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="apmask_lib.predict"), pytest.warns(UserWarning, match="no threshold.json"):
+    with caplog.at_level(logging.WARNING, logger="apmask_lib.deploy.predict"), pytest.warns(UserWarning, match="no threshold.json"):
         rows = predict(model_path, folder, out, scales=(224,), device="cpu")
     by_name = {Path(r["path"]).name: r for r in rows}
     assert list(by_name) == ["a_good.png", "b_broken.png", "c_corrupt.png", "notes.txt", "sub"]
@@ -187,7 +187,7 @@ def test_threshold_json_from_evaluate_decides(folder, model_path, tmp_path):
 def test_nan_detector_is_refused_by_predict_and_evaluate_alike(mvtec_root, folder, tmp_path):
     from apmask_lib.config import Config
     from apmask_lib.data import build_dataset
-    from apmask_lib.evaluate import run_evaluate
+    from apmask_lib.evaluate.stage import run_evaluate
     from apmask_lib.weights import build_backbone
     from apmask_lib.models.detector import AnomalyDetector
     from apmask_lib.weights import save_detector

@@ -14,13 +14,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from apmask_lib import masking as M
-from apmask_lib import pretrain as P
+from apmask_lib.pretrain.stage import masking as M
+from apmask_lib.pretrain.stage import stage as P
 from apmask_lib.config import Config, replace
-from apmask_lib.masking import keep_indices
+from apmask_lib.pretrain.masking import keep_indices
 from apmask_lib.weights import build_backbone
-from apmask_lib.multicrop import MultiCrop
-from apmask_lib.files import load_checkpoint
+from apmask_lib.pretrain.multicrop import MultiCrop
+from apmask_lib.core.files import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .random")
 

@@ -1,10 +1,10 @@
-"""The training-free backbone probe (apmask_lib/probe.py) on real bottle images with a tiny random ViT."""
+"""The training-free backbone probe (apmask_lib/evaluate/probe.py) on real bottle images with a tiny random ViT."""
 from __future__ import annotations
 
 import pytest
 
 from apmask_lib.config import Config, replace
-from apmask_lib.probe import METRICS, READOUTS, probe_backbone
+from apmask_lib.evaluate.probe import METRICS, READOUTS, probe_backbone
 
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .random")
 

@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apmask_lib import multicrop as mc
-from apmask_lib import masking as M
-from apmask_lib import pretrain as P
+from apmask_lib.pretrain.stage import multicrop as mc
+from apmask_lib.pretrain.stage import masking as M
+from apmask_lib.pretrain.stage import stage as P
 from apmask_lib.config import Config, load_params, replace
-from apmask_lib.masking import attention_on_boxes, dropped_mask, keep_indices
-from apmask_lib.files import load_checkpoint
-from apmask_lib.fingerprint import config_fingerprint
+from apmask_lib.pretrain.masking import attention_on_boxes, dropped_mask, keep_indices
+from apmask_lib.core.files import load_checkpoint
+from apmask_lib.core.fingerprint import config_fingerprint
 
 from helpers import TINY, tiny_setup as fastpath_setup
 

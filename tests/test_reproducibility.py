@@ -3,7 +3,7 @@
 Two micro pipelines (demo data, tiny random ViT, pretrain -> finetune -> evaluate through the
 ``apmask`` command line) run in fresh processes whose environments differ the way two machines
 differ: 1 vs 2 OpenMP/MKL threads, and ATen's generic vs AVX2 kernels. Under the pinned numerics
-(:mod:`apmask_lib.repro`, the default) every logged loss, the weights (bitwise) and every metric
+(:mod:`apmask_lib.core.repro`, the default) every logged loss, the weights (bitwise) and every metric
 must be equal exactly.
 The guard runs the same pair with ``APMASK_NUMERICS=native`` and shows the comparison can fail:
 there the pre-trained weights differ bitwise (the effect behind issue 12's irreproducible demo).
@@ -41,7 +41,7 @@ def _run(tmp: Path, name: str, numerics: str, data_root: Path) -> dict:
     script = ("import sys; from apmask_lib.cli import main\n"
               "for cmd in ('pretrain', 'finetune', 'evaluate'):\n"
               "    main([cmd, '--params', '', *sys.argv[1:]])\n"
-              "from apmask_lib.repro import describe; import json; print('DESCRIBE', json.dumps(describe()))\n")
+              "from apmask_lib.core.repro import describe; import json; print('DESCRIBE', json.dumps(describe()))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("APMASK_NUMERICS", "PYTHONHASHSEED")}
     env.update(MACHINES[name[-1]], APMASK_NUMERICS=numerics, PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", script, *args], cwd=tmp, env=env, capture_output=True, text=True,
@@ -94,7 +94,7 @@ def test_equal_checkpoints_are_equal_files(tmp_path):
     """save_checkpoint's bytes depend on the content only (not on its temporary file name)."""
     import torch
 
-    from apmask_lib.files import save_checkpoint
+    from apmask_lib.core.files import save_checkpoint
 
     for name in ("a", "b"):
         save_checkpoint(tmp_path / name / "model.pt", state_dict={"w": torch.arange(6.0)}, meta={"step": 3})
@@ -105,16 +105,16 @@ def test_equal_checkpoints_are_equal_files(tmp_path):
 def test_mkl_runs_the_branch_the_mode_asks_for_where_it_can(numerics):
     """MKL reports the code path of each GEMM (``MKL_VERBOSE``). ``compatible`` asks for MKL_CBWR=COMPATIBLE,
     which MKL honours on every x86 CPU; ``pinned`` asks for AVX2, which MKL honours on Intel CPUs only and
-    replaces by AUTO elsewhere (why Intel- and AMD-made results differ; apmask_lib/repro.py). Fails when MKL
+    replaces by AUTO elsewhere (why Intel- and AMD-made results differ; apmask_lib/core/repro.py). Fails when MKL
     stops doing what the module docstring and ``describe()['mkl_cbwr_effective']`` say."""
-    from apmask_lib import repro
-    from apmask_lib.machine import cpu_vendor
+    from apmask_lib.core import repro
+    from apmask_lib.core.machine import cpu_vendor
 
     env = repro.pipeline_env({**{k: v for k, v in os.environ.items() if not k.startswith("MKL_")},
                               "APMASK_NUMERICS": numerics})
     env["MKL_VERBOSE"] = "1"
     script = ("import torch, json; torch.randn(64, 384) @ torch.randn(384, 128)\n"
-              "from apmask_lib.repro import describe; print('EFFECTIVE', describe()['mkl_cbwr_effective'])\n")
+              "from apmask_lib.core.repro import describe; print('EFFECTIVE', describe()['mkl_cbwr_effective'])\n")
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -129,7 +129,7 @@ def test_mkl_runs_the_branch_the_mode_asks_for_where_it_can(numerics):
 
 
 def test_unknown_numerics_mode_is_refused():
-    from apmask_lib import repro
+    from apmask_lib.core import repro
 
     with pytest.raises(ValueError, match="APMASK_NUMERICS='fast'"):
         repro.pipeline_env({"APMASK_NUMERICS": "fast"})

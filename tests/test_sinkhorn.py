@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from apmask_lib.sinkhorn import push_queue, sinkhorn, sinkhorn_with_queue, swapped_prediction_loss
+from apmask_lib.pretrain.sinkhorn import push_queue, sinkhorn, sinkhorn_with_queue, swapped_prediction_loss
 
 
 def swav_reference(out: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
@@ -196,9 +196,9 @@ def test_pretrain_loss_queue_zero_is_today_and_queue_fills():
     """pretrain_loss: queue_length 0 leaves no queue state; with L > 0 the first step (empty queue)
     gives exactly the loss without a queue, the queue then holds the teacher's projections (newest
     first, at most L), and a later step's codes differ from the queue-free ones."""
-    from apmask_lib import pretrain as P
+    from apmask_lib.pretrain.stage import stage as P
     from apmask_lib.config import Config, replace
-    from apmask_lib.multicrop import MultiCrop
+    from apmask_lib.pretrain.multicrop import MultiCrop
 
     cfg = replace(Config(), backbone="random:vit_tiny16", device="cpu",
                   pretrain={"global_size": 32, "local_size": 16, "n_local": 1, "hidden_dim": 32, "out_dim": 16,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from apmask_lib import reference as ref
+from apmask_lib.report.collect import reference as ref
 from apmask_lib.config import Config, replace
-from apmask_lib.tables import DASH, discover_runs, fmt_stat, Stat, summarise, write_tables
+from apmask_lib.report.tables import DASH, discover_runs, fmt_stat, Stat, summarise, write_tables
 
 
 def make_run(root: Path, name: str, metrics: dict, with_config: bool = True, **sections) -> Path:
@@ -102,7 +102,7 @@ def test_tables_ours_beside_paper_and_dashes(runs, tmp_path):
 
 
 def test_summarise_across_categories():
-    from apmask_lib.tables import RunRecord
+    from apmask_lib.report.tables import RunRecord
 
     def rec(cat, seed, v):
         return RunRecord(Path("."), Path("."), "mvtec", cat, seed, metrics={"image_auroc": v})
@@ -132,7 +132,7 @@ def test_every_paper_value_appears_in_the_rendered_tables(tmp_path):
     """Each value of ../shared/paper/tables.csv is in the package copy and in the rendered table of its number
     (Table 1: in its method's row and category column of table1_paper; Tables 2-4: as "value ± se" where the
     paper gives an SE)."""
-    from apmask_lib.tables import to_csv, build_tables
+    from apmask_lib.report.tables import to_csv, build_tables
 
     with SHARED_TABLES.open() as f:
         shared = list(csv.DictReader(f))

@@ -1,4 +1,4 @@
-"""The decision threshold (apmask_lib/threshold.py): how it is chosen, and how it is read back."""
+"""The decision threshold (apmask_lib/evaluate/threshold.py): how it is chosen, and how it is read back."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from apmask_lib.threshold import (choose_threshold, confusion_at, decide, find_threshold_file, image_threshold,
+from apmask_lib.evaluate.threshold import (choose_threshold, confusion_at, decide, find_threshold_file, image_threshold,
                                   normal_pixel_sample, quantile_threshold, read_threshold)
 
 

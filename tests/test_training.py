@@ -1,4 +1,4 @@
-"""The training shell (apmask_lib/training.py, runfolder.RunFolder): progress lines where stderr is
+"""The training shell (apmask_lib/training/loop.py, runfolder.RunFolder): progress lines where stderr is
 not a terminal, no bar text there, the line's way out of a Jupyter kernel, the resume keys."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from apmask_lib import training
+from apmask_lib.training.loop import loop as training
 from apmask_lib.config import Config, replace
 from apmask_lib.data.types import cap_train
 
@@ -51,8 +51,8 @@ def test_progress_line_format():
 
 def test_one_line_per_epoch_and_no_bars_when_not_a_terminal(mvtec_root, tmp_path, capsys):
     """Under DVC/CI (stderr not a TTY) each stage prints one line per epoch and no tqdm bar text."""
-    from apmask_lib.finetune import run_finetune
-    from apmask_lib.pretrain import run_pretrain
+    from apmask_lib.finetune.stage import run_finetune
+    from apmask_lib.pretrain.stage import run_pretrain
 
     cfg = tiny(mvtec_root, tmp_path)
     run_pretrain(cfg)

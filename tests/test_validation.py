@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from apmask_lib.collapse import STAT_COLUMNS, assignment_stats
+from apmask_lib.pretrain.collapse import STAT_COLUMNS, assignment_stats
 from apmask_lib.config import Config, replace
-from apmask_lib.finetune import resolve_hflip
-from apmask_lib.sinkhorn import sinkhorn
-from apmask_lib.validation import holdout_indices, make_validation_set, score_validation, soft_dice
+from apmask_lib.finetune.stage import resolve_hflip
+from apmask_lib.pretrain.sinkhorn import sinkhorn
+from apmask_lib.finetune.validation import holdout_indices, make_validation_set, score_validation, soft_dice
 
 
 def test_holdout_is_fixed_disjoint_and_capped():

@@ -12,7 +12,7 @@
 A defective image without a mask is used for image-level metrics only (``Sample.has_pixel_gt``
 False); evaluation reports how many images its pixel metrics cover. ``normal_val_split`` of the
 (remaining) normal images is held out as validation data, never trained on: evaluation picks the
-decision threshold on it (:mod:`apmask_lib.threshold`). The category name is free (it only names the
+decision threshold on it (:mod:`apmask_lib.evaluate.threshold`). The category name is free (it only names the
 data set, ``folder/<category>``). Splits depend only on ``split_seed`` and the file names, not on the
 training seed, so every seed is evaluated on the same images.
 """

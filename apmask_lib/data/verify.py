@@ -15,7 +15,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-from ..files import cache_dir, write_json
+from ..core.files import cache_dir, write_json
 from .images import ImageReadError
 from .types import AnomalyDataset, Sample
 

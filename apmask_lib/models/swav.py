@@ -1,6 +1,6 @@
 """The SwAV network of APMask pre-training (paper Sec. 3.1): backbone + projection + prototypes.
 
-The student is a :class:`SwAVNet`; the EMA teacher is a copy of it (:mod:`apmask_lib.pretrain`).
+The student is a :class:`SwAVNet`; the EMA teacher is a copy of it (:mod:`apmask_lib.pretrain.stage`).
 """
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def finetune_curves(run: str | Path, out_png: str | Path | None = None):
     """Fine-tuning of run folder ``run`` (``<out_dir>/finetune`` or its parent): left, the per-step losses
     (``log.csv``); right, per epoch the training accuracy and the validation signal of
     ``validation.csv`` (AUROC, accuracy and Dice on synthetic anomalies of held-out normal images,
-    :mod:`apmask_lib.validation`). Returns the figure."""
+    :mod:`apmask_lib.finetune.validation`). Returns the figure."""
     import pandas as pd
 
     run = Path(run)

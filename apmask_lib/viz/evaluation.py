@@ -1,4 +1,4 @@
-"""The figures of an evaluation run (``apmask_lib.evaluate.run_evaluate``): Fig. 4a (localisation,
+"""The figures of an evaluation run (``apmask_lib.evaluate.stage.run_evaluate``): Fig. 4a (localisation,
 one per method), ROC curves (image and pixel level) and Fig. 5 (t-SNE of the [CLS] features), each
 naming its run."""
 from __future__ import annotations
@@ -22,7 +22,7 @@ MAP_METHODS = {
     "fused": ("fused kNN + detector (not in the paper)", "fused score squash(z_kNN + z_det) (0-1)"),
     "knn_model": ("kNN model (not in the paper)", "kNN anomaly score: cosine distance to the\nnearest training patch / 2 (0-1)"),
 }
-#: what a kNN model's ``cls`` output holds (:class:`apmask_lib.knn_model.KnnDetector`)
+#: what a kNN model's ``cls`` output holds (:class:`apmask_lib.knn.model.KnnDetector`)
 KNN_MODEL_FEATURES = ("mean of the patch features the kNN model compares (its read-out block, "
                       "no fine-tuning)")
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..files import atomic_write_bytes
+from ..core.files import atomic_write_bytes
 
 def pyplot():
     """matplotlib.pyplot with the non-interactive Agg backend."""

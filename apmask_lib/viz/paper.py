@@ -5,9 +5,9 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from ..anomalies import KINDS
+from ..finetune.anomalies import KINDS
 from ..data import dataset_from_config, read_image
-from ..finetune import resolve_blend, resolve_poisson
+from ..finetune.stage import resolve_blend, resolve_poisson
 from ..weights import build_backbone
 from .figure import RunLabel, backbone_name
 from .synthetic import fig_attention_panel, fig_synthetic_grid

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..anomalies import make_anomaly
+from ..finetune.anomalies import make_anomaly
 from .figure import RunLabel, add_colorbar, run_title, save_figure
 
 OUTLINE = (255, 40, 40)
@@ -102,7 +102,7 @@ def fig_attention_panel(images: Sequence[np.ndarray], backbone, out_png: str | P
     view (the ceil(r·N) least-attended patches greyed, Eq. 3-4) | a synthetic anomaly of ``kind``
     guided by that attention, outlined. ``nsa``/``fpi`` take their source from the next image.
     The attention column has a colourbar; the suptitle names the ``run`` (data and backbone)."""
-    from ..masking import keep_indices
+    from ..pretrain.masking import keep_indices
 
     size = size - size % backbone.patch_size
     ims = _resize_all(images, size)

@@ -10,7 +10,7 @@ import numpy as np
 
 from .figure import RunLabel, pyplot, run_title, save_figure
 
-#: what ``evaluate/features.npz``'s ``cls`` holds (:func:`apmask_lib.multiscale.predict_multiscale`)
+#: what ``evaluate/features.npz``'s ``cls`` holds (:func:`apmask_lib.inference.multiscale.predict_multiscale`)
 CLS_FEATURES = ("[CLS] token of the fine-tuned detector's ViT (last block, after the final LayerNorm, "
                 "before the detection and segmentation heads)")
 MARKERS = "^sDvP*Xh<>pd"  # defect types; normal images are circles

@@ -27,7 +27,7 @@ from typing import Mapping
 
 import torch
 
-from ..files import safe_torch_load
+from ..core.files import safe_torch_load
 from ..models.vit import ARCHS, ViTConfig, VisionTransformer
 from .dinov2_onnx import load_offline_dinov2
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from ..files import load_checkpoint, save_checkpoint
+from ..core.files import load_checkpoint, save_checkpoint
 from ..models.detector import AnomalyDetector
 from ..models.vit import ViTConfig, VisionTransformer
 from .backbones import check_architecture

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_torch_save, cache_dir, safe_torch_load
+from ..core.files import atomic_torch_save, cache_dir, safe_torch_load
 from ..models.vit import ARCHS, VisionTransformer
 
 ONNX_RELPATH = Path("models") / "vit_s_focus.onnx"
