@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from apmask_lib.pretrain.stage import stage as P
+from apmask_lib.pretrain import stage as P
 from apmask_lib.config import Config, replace
 from apmask_lib.core.devices import resolve_device, synchronize as sync
 from apmask_lib.core.machine import versions_line

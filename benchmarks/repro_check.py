@@ -27,7 +27,7 @@ CHILD = r"""
 import hashlib, json, os, sys, tempfile, torch
 if os.environ.get("T"):
     torch.set_num_threads(int(os.environ["T"]))
-from apmask_lib.pretrain.stage import stage as pretrain
+from apmask_lib.pretrain import stage as pretrain
 from apmask_lib.config import load_params
 losses = []
 step = pretrain.train_step

@@ -53,8 +53,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from apmask_lib.finetune.stage import stage as FT  # noqa: E402
-from apmask_lib.pretrain.stage import stage as PT  # noqa: E402
+from apmask_lib.finetune import stage as FT  # noqa: E402
+from apmask_lib.pretrain import stage as PT  # noqa: E402
 from apmask_lib.config import Config, replace  # noqa: E402
 from apmask_lib.data import dataset_from_config  # noqa: E402
 from apmask_lib.core.fastpath import COMPILE_MODES, compile_blocks  # noqa: E402

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from apmask_lib.pretrain.stage import stage as P
+from apmask_lib.pretrain import stage as P
 from apmask_lib.config import Config, replace
 from apmask_lib.pretrain.multicrop import MultiCrop
 

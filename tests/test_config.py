@@ -85,7 +85,10 @@ def test_poisson_reads_yaml_booleans_as_on_off(raw, expected):
 
 
 def test_modules_take_their_choices_from_the_config_table():
-    from apmask_lib import anomalies, config, fastpath, masking
+    from apmask_lib import config
+    from apmask_lib.core import fastpath
+    from apmask_lib.finetune import anomalies
+    from apmask_lib.pretrain import masking
     from apmask_lib.data import DATASETS
     from apmask_lib.models import detector
 

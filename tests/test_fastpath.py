@@ -21,7 +21,7 @@ from torch._dynamo import config as dynamo_config
 
 from helpers import TINY, tiny_setup
 
-from apmask_lib.pretrain.stage import stage as P
+from apmask_lib.pretrain import stage as P
 from apmask_lib.config import Config, replace
 from apmask_lib.core.fastpath import COMPILE_MODES, compile_blocks
 from apmask_lib.pretrain.sinkhorn import sinkhorn

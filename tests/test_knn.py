@@ -14,7 +14,7 @@ from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import NearestNeighbors
 
-from apmask_lib.knn.scoring import scoring as knn
+from apmask_lib.knn import scoring as knn
 from apmask_lib.config import replace
 from apmask_lib.data import build_dataset
 from apmask_lib.evaluate.stage import run_evaluate

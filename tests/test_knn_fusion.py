@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from apmask_lib.knn.scoring import fusion as knn_fusion
+from apmask_lib.knn import fusion as knn_fusion
 
 
 def test_fusion_helpers():

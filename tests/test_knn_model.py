@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from apmask_lib.knn.scoring import scoring as knn
+from apmask_lib.knn import scoring as knn
 from apmask_lib.cli import main
 from apmask_lib.data import read_image
 from apmask_lib.knn.model import (KNN_FORMAT, KnnDetector, load_knn_model, load_model, save_knn_model,

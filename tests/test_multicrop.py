@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from apmask_lib.pretrain.stage import multicrop as mc
+from apmask_lib.pretrain import multicrop as mc
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from apmask_lib.pretrain.stage import masking as M
-from apmask_lib.pretrain.stage import stage as P
+from apmask_lib.pretrain import masking as M
+from apmask_lib.pretrain import stage as P
 from apmask_lib.config import Config, replace
 from apmask_lib.pretrain.masking import keep_indices
 from apmask_lib.weights import build_backbone

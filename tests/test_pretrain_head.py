@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from apmask_lib.pretrain.stage import stage as P
+from apmask_lib.pretrain import stage as P
 from apmask_lib.config import Config, load_params, replace
 from apmask_lib.core.files import load_checkpoint
 from apmask_lib.models.heads import ProjectionMLP

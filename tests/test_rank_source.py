@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apmask_lib.pretrain.stage import multicrop as mc
-from apmask_lib.pretrain.stage import masking as M
-from apmask_lib.pretrain.stage import stage as P
+from apmask_lib.pretrain import multicrop as mc
+from apmask_lib.pretrain import masking as M
+from apmask_lib.pretrain import stage as P
 from apmask_lib.config import Config, load_params, replace
 from apmask_lib.pretrain.masking import attention_on_boxes, dropped_mask, keep_indices
 from apmask_lib.core.files import load_checkpoint

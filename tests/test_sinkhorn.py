@@ -196,7 +196,7 @@ def test_pretrain_loss_queue_zero_is_today_and_queue_fills():
     """pretrain_loss: queue_length 0 leaves no queue state; with L > 0 the first step (empty queue)
     gives exactly the loss without a queue, the queue then holds the teacher's projections (newest
     first, at most L), and a later step's codes differ from the queue-free ones."""
-    from apmask_lib.pretrain.stage import stage as P
+    from apmask_lib.pretrain import stage as P
     from apmask_lib.config import Config, replace
     from apmask_lib.pretrain.multicrop import MultiCrop
 

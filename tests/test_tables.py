@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from apmask_lib.report.collect import reference as ref
+from apmask_lib.report import reference as ref
 from apmask_lib.config import Config, replace
 from apmask_lib.report.tables import DASH, discover_runs, fmt_stat, Stat, summarise, write_tables
 

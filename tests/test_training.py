@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from apmask_lib.training.loop import loop as training
+from apmask_lib.training import loop as training
 from apmask_lib.config import Config, replace
 from apmask_lib.data.types import cap_train
 
@@ -92,7 +92,8 @@ def test_in_a_kernel_the_line_goes_to_the_process_stream_not_the_notebook(monkey
 
 def test_resume_keys_are_those_that_do_not_change_the_weights():
     """A resume may change these keys and no other (the checkpoint's fingerprint leaves them out)."""
-    from apmask_lib import finetune, pretrain
+    from apmask_lib.finetune import stage as finetune
+    from apmask_lib.pretrain import stage as pretrain
 
     common = {("device",), ("out_dir",), ("evaluate",), ("data", "max_test")}
     speed = lambda s: {(s, "num_workers"), (s, "log_every"), (s, "compile")}  # noqa: E731
