@@ -19,8 +19,8 @@ def test_fusion_helpers():
     assert st.mean == pytest.approx(v.mean()) and st.std == pytest.approx(v.std(ddof=1))
     np.testing.assert_allclose(knn_fusion.standardise(v, st), (v - v.mean()) / v.std(ddof=1))
     np.testing.assert_allclose(knn_fusion.logit(np.array([0.5, 0.25])), [0.0, np.log(1 / 3)])
-    h = knn_fusion.holdout_indices(209, 0.1)
+    h = knn_fusion.calibration_indices(209, 0.1)
     assert len(h) == 21 and h[0] == 0 and h[-1] == 208 and len(set(h.tolist())) == 21
-    assert len(knn_fusion.holdout_indices(4, 0.1)) == 2 and len(knn_fusion.holdout_indices(2, 0.1)) == 1
+    assert len(knn_fusion.calibration_indices(4, 0.1)) == 2 and len(knn_fusion.calibration_indices(2, 0.1)) == 1
     with pytest.raises(ValueError, match="at least 2"):
-        knn_fusion.holdout_indices(1, 0.1)
+        knn_fusion.calibration_indices(1, 0.1)

@@ -13,7 +13,7 @@ detector, and, with ``cfg.evaluate.fusion="fused"``, a fusion of both:
           averaged over sizes, as the paper averages its test-time scales.
   fused   z_knn + z_det: each branch standardised (:func:`standardise`) with the mean/std of its
           values on NORMAL held-out training images (``knn_holdout`` of them, evenly spaced,
-          :func:`holdout_indices`; their kNN distances are taken against a bank of the OTHER
+          :func:`calibration_indices`; their kNN distances are taken against a bank of the OTHER
           training images, the detector is applied as usual), the detector on the log-odds scale
           (:func:`logit` of the averaged probability map / of the image score
           ``cfg.evaluate.score``); pixel map = squash(z_knn_map + z_seg_map), image score =
@@ -46,10 +46,11 @@ from ..inference.multiscale import MultiScaleOutput, predict_multiscale
 # --------------------------------------------------------------------------------------------
 # fusion helpers: hold-out, running statistics, standardisation, log-odds, squash
 # --------------------------------------------------------------------------------------------
-def holdout_indices(n: int, fraction: float) -> np.ndarray:
+def calibration_indices(n: int, fraction: float) -> np.ndarray:
     """``max(2, round(fraction * n))`` indices of range(n) (two, so that a standard deviation of
     image scores exists), evenly spaced (deterministic), leaving at least one image for the bank.
-    The held-out images calibrate the fusion (never test images)."""
+    The held-out images calibrate the fusion (never test images). Not fine-tuning's validation hold-out
+    (:func:`apmask_lib.finetune.validation.holdout_indices`: a seeded random split)."""
     if n < 2:
         raise ValueError(f"fusion needs at least 2 training images (bank + held-out), got {n}")
     if not 0.0 < fraction < 1.0:
@@ -157,7 +158,7 @@ class KnnExtension:
         self.scorers = list(scorers.values())
         train = training_samples(cfg, dataset)
         bs = max(1, int(ecfg.batch_size))
-        held = [int(i) for i in holdout_indices(len(train), ecfg.knn_holdout)] if ecfg.fusion == "fused" else []
+        held = [int(i) for i in calibration_indices(len(train), ecfg.knn_holdout)] if ecfg.fusion == "fused" else []
         held_set = set(held)
         timings = {"bank_features_s": 0.0, "fusion_stats_s": 0.0, "bank_fit_s": 0.0, "inference_s": 0.0}
         held_outputs: list[list] = []  # per size: KnnOutput per held-out batch
@@ -229,5 +230,5 @@ class KnnExtension:
         return out
 
 
-__all__ = ["KnnExtension", "training_samples", "bank_features", "holdout_indices", "RunningStats", "standardise", "logit",
+__all__ = ["KnnExtension", "training_samples", "bank_features", "calibration_indices", "RunningStats", "standardise", "logit",
            "squash"]
