@@ -124,7 +124,7 @@ def test_top_fraction_mean_and_maps():
     assert knn.top_fraction_mean(x[:, :50], 0.01).tolist() == [49.0, 49.0]  # at least one patch
     rng = np.random.default_rng(0)
     m = rng.random((2, 40, 33)).astype(np.float32)
-    got = knn.gaussian_blur(torch.from_numpy(m), 2.0).numpy()
+    got = knn.gaussian_filter(torch.from_numpy(m), 2.0).numpy()
     for i in range(2):
         np.testing.assert_allclose(got[i], gaussian_filter(m[i].astype(np.float64), 2.0, mode="mirror"), atol=1e-5)
     const = knn.distance_map(torch.full((1, 16), 0.3), (4, 4), (50, 70), sigma=4)

@@ -320,10 +320,12 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     return (k / k.sum()).float()
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+def gaussian_filter(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian smoothing of (B, H, W) maps, borders reflected about the edge pixel
     (scipy.ndimage.gaussian_filter ``mode="mirror"``; kernel truncated at 4 sigma). sigma <= 0:
-    unchanged."""
+    unchanged. Named after scipy's, which it reproduces on score maps; pre-training's image augmentation
+    is torchvision's blur instead (:func:`apmask_lib.pretrain.multicrop.gaussian_blur`: per-sample sigma,
+    3-sigma kernel)."""
     if sigma <= 0:
         return maps
     k = gaussian_kernel1d(sigma).to(maps.device)
@@ -358,7 +360,7 @@ def distance_map(dists: torch.Tensor, grid: tuple[int, int], size: tuple[int, in
     smooth_at = tuple(size) if sigma_at == "output" else tuple(input_size)
     b = dists.shape[0]
     g = dists.reshape(b, 1, *grid).float()
-    up = gaussian_blur(F.interpolate(g, size=smooth_at, mode="bilinear", align_corners=False)[:, 0], sigma)
+    up = gaussian_filter(F.interpolate(g, size=smooth_at, mode="bilinear", align_corners=False)[:, 0], sigma)
     if smooth_at == tuple(size):
         return up
     return F.interpolate(up[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
@@ -537,4 +539,4 @@ def average_outputs(outputs: Sequence[KnnOutput]) -> KnnOutput:
 
 
 __all__ = ["CORESET_METHODS", "SEARCHES", "patch_features", "bf16_copy", "patch_features_at", "knn_distances", "random_coreset", "greedy_coreset", "MemoryBank",
-           "top_fraction_mean", "gaussian_kernel1d", "gaussian_blur", "SIGMA_AT", "distance_map", "KnnOutput", "ASPECTS", "input_shape", "FEATURE_PRECISIONS", "feature_bf16_of", "KnnScorer", "average_outputs"]
+           "top_fraction_mean", "gaussian_kernel1d", "gaussian_filter", "SIGMA_AT", "distance_map", "KnnOutput", "ASPECTS", "input_shape", "FEATURE_PRECISIONS", "feature_bf16_of", "KnnScorer", "average_outputs"]

@@ -210,7 +210,9 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: Optional[int] = None) -> torch.Tensor:
     """Per-sample Gaussian blur, sigma (M,) in pixels (sigma <= 0: unchanged). Separable,
     reflect padding, kernel ``exp(-d²/2σ²)`` normalised: torchvision ``gaussian_blur``.
-    Default kernel size 2*ceil(3*max σ)+1 (13 for DINO's σ ≤ 2), capped by the image size."""
+    Default kernel size 2*ceil(3*max σ)+1 (13 for DINO's σ ≤ 2), capped by the image size. The kNN
+    maps are smoothed by scipy's filter instead (:func:`apmask_lib.knn.scoring.gaussian_filter`: one
+    sigma, 4-sigma kernel)."""
     M, C, H, W = x.shape
     if kernel_size is None:
         kernel_size = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
