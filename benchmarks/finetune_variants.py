@@ -51,6 +51,7 @@ from apmask_lib.core.files import atomic_write_text
 JSON = ROOT / "results" / "finetune_variants.json"
 MD = ROOT / "results" / "finetune_variants.md"
 RUNS = ROOT / "runs" / "finetune_variants"
+DEMO_RUNS = "runs/demo"  # the demo pipeline's run folders (dvc.yaml), relative to the project root
 #: name -> (peak LR, λ_seg); the loss is (1 - λ_seg)·BCE + λ_seg·Dice
 VARIANTS = {"default": (5e-5, 0.05), "lr1.5e-4": (1.5e-4, 0.05), "seg0.2": (5e-5, 0.2),
             "lr1.5e-4+seg0.2": (1.5e-4, 0.2)}
@@ -74,7 +75,7 @@ def variant_overrides(variant: str) -> list[str]:
 
 def run_config(dataset: str, variant: str, seed: int, epochs: int, max_train: int, scales: Iterable[int],
                backbone: str = "dinov2-s14-offline", device: str = "cpu", profile: str = "paper",
-               demo_runs: str = "/work/main/runs/demo"):
+               demo_runs: str = DEMO_RUNS):
     """The config of one run. ``paper``: params-paper.yaml, the data set, the backbone as the starting point
     (no pre-training), the short schedule with its scaled warm-up, the variant's LR and loss weights, the
     test scales. ``demo``: params.yaml unchanged (schedule, size, scales) but the variant's LR and loss
@@ -86,7 +87,7 @@ def run_config(dataset: str, variant: str, seed: int, epochs: int, max_train: in
     if profile == "demo":
         if kind != "demo":
             raise ValueError(f"profile demo runs the demo categories only, not {dataset!r}")
-        init = Path(demo_runs) / category / f"s{seed}" / "pretrain" / "backbone.pt"
+        init = ROOT / demo_runs / category / f"s{seed}" / "pretrain" / "backbone.pt"
         if not init.is_file():
             raise FileNotFoundError(f"{init} not found: run the demo pipeline (dvc repro) for {category} seed {seed} "
                                     "first, or pass --demo-runs")
@@ -287,7 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", choices=PROFILES, default="paper",
                     help="paper: params-paper.yaml from the backbone, this schedule; demo: params.yaml from the demo "
                          "pipeline's pre-trained backbone (demo categories)")
-    ap.add_argument("--demo-runs", default="/work/main/runs/demo", help="the demo pipeline's run folders (profile demo)")
+    ap.add_argument("--demo-runs", default=DEMO_RUNS,
+                    help="the demo pipeline's run folders (profile demo), relative to the project root")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--report", action="store_true", help="only render the report from the JSON")
     args = ap.parse_args(argv)
