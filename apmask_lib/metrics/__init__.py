@@ -1,11 +1,7 @@
 """Anomaly-detection metrics: image AUROC, pixel AUROC, AU-PRO, F1-max, one method's summary, seed aggregation.
 
-Everything is computed from one representation: for each distinct threshold ``t`` (descending),
-the number of positive and negative samples whose score equals ``t`` (and, for pixels, the sum of
-per-region PRO weights). Cumulative sums of those counts give the ROC, PR and PRO curves with
-ties merged exactly as the official MVTec AD evaluation (``compute_pro``, ``trapezoid``,
-``compute_classification_roc``; Bergmann et al., IJCV 2021) and scikit-learn do: a threshold
-``t`` classifies ``score >= t`` as anomalous, and tied scores enter the curve together.
+Everything is computed from one representation, the counts of positives and negatives at each distinct
+threshold, with ties merged as the official MVTec AD evaluation does (:mod:`~apmask_lib.metrics.curves`).
 
 :mod:`~apmask_lib.metrics.curves`: the counts, the curves and the image-level metrics;
 :mod:`~apmask_lib.metrics.pixel`: the streaming pixel metrics; :mod:`~apmask_lib.metrics.summary`: one
