@@ -46,6 +46,7 @@ def _cfg(tmp_path, mvtec_root, compile_mode: str) -> Config:
                    evaluate={"scales": (64, 96), "figure_images": 0})
 
 
+@pytest.mark.slow
 def test_pretrain_finetune_evaluate_through_the_gpu_branches(tmp_path, mvtec_root, monkeypatch):
     from apmask_lib.evaluate.stage import run_evaluate
     from apmask_lib.finetune.stage import run_finetune

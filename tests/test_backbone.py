@@ -26,6 +26,7 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+@pytest.mark.slow
 def test_matches_timm_vit_s16(timm_s16):
     ours = VisionTransformer(ARCHS["vit_s16"]).eval()
     ours.load_state_dict(clean_state_dict(timm_s16.state_dict()), strict=True)
@@ -41,6 +42,7 @@ def test_matches_timm_vit_s16(timm_s16):
     assert torch.allclose(fused.patches, out.patches, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_offline_dinov2_matches_onnx(offline_backbone):
     """The converted DINOv2 ViT-S/14 reproduces the ONNX backbone through onnxruntime."""
     import onnx
@@ -67,6 +69,7 @@ def test_offline_dinov2_matches_onnx(offline_backbone):
 
 
 @pytest.mark.parametrize("layout", ["timm", "dino_release", "dino_train", "ddp"])
+@pytest.mark.slow
 def test_file_source_layouts(tmp_path, timm_s16, layout):
     sd = timm_s16.state_dict()
     if layout == "dino_release":  # official dino_deitsmall16_pretrain.pth: bare backbone keys, no head
@@ -130,6 +133,7 @@ def tiny():
         return build_backbone("random:vit_tiny16").eval()
 
 
+@pytest.mark.slow
 def test_any_size_and_attention(tiny):
     x = torch.rand(2, 3, 320, 256)
     with torch.no_grad():

@@ -162,6 +162,7 @@ def test_an_explicitly_named_params_file_must_exist(tmp_path, monkeypatch, capsy
 
 
 # ============================================================================ 3. finished outputs are never overwritten
+@pytest.mark.slow
 def test_deleting_the_checkpoint_does_not_retrain_over_finished_outputs(data_root, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path)
     out = run_pretrain(cfg)
@@ -177,6 +178,7 @@ def test_deleting_the_checkpoint_does_not_retrain_over_finished_outputs(data_roo
     assert (out / "checkpoint.pt").is_file()
 
 
+@pytest.mark.slow
 def test_finetune_keeps_a_finished_model_too(data_root, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path)
     out = run_finetune(cfg)
@@ -187,6 +189,7 @@ def test_finetune_keeps_a_finished_model_too(data_root, tmp_path):
     assert (out / "model.pt").read_bytes() == model
 
 
+@pytest.mark.slow
 def test_cli_force_flag(data_root, tmp_path, capsys):
     args = tiny_args(data_root, tmp_path)
     main(["pretrain", *args])
@@ -198,6 +201,7 @@ def test_cli_force_flag(data_root, tmp_path, capsys):
     assert (tmp_path / "pretrain" / "checkpoint.pt").is_file()
 
 
+@pytest.mark.slow
 def test_a_dvc_rerun_starts_afresh_after_the_resume_state_was_dropped(data_root, tmp_path):
     """The DVC stage's sequence: run, drop the resume state (finished run: done.json stays, so a later
     run outside DVC is refused as above); on the next `dvc repro` DVC removes the declared outputs and
@@ -216,6 +220,7 @@ def test_a_dvc_rerun_starts_afresh_after_the_resume_state_was_dropped(data_root,
 
 
 # ============================================================================ 4. kill -9 during the last save
+@pytest.mark.slow
 def test_kill_during_the_last_save_is_repaired_on_resume(data_root, tmp_path):
     """The child dies (SIGKILL) between writing the final checkpoint and exporting backbone.pt,
     leaving the previous epoch's backbone.pt and a temporary file behind."""
@@ -251,6 +256,7 @@ def test_kill_during_the_last_save_is_repaired_on_resume(data_root, tmp_path):
     assert (out / "done.json").is_file()
 
 
+@pytest.mark.slow
 def test_an_export_changed_after_the_run_is_rederived(data_root, tmp_path):
     cfg = tiny_cfg(data_root, tmp_path)
     out = run_finetune(cfg, max_steps=2)
@@ -323,6 +329,7 @@ def test_a_second_run_in_the_same_folder_is_refused(data_root, tmp_path):
     assert not (tmp_path / "pretrain" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_stale_lock_from_a_dead_process_is_taken_over(data_root, tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "pretrain").mkdir(parents=True)
@@ -415,6 +422,7 @@ def test_garbage_checkpoint_never_suggests_weights_only_false(tmp_path, payload)
         assert str(path) in msg and "not a valid checkpoint" in msg and "weights_only" not in msg
 
 
+@pytest.mark.slow
 def test_corrupt_offline_backbone_cache_is_rebuilt(tmp_path, monkeypatch):
     from apmask_lib.weights.dinov2_onnx import CACHE_NAME, load_offline_dinov2
 
@@ -457,6 +465,7 @@ def test_atomic_files_respect_the_umask(tmp_path, umask, mode):
     assert (tmp_path / "b.pt").stat().st_mode & 0o777 == mode
 
 
+@pytest.mark.slow
 def test_nan_loss_is_one_line_naming_step_terms_and_checkpoint(data_root, tmp_path, monkeypatch, capsys):
     import apmask_lib.finetune.stage as ft
     from apmask_lib.finetune.losses import finetune_loss

@@ -121,6 +121,7 @@ def test_real_bottle_counts_and_masks(mvtec_root):
     assert orig[0].shape == ds.image(bad[0]).shape[:2]
 
 
+@pytest.mark.slow
 def test_real_bottle_verifies(mvtec_root, tmp_path):
     """Every real image and mask decodes and fits its image (the check raises otherwise); the cached
     check decodes each sample once, and on the next run takes them all from the cache."""

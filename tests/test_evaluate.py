@@ -62,6 +62,7 @@ def test_per_defect_auroc_and_json_safety():
 
 
 # --- run_evaluate with a model whose maps we know ---------------------------------------------
+@pytest.mark.slow
 def test_known_maps_give_known_metrics(tmp_path, mvtec_root):
     """Constant maps: every pixel tied -> pixel AUROC 0.5 and AU-PRO(0.3) = 0.15 exactly; the image
     metrics must equal those recomputed from scores.csv. An NIH-style anomalous image without pixel
@@ -107,6 +108,7 @@ def make_detector(cfg: Config) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_end_to_end_on_real_bottle_images(tmp_path, mvtec_root):
     cfg = micro_cfg(tmp_path, mvtec_root)
     with warnings.catch_warnings():

@@ -51,6 +51,7 @@ def _batch(images: list[np.ndarray], size: int) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
 
 
+@pytest.mark.slow
 def test_onnx_agrees_with_pytorch_on_real_images(model_path, images, tmp_path):
     from apmask_lib.weights import load_detector
 
@@ -78,6 +79,7 @@ def test_onnx_agrees_with_pytorch_on_real_images(model_path, images, tmp_path):
         assert np.abs(up - res.maps[k]).mean() < 0.005
 
 
+@pytest.mark.slow
 def test_torchscript_agrees_and_threshold_travels(model_path, images, tmp_path):
     run = tmp_path / "run"
     (run / "finetune").mkdir(parents=True)
@@ -101,6 +103,7 @@ def test_torchscript_agrees_and_threshold_travels(model_path, images, tmp_path):
         export_detector(model, out, "torchscript", scales=SCALES)
 
 
+@pytest.mark.slow
 def test_export_refuses_bad_input(model_path, tmp_path):
     with pytest.raises(ValueError, match="onnx, torchscript"):
         export_detector(model_path, tmp_path / "x.bin", "tflite")

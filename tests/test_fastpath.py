@@ -58,6 +58,7 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("mask", ["apmask", "none"])
+@pytest.mark.slow
 def test_batched_step_equals_view_by_view_reference(mask):
     cfg, student, teacher, views = tiny_setup(mask)
     fast = P.pretrain_loss(student, teacher, views, cfg.pretrain, torch.Generator())
@@ -74,6 +75,7 @@ def test_batched_step_equals_view_by_view_reference(mask):
     assert worst < 1e-4, worst
 
 
+@pytest.mark.slow
 def test_reference_is_sensitive_to_which_tokens_are_dropped():
     """Guard for the test above: keeping the LEAST attended tokens instead changes the loss."""
     cfg, student, teacher, views = tiny_setup("apmask")
@@ -93,6 +95,7 @@ def test_reference_is_sensitive_to_which_tokens_are_dropped():
 
 
 @pytest.mark.parametrize("mode", ["aot_eager"])
+@pytest.mark.slow
 def test_compiled_blocks_give_the_same_loss_and_gradients(mode):
     cfg, student, teacher, views = tiny_setup("apmask")
     eager = P.pretrain_loss(student, teacher, views, cfg.pretrain, torch.Generator())
@@ -111,6 +114,7 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(mode):
     assert all(torch.allclose(g_eager[k], g_comp[k], rtol=1e-4, atol=1e-6) for k in g_eager)
 
 
+@pytest.mark.slow
 def test_compile_mode_is_checked():
     cfg, student, _, _ = tiny_setup("none")
     assert "reduce-overhead" in COMPILE_MODES
@@ -118,6 +122,7 @@ def test_compile_mode_is_checked():
         compile_blocks(student.backbone, "fastest")
 
 
+@pytest.mark.slow
 def test_run_pretrain_compiled_matches_eager(mvtec_root, tmp_path):
     """Two real steps through the training loop with compiled blocks log the same losses and write
     checkpoints with the same keys as the eager loop."""

@@ -139,6 +139,7 @@ def test_roc_names_run(tmp_path, saved):
     assert any("AUROC = 0.7000" in t for t in texts(saved[-1]))
 
 
+@pytest.mark.slow
 def test_tsne_caption_legend_and_run(tmp_path, saved):
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(12, 8)).astype(np.float32)
@@ -155,6 +156,7 @@ def test_tsne_caption_legend_and_run(tmp_path, saved):
         assert words in caption, f"{words!r} missing from the t-SNE caption"
 
 
+@pytest.mark.slow
 def test_tsne_from_run_reads_the_run(tmp_path, monkeypatch, saved):
     monkeypatch.chdir(tmp_path)
     run = Path("runs/demo/brick/s0")
@@ -170,6 +172,7 @@ def test_tsne_from_run_reads_the_run(tmp_path, monkeypatch, saved):
     assert "160 px" in " ".join(texts(saved[-1])).replace("\n", " ")
 
 
+@pytest.mark.slow
 def test_attention_panel_and_synthetic_grid(tmp_path, saved):
     bb = _tiny_vit(0)
     ims = _images(2)
@@ -188,6 +191,7 @@ def test_attention_panel_and_synthetic_grid(tmp_path, saved):
     assert not colorbars(saved[-1])
 
 
+@pytest.mark.slow
 def test_backbone_attention(tmp_path, saved):
     bbs = {"random": _tiny_vit(0), f"file:{tmp_path}/b.pt": _tiny_vit(1)}
     viz_backbone.fig_backbone_attention(_images(2), bbs, tmp_path / "b.png", size=64,
@@ -216,6 +220,7 @@ def test_training_curves_name_run(tmp_path, monkeypatch):
     assert_names_run(curves.finetune_curves(run), label, tmp=tmp_path)
 
 
+@pytest.mark.slow
 def test_evaluation_figures_name_run_per_method(tmp_path, saved):
     """write_figures (the evaluation's figures, moved out of evaluate.py): Fig. 4a for the paper
     method and each extension method with its own colourbar label, ROC and t-SNE, all naming the run."""

@@ -77,6 +77,7 @@ def test_finetune_loss_weights():
 
 # ----------------------------------------------------------------------------- detector
 @pytest.mark.parametrize("seg_maps", ["heads", "heads_full", "tokens"])
+@pytest.mark.slow
 def test_detector_shapes_and_gradients(seg_maps):
     torch.manual_seed(0)
     model = AnomalyDetector(_tiny(), hidden_dim=64, bottleneck_dim=32, seg_maps=seg_maps)
@@ -94,6 +95,7 @@ def test_detector_shapes_and_gradients(seg_maps):
 
 
 @pytest.mark.parametrize("seg_maps", ["heads", "heads_full"])
+@pytest.mark.slow
 def test_detector_under_bf16_autocast(seg_maps):
     """The CUDA path trains under bf16 autocast: outputs and losses come back float32 and finite
     (checked here with CPU autocast)."""
@@ -141,6 +143,7 @@ def test_save_load_roundtrip(tmp_path):
 
 
 # ----------------------------------------------------------------------------- batches
+@pytest.mark.slow
 def test_batches_do_not_depend_on_workers(bottle):
     from apmask_lib.finetune.stage import SyntheticBatches, batch_loader
 
@@ -160,6 +163,7 @@ def test_batches_do_not_depend_on_workers(bottle):
 
 
 # ----------------------------------------------------------------------------- the run
+@pytest.mark.slow
 def test_finetune_steps_lower_the_loss_on_real_images(bottle, offline_backbone):
     """Ten steps of the training step on one batch of real bottle images with attention-guided
     anomalies (real offline backbone, 84 px): the loss, and the Dice loss above all, drop."""
@@ -193,6 +197,7 @@ def test_finetune_steps_lower_the_loss_on_real_images(bottle, offline_backbone):
     assert after[2] < before[2] - 0.2
 
 
+@pytest.mark.slow
 def test_run_writes_logs_and_model(tmp_path, bottle):
     from apmask_lib.finetune.stage import run_finetune
 
@@ -213,6 +218,7 @@ def test_run_writes_logs_and_model(tmp_path, bottle):
     assert o.seg_logits.shape == (1, 64, 64)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_finished_runs_are_kept(tmp_path, bottle):
     from apmask_lib.finetune.stage import run_finetune
     from apmask_lib.core.files import load_checkpoint
@@ -241,6 +247,7 @@ def test_resume_is_exact_and_finished_runs_are_kept(tmp_path, bottle):
 
 
 @pytest.mark.parametrize("kind", ["nsa", "scar"])
+@pytest.mark.slow
 def test_baseline_kinds_train(tmp_path, bottle, kind):
     from apmask_lib.finetune.stage import run_finetune
 
@@ -267,6 +274,7 @@ def test_pretrained_backbone_file_is_used(tmp_path, bottle):
     assert all(torch.equal(a, b) for a, b in zip(bb.state_dict().values(), got.state_dict().values()))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_error(tmp_path, bottle, monkeypatch):
     import apmask_lib.finetune.stage as ft
 
@@ -281,6 +289,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, bottle, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- figures
+@pytest.mark.slow
 def test_figures_are_written(tmp_path, bottle):
     from apmask_lib.viz.synthetic import fig_attention_panel, fig_synthetic_grid
 
@@ -296,6 +305,7 @@ def test_figures_are_written(tmp_path, bottle):
         fig_synthetic_grid(images, ["attention"], tmp_path / "x.png", run="mvtec / bottle / seed 0")
 
 
+@pytest.mark.slow
 def test_compiled_blocks_train_like_eager(tmp_path, bottle):
     """finetune.compile (apmask_lib/core/fastpath.py) changes how the blocks run, not what they compute:
     the same losses are logged and model.pt has the same keys and (to float tolerance) values."""

@@ -108,6 +108,7 @@ def bottle(mvtec_root):
     return build_dataset("mvtec", mvtec_root, "bottle")
 
 
+@pytest.mark.slow
 def test_frozen_backbone_keeps_its_weights_and_the_heads_learn(tmp_path, bottle):
     cfg = _cfg(tmp_path, backbone_lr_scale=0.0)
     fdir = run_finetune(cfg, bottle, progress=False)
@@ -121,6 +122,7 @@ def test_frozen_backbone_keeps_its_weights_and_the_heads_learn(tmp_path, bottle)
     assert not torch.equal(trained.det_out.weight, fresh.det_out.weight)
 
 
+@pytest.mark.slow
 def test_weight_average_is_exported_and_resumes_exactly(tmp_path, bottle):
     whole = run_finetune(_cfg(tmp_path / "whole", ema=0.8), bottle, progress=False)
     part = _cfg(tmp_path / "part", ema=0.8)

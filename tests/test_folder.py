@@ -94,6 +94,7 @@ def test_mvtec_reader_accepts_an_unknown_category_with_a_warning(tmp_path, mvtec
         build_dataset("mvtec", tmp_path / "mv", "botle")  # no such folder: still an error with a hint
 
 
+@pytest.mark.slow
 def test_fit_evaluate_predict_export_end_to_end(widget, tmp_path, capsys):
     """The README's 'Your own images' commands, tiny settings (random tiny ViT, 64 px, 1 + 1 epochs).
     33-191 s measured on the shared 2-core CPU, depending on its load (no wall-clock assertion)."""

@@ -39,6 +39,7 @@ def test_distances_agree_with_sklearn(k):
     np.testing.assert_allclose(got.reshape(-1).numpy(), dist.mean(axis=1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_chunking_gives_identical_results():
     g = torch.Generator().manual_seed(1)
     bank, q = unit(torch.randn(500, 32, generator=g)), unit(torch.randn(61, 32, generator=g))
@@ -49,6 +50,7 @@ def test_chunking_gives_identical_results():
     assert (whole[:, 1:] >= whole[:, :-1]).all()  # ascending
 
 
+@pytest.mark.slow
 def test_exact_search_agrees_with_a_brute_force_reference_for_any_chunking():
     """k = 1 (row-maximum pass) and k = 5 (running top-k) against the full similarity matrix, with
     chunk sizes that do not divide the query / bank counts and the defaults."""
@@ -67,6 +69,7 @@ def test_exact_search_agrees_with_a_brute_force_reference_for_any_chunking():
         knn.knn_distances(q, bank[:, :5])
 
 
+@pytest.mark.slow
 def test_bf16_search_returns_exact_distances_of_the_neighbours_it_chooses():
     """search="bf16": each value is the fp32 distance to a real bank row, never below the exact k-th
     distance, equal to it where the bf16 ranking agrees (here: most queries; off by at most the bf16
@@ -101,6 +104,7 @@ def test_identical_patch_scores_zero_and_bank_rows_are_normalised():
     assert one.score(-raw[:1]).item() == pytest.approx(2.0, abs=1e-6)  # opposite direction: distance 2
 
 
+@pytest.mark.slow
 def test_coreset_keeps_requested_count_and_greedy_covers_clusters():
     g = torch.Generator().manual_seed(3)
     centers = unit(torch.randn(5, 64, generator=g)) * 10
@@ -195,6 +199,7 @@ def grey_texture(h: int, w: int, seed: int) -> np.ndarray:
     return np.repeat(g[:, :, None], 3, axis=2)
 
 
+@pytest.mark.slow
 def test_non_square_grey_images_at_their_own_aspect_ratio():
     """aspect="keep": images of different non-square sizes in one batch, each on its own grid, maps at
     the stored sizes; a square image gives exactly the square mode's result; features() refuses a
@@ -223,6 +228,7 @@ def test_non_square_grey_images_at_their_own_aspect_ratio():
     assert one_keep.scores[0] == one_sq.scores[0]
 
 
+@pytest.mark.slow
 def test_bf16_features_on_cpu_use_one_shared_bf16_copy(offline_backbone):
     """feature_bf16=True on the CPU: features from a bf16 copy of the backbone (made once, shared by
     every scorer of that backbone, the original left in fp32), within bf16 rounding of the fp32 ones
@@ -263,6 +269,7 @@ def test_bf16_options_warn_where_they_would_be_slower(monkeypatch, caplog):
     assert machine.bf16_slow_reason() is None
 
 
+@pytest.mark.slow
 def test_non_square_grey_defect_is_localised(offline_backbone):
     """A bright blob on a non-square grey texture is found at its place with aspect="keep" (real
     offline ViT-S/14, block 7, 112 px)."""
@@ -277,6 +284,7 @@ def test_non_square_grey_defect_is_localised(offline_backbone):
 
 
 # --- real data -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_real_bottle_knn_detects_defects(mvtec_root, offline_backbone):
     """AnomalyDINO read-out on real MVTec bottle, offline ViT-S/14 block 7 at 224 px, a bank from 20
     training images, 10 good + 10 defective test images (measured: AUROC 1.0)."""
@@ -306,6 +314,7 @@ PAPER_KEYS = ("image_auroc", "image_auroc_det_mean", "image_auroc_map_max", "per
               "pixel_auroc", "au_pro", "pixel_f1_max", "vote_accuracy", "n_images", "n_pixel_gt_images")
 
 
+@pytest.mark.slow
 def test_evaluate_extension_adds_knn_and_keeps_the_paper_method(tmp_path, mvtec_root):
     ds = build_dataset("mvtec", mvtec_root, "bottle")
     with warnings.catch_warnings():
@@ -343,6 +352,7 @@ def test_evaluate_extension_adds_knn_and_keeps_the_paper_method(tmp_path, mvtec_
     assert "score_knn" not in off_cols
 
 
+@pytest.mark.slow
 def test_evaluate_extension_with_the_finetuned_backbone(tmp_path, mvtec_root):
     """The real (briefly) fine-tuned detector, kNN on its own backbone, fusion 'knn' only."""
     from test_evaluate import make_detector
@@ -367,6 +377,7 @@ def test_bad_extension_settings_are_clear_errors(tmp_path, mvtec_root):
             run_evaluate(replace(micro_cfg(tmp_path, mvtec_root), evaluate={"knn_layer": 1, **bad}), model=ConstantMap())
 
 
+@pytest.mark.slow
 def test_evaluate_extension_at_the_images_own_aspect_ratio(tmp_path, mvtec_root):
     """evaluate.knn_aspect=keep: a folder data set of grey non-square images of several sizes runs
     through the extension with fusion (bank features grouped by input shape, held-out images scored

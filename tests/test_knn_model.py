@@ -33,6 +33,7 @@ def bottle_images(mvtec_root) -> dict[str, list[np.ndarray]]:
             "test": [read_image(b / "test" / d / "000.png") for d in ("good", "broken_large", "contamination")]}
 
 
+@pytest.mark.slow
 def test_model_equals_the_extension_read_out(bottle_images, offline_backbone, tmp_path):
     """Offline ViT-S/14, block 7, sizes 112 and 168: the saved and reloaded model, run by
     predict_multiscale as evaluate/predict run it, gives the extension's kNN scores and maps / 2."""
@@ -80,6 +81,7 @@ def test_bad_model_files_are_refused(tmp_path):
         load_knn_model(tmp_path / "other.pt")
 
 
+@pytest.mark.slow
 def test_bf16_settings_are_saved_and_used_and_export_stays_exact(tmp_path):
     """features / search = bf16: stored in the file, read back, used in eager forward passes (within
     bf16 rounding of the fp32 model's output), while the traced forward (export) is the exact fp32 one."""
@@ -131,6 +133,7 @@ def widget(tmp_path, mvtec_root) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_fit_knn_evaluate_predict_export_end_to_end(widget, tmp_path, capsys):
     """The README's commands with ``--method knn`` (tiny random ViT, block 2, sizes 64 + 96)."""
     from apmask_lib.deploy.export import MultiScaleDetector, run_onnx

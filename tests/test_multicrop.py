@@ -64,6 +64,7 @@ def test_random_resized_crop_boxes_follow_torchvision_rules():
     assert fb.tolist() == [493.0, 0.0, 506.0, 10.0]  # h = 10, w = round(10 * 4/3), centred
 
 
+@pytest.mark.slow
 def test_multicrop_views_shapes_range_and_determinism():
     imgs = torch.randint(0, 256, (3, 3, 80, 90), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     sizes = torch.tensor([[80, 90], [80, 90], [70, 60]])

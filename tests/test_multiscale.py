@@ -98,6 +98,7 @@ def test_patch_size_lookup():
         model_patch_size(NoPatch())
 
 
+@pytest.mark.slow
 def test_real_detector_multiscale_shapes():
     """The real AnomalyDetector (tiny random backbone) through the multi-scale path."""
     from apmask_lib.weights import build_backbone

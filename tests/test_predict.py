@@ -45,6 +45,7 @@ def folder(tmp_path, mvtec_root) -> Path:
     return d
 
 
+@pytest.mark.slow
 def test_folder_with_a_corrupt_file(folder, model_path, tmp_path, caplog):
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="apmask_lib.deploy.predict"), pytest.warns(UserWarning, match="no threshold.json"):
@@ -70,6 +71,7 @@ def test_folder_with_a_corrupt_file(folder, model_path, tmp_path, caplog):
     assert csv_rows[2]["status"] == "error" and csv_rows[2]["error"]
 
 
+@pytest.mark.slow
 def test_explicit_paths_missing_file_and_repeated_stems(folder, model_path, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
@@ -104,6 +106,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_non_empty_output_folder_is_refused_without_force(folder, model_path, tmp_path):
     out = tmp_path / "out"
     predict(model_path, folder / "a_good.png", out, scales=(224,), device="cpu", threshold=0.5)
@@ -132,6 +135,7 @@ def _huge_grey_png(dst: Path, width: int, height: int) -> None:
                     + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
 
 
+@pytest.mark.slow
 def test_huge_image_is_refused_per_image_and_the_rest_processed(folder, model_path, tmp_path):
     _huge_grey_png(tmp_path / "small.png", 40, 30)
     assert cv2.imread(str(tmp_path / "small.png")).shape == (30, 40, 3)  # the writer makes real PNGs
@@ -147,6 +151,7 @@ def test_huge_image_is_refused_per_image_and_the_rest_processed(folder, model_pa
     assert rows[0]["status"] == "error" and "512x512" in rows[0]["error"]
 
 
+@pytest.mark.slow
 def test_csv_is_written_incrementally(folder, model_path, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = predict_module.predict_multiscale
@@ -165,6 +170,7 @@ def test_csv_is_written_incrementally(folder, model_path, tmp_path, monkeypatch)
     assert [Path(r["path"]).name for r in done] == ["a_good.png"] and done[0]["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_threshold_json_from_evaluate_decides(folder, model_path, tmp_path):
     run = tmp_path / "run"
     (run / "finetune").mkdir(parents=True)
@@ -184,6 +190,7 @@ def test_threshold_json_from_evaluate_decides(folder, model_path, tmp_path):
     assert f"{info['n_anomalous']} anomalous" in info["summary"]
 
 
+@pytest.mark.slow
 def test_nan_detector_is_refused_by_predict_and_evaluate_alike(mvtec_root, folder, tmp_path):
     from apmask_lib.config import Config
     from apmask_lib.data import build_dataset

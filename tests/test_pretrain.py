@@ -44,6 +44,7 @@ def states_equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_real_bottle_images(mvtec_root, tmp_path):
     """20 steps on 8 real bottle images at a constant, higher LR (1e-3, no warm-up), batch 8:
     the mean of the last 4 losses is clearly below the first 4 (checked over seeds 0-5:
@@ -75,6 +76,7 @@ def runs(mvtec_root, tmp_path_factory):
     return outs
 
 
+@pytest.mark.slow
 def test_files_written(runs):
     cfg, out = runs["A"]
     for f in ("checkpoint.pt", "backbone.pt", "log.csv", "log.jsonl", "config.json"):
@@ -95,6 +97,7 @@ def test_files_written(runs):
     assert ck["done"] and ck["step"] == 6
 
 
+@pytest.mark.slow
 def test_resume_is_exact(runs):
     (_, a), (_, b) = runs["A"], runs["B"]
     ca, cb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
@@ -108,6 +111,7 @@ def test_resume_is_exact(runs):
     assert ja == jb
 
 
+@pytest.mark.slow
 def test_fixed_seed_same_result(runs, mvtec_root, tmp_path):
     (_, a), (_, c) = runs["A"], runs["C"]
     assert states_equal(load_checkpoint(a / "checkpoint.pt")["teacher"], load_checkpoint(c / "checkpoint.pt")["teacher"])
@@ -117,6 +121,7 @@ def test_fixed_seed_same_result(runs, mvtec_root, tmp_path):
     assert [r["loss"] for r in read_log(out)] != [r["loss"] for r in read_log(a)][:2]
 
 
+@pytest.mark.slow
 def test_backbone_file_is_the_ema_teacher(runs):
     _, out = runs["A"]
     teacher = load_checkpoint(out / "checkpoint.pt")["teacher"]
@@ -128,6 +133,7 @@ def test_backbone_file_is_the_ema_teacher(runs):
     assert bb.embed_dim == 96 and bb.patch_size == 16
 
 
+@pytest.mark.slow
 def test_finished_run_returns_early(runs):
     cfg, out = runs["A"]
     before = (out / "checkpoint.pt").stat().st_mtime_ns, (out / "backbone.pt").stat().st_mtime_ns
@@ -137,6 +143,7 @@ def test_finished_run_returns_early(runs):
     assert ((out / "checkpoint.pt").stat().st_mtime_ns, (out / "backbone.pt").stat().st_mtime_ns) == before
 
 
+@pytest.mark.slow
 def test_resume_with_other_config_is_refused(runs):
     cfg, _ = runs["A"]
     other = replace(cfg, pretrain={"mask_ratio": 0.5})
@@ -146,6 +153,7 @@ def test_resume_with_other_config_is_refused(runs):
     assert P.run_pretrain(replace(cfg, pretrain={"log_every": 7, "num_workers": 1}), progress=False) == runs["A"][1]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_without_touching_the_checkpoint(mvtec_root, tmp_path, monkeypatch):
     cfg = make_cfg(mvtec_root, tmp_path, log_every=1)
     real, calls = P.swapped_prediction_loss, []
@@ -162,6 +170,7 @@ def test_nan_loss_stops_without_touching_the_checkpoint(mvtec_root, tmp_path, mo
     assert ck["step"] == 2 and all(torch.isfinite(v).all() for v in ck["student"].values())
 
 
+@pytest.mark.slow
 def test_masking_scores_come_from_the_teacher_on_the_student_views(mvtec_root):
     cfg = make_cfg(mvtec_root, "unused")
     torch.manual_seed(0)
@@ -195,6 +204,7 @@ def test_param_groups_skip_decay_on_biases_norms_tokens_prototypes():
     assert no_decay["weight_decay"] == 0.0 and len(d) + len(nd) == len(names)
 
 
+@pytest.mark.slow
 def test_single_process_runs_without_a_process_group(mvtec_root, tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     P.run_pretrain(make_cfg(mvtec_root, tmp_path), max_steps=1, progress=False)
@@ -216,6 +226,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(mvtec_root, tmp_path):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(mvtec_root), str(tmp_path)), nprocs=2, join=True)
     out = tmp_path / "pretrain"
@@ -227,6 +238,7 @@ def test_ddp_two_processes_gloo(mvtec_root, tmp_path):
 
 @pytest.mark.parametrize("mask,teacher_view", [("random", "second"), ("block", "second"), ("none", "second"),
                                                ("apmask", "same")])
+@pytest.mark.slow
 def test_variants_run(mvtec_root, tmp_path, mask, teacher_view):
     out = P.run_pretrain(make_cfg(mvtec_root, tmp_path, mask=mask, teacher_view=teacher_view), max_steps=2,
                          progress=False)
@@ -246,6 +258,7 @@ def test_lr_scaling_absolute_or_dino_linear_rule():
         replace(Config(), pretrain={"lr_scaling": "sqrt"})
 
 
+@pytest.mark.slow
 def test_linear_lr_reading_is_what_the_run_logs(mvtec_root, tmp_path):
     cfg = make_cfg(mvtec_root, tmp_path, lr_scaling="linear", lr=0.0256, start_lr=1e-6, warmup_epochs=1)
     P.run_pretrain(cfg, max_steps=2, progress=False)

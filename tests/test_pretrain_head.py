@@ -73,6 +73,7 @@ def test_batchnorm_head_removes_the_common_component_in_train_and_eval():
     assert torch.equal(bn(x), a)  # no running statistics: eval = train
 
 
+@pytest.mark.slow
 def test_batchnorm_head_trains_and_refuses_a_batch_of_one():
     torch.manual_seed(0)
     head = SwAVHead(32, 64, 16, 5, norm="batchnorm")
@@ -99,6 +100,7 @@ def test_head_norm_is_a_checked_config_choice(tmp_path):
     assert load_params(p).pretrain.head_norm == "batchnorm"
 
 
+@pytest.mark.slow
 def test_pretraining_with_the_batchnorm_head(mvtec_root, tmp_path):
     """A short run on real bottle images: finite losses; the teacher's BN parameters are the EMA of the
     student's (they are parameters, and there are no running buffers to go stale)."""
@@ -112,6 +114,7 @@ def test_pretraining_with_the_batchnorm_head(mvtec_root, tmp_path):
     assert (t - 1).abs().max() < (s - 1).abs().max()  # the teacher lags behind the student
 
 
+@pytest.mark.slow
 def test_frozen_prototypes_do_not_move_for_n_steps_then_do(mvtec_root, tmp_path):
     """freeze_prototypes_iters=2: after 2 steps the student's and the teacher's prototypes are bit-identical
     to their initial values while the rest of the head has moved; after 2 more steps they have moved."""

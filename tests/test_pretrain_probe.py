@@ -26,6 +26,7 @@ def test_config_per_reading_covers_the_steps():
     assert cfg.pretrain.lr_scaling == "linear" and cfg.pretrain.global_size == 112 and cfg.pretrain.batch_size == 8
 
 
+@pytest.mark.slow
 def test_probe_run_rows_and_report(mvtec_root, tmp_path, monkeypatch):
     monkeypatch.setitem(common.DATA_ROOTS, "mvtec", str(mvtec_root))
     for name in ("JSON", "MD", "PNG"):

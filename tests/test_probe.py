@@ -9,6 +9,7 @@ from apmask_lib.evaluate.probe import METRICS, READOUTS, probe_backbone
 pytestmark = pytest.mark.filterwarnings("ignore:backbone .random")
 
 
+@pytest.mark.slow
 def test_probe_gives_every_readout_and_metric(mvtec_root, tmp_path):
     cfg = replace(Config(), backbone="random:vit_tiny16", device="cpu", out_dir=str(tmp_path),
                   data={"dataset": "mvtec", "root": str(mvtec_root), "category": "bottle", "image_size": 64,

@@ -141,6 +141,7 @@ def test_multicrop_draws_are_unchanged():
     assert v.local_flip.shape == (6,) and v.local_flip.dtype == torch.bool and torch.equal(v.sizes, sizes)
 
 
+@pytest.mark.slow
 def test_default_is_view_and_gives_the_same_loss_as_without_the_field():
     assert Config().pretrain.rank_source == "view" and load_params("params.yaml").pretrain.rank_source == "view"
     cfg, student, teacher, views = tiny_setup(mask="apmask")
@@ -153,6 +154,7 @@ def test_default_is_view_and_gives_the_same_loss_as_without_the_field():
     assert not torch.equal(a, c)  # the option does change what is dropped
 
 
+@pytest.mark.slow
 def test_config_validation_and_resume_fingerprint():
     with pytest.raises(ValueError, match="rank_source must be one of view, image, got 'views'"):
         load_params(None, ["pretrain.rank_source=views"])
@@ -180,6 +182,7 @@ def _record_teacher_passes(teacher):
 
 
 @pytest.mark.parametrize("teacher_view", ["second", "same"])
+@pytest.mark.slow
 def test_image_ranking_is_one_teacher_pass_at_the_global_size(teacher_view):
     _, _, teacher, views = tiny_setup(teacher_view)
     calls = _record_teacher_passes(teacher)
@@ -200,6 +203,7 @@ def test_image_ranking_is_one_teacher_pass_at_the_global_size(teacher_view):
         assert torch.equal(groups[0][1], g_view[0][1])
 
 
+@pytest.mark.slow
 def test_image_ranking_reads_the_whole_image_attention():
     """The keep indices are keep_indices() of the teacher's attention on views.whole_image(),
     resampled onto the recorded boxes (an independent re-statement of the pipeline)."""
@@ -216,6 +220,7 @@ def test_image_ranking_reads_the_whole_image_attention():
 
 # ----------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("teacher_view", ["second", "same"])
+@pytest.mark.slow
 def test_run_pretrain_with_image_ranking(mvtec_root, tmp_path, teacher_view):
     cfg = replace(Config(), seed=0, backbone="random:vit_tiny16", device="cpu", out_dir=str(tmp_path),
                   data={"dataset": "mvtec", "root": str(mvtec_root), "category": "bottle", "max_train": 8},

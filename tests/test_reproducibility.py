@@ -102,6 +102,7 @@ def test_equal_checkpoints_are_equal_files(tmp_path):
 
 
 @pytest.mark.parametrize("numerics", ["pinned", "compatible"])
+@pytest.mark.slow
 def test_mkl_runs_the_branch_the_mode_asks_for_where_it_can(numerics):
     """MKL reports the code path of each GEMM (``MKL_VERBOSE``). ``compatible`` asks for MKL_CBWR=COMPATIBLE,
     which MKL honours on every x86 CPU; ``pinned`` asks for AVX2, which MKL honours on Intel CPUs only and

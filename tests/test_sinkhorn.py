@@ -40,6 +40,7 @@ def test_matches_swav_reference(scores):
                                    rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_marginals(scores):
     B, K = scores.shape
     q = sinkhorn(scores, eps=0.05, iters=3)
@@ -130,6 +131,7 @@ def _worker(rank: int, world: int, init_file: str, scores: torch.Tensor, out_dir
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_matches_concatenated_batch(scores, tmp_path):
     init = tempfile.mktemp(dir=tmp_path)
     mp.spawn(_worker, args=(2, init, scores, str(tmp_path)), nprocs=2, join=True)
@@ -145,6 +147,7 @@ def test_queue_absent_is_exactly_plain_sinkhorn(scores):
     assert torch.equal(sinkhorn_with_queue(scores, scores[:0], eps=0.05, iters=3), ref)
 
 
+@pytest.mark.slow
 def test_queue_codes_are_the_batch_rows_of_the_joint_plan(scores):
     """Batch rows of the plan over batch + queue: rows sum to 1/(B+L); every prototype's column over
     all B + L rows to 1/K (many iterations); equal to SwAV's cat(queue, batch) ordering, rows [-B:]."""
@@ -192,6 +195,7 @@ def test_push_queue_is_fifo_newest_first():
         push_queue(q, torch.ones(1, 3), 5)
 
 
+@pytest.mark.slow
 def test_pretrain_loss_queue_zero_is_today_and_queue_fills():
     """pretrain_loss: queue_length 0 leaves no queue state; with L > 0 the first step (empty queue)
     gives exactly the loss without a queue, the queue then holds the teacher's projections (newest

@@ -49,6 +49,7 @@ def test_progress_line_format():
     assert training.progress_line("finetune", 1, 2, 0.5, 1.0, 3725).endswith("ETA 1:02:05")
 
 
+@pytest.mark.slow
 def test_one_line_per_epoch_and_no_bars_when_not_a_terminal(mvtec_root, tmp_path, capsys):
     """Under DVC/CI (stderr not a TTY) each stage prints one line per epoch and no tqdm bar text."""
     from apmask_lib.finetune.stage import run_finetune
