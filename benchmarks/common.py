@@ -72,6 +72,40 @@ def schedule_config(args, dataset: str, category: str, seed: int, out_dir: Path)
                              "warmup_epochs": scaled_warmup("finetune", args.finetune_epochs)})
 
 
+def spread_lines(dataset: str, epochs: int, max_train: int, scales: Sequence[int] = (224,), variant: str = "paper",
+                 path: Path | None = None) -> list[str]:
+    """Markdown lines quoting the measured seed spread of the paper method (``results/seed_spread.json``,
+    :mod:`benchmarks.seed_spread`) for one setting, per evaluated epoch, for reports whose rows are single
+    runs; [] when that setting has not been measured. Two single runs differ beyond their spread when
+    the difference exceeds 2·√2·SD (the 2-SE rule of ``seed_spread`` with n = 1 per side)."""
+    import json
+
+    path = path or ROOT / "results" / "seed_spread.json"
+    if not path.is_file():
+        return []
+    rows = [r for r in json.loads(path.read_text())["rows"]
+            if (r["dataset"], r["variant"], r.get("tag", ""), r["epochs"], r["max_train"], list(r["scales"]))
+            == (dataset, variant, "", epochs, max_train, list(scales))]
+    if not rows:
+        return []
+    import numpy as np
+
+    cells = []
+    for at in sorted({r["at"] for r in rows}):
+        vals = {m: [r[m] for r in rows if r["at"] == at and r[m] is not None] for m in METRICS}
+        n = min(len(v) for v in vals.values())
+        if n < 2:
+            continue
+        cells.append(f"epoch {at}: " + " / ".join(f"{np.mean(v):.1f} ± {np.std(v, ddof=1):.1f}" for v in vals.values())
+                     + f" (n = {n})")
+    if not cells:
+        return []
+    return [f"**Seed spread of this setting** (`results/seed_spread.md`: {dataset}, {max_train} training images, "
+            f"{epochs}-epoch schedule, test scales {'+'.join(map(str, scales))}; mean ± SD over seeds of image AUROC / "
+            f"pixel AUROC / AU-PRO): " + "; ".join(cells) + ". A difference between two single runs counts only "
+            "beyond 2·√2·SD of its metric; smaller ones are no finding.", ""]
+
+
 def command(module: str, argv: Sequence[str] | None = None) -> str:
     """The command to record in a report: ``.venv/bin/python -m benchmarks.<module> <args>``, run from
     the project root (``argv``: the arguments, default ``sys.argv[1:]``)."""
@@ -98,4 +132,4 @@ def fmt(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
 
 
 __all__ = ["ROOT", "DATA_ROOTS", "PAPER_EPOCHS", "METRICS", "DATASETS", "ensure_data", "iters_per_epoch", "data_root", "scaled_warmup", "schedule_config",
-           "command", "machine", "versions", "fmt"]
+           "command", "spread_lines", "machine", "versions", "fmt"]

@@ -48,7 +48,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from benchmarks.common import METRICS, iters_per_epoch, scaled_warmup, versions, machine  # noqa: E402
+from benchmarks.common import METRICS, iters_per_epoch, scaled_warmup, spread_lines, versions, machine  # noqa: E402
 
 from apmask_lib.config import load_params  # noqa: E402
 from apmask_lib.core.devices import resolve_device  # noqa: E402
@@ -243,7 +243,7 @@ def report() -> None:
              "Backbone `dinov2-s14-offline` (DINOv2 ViT-S/14 offline) **stands in for the paper's DINO ViT-S/16**. "
              "Metrics in % (image AUROC / pixel AUROC / AU-PRO at FPR ≤ 0.3) on the full bottle test set "
              "(83 images). Each curve is ONE fine-tuning run evaluated at the listed epochs; the schedule "
-             "(warm-up, cosine) is that of the whole run.", ""]
+             "(warm-up, cosine) is that of the whole run.", ""] + spread_lines("bottle", 20, 48)
     for name, c in data["curves"].items():
         s = c["setting"]
         titles = {"dino": "fine-tuned from the backbone, no pre-training (paper's 'DINO' setting)",

@@ -81,3 +81,18 @@ def test_report_lists_settings_comparisons_seeds_and_commands(tmp_path):
     assert "test cpu; python x" in text
     ss.plot(rows, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_spread_lines_quote_the_measured_setting_only(tmp_path):
+    import json
+
+    from benchmarks.common import spread_lines
+
+    path = tmp_path / "s.json"
+    rows = [row(seed=s, metrics=(90.0 + s, 80.0, 70.0), at=at) for s in range(3) for at in (10, 20)]
+    rows.append(row("bb0.1", seed=0, metrics=(1.0, 1.0, 1.0)))
+    path.write_text(json.dumps({"rows": rows}))
+    (line, blank) = spread_lines("bottle", 20, 48, path=path)
+    assert "epoch 10: 91.0 ± 1.0 / 80.0 ± 0.0 / 70.0 ± 0.0 (n = 3); epoch 20: 91.0 ± 1.0" in line and blank == ""
+    assert spread_lines("bottle", 10, 48, path=path) == [] and spread_lines("nih", 20, 48, path=path) == []
+    assert spread_lines("bottle", 20, 48, path=tmp_path / "missing.json") == []
