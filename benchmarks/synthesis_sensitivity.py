@@ -2,7 +2,7 @@
 
 Fine-tuning pastes its synthetic anomalies where the INITIAL backbone's [CLS] attention says
 (``finetune.anomaly = attention``): a categorical draw from the attention map, then a rejection loop
-that retries until a candidate passes its checks (:func:`apmask_lib.anomalies.make_anomaly`). A draw
+that retries until a candidate passes its checks (:func:`apmask_lib.finetune.anomalies.make_anomaly`). A draw
 near a boundary of the cumulative distribution, or a retry that now passes or fails, changes which
 random numbers the rest of the batch consumes. So a change of the weights far below float16
 resolution can change the training data, not just the arithmetic.
@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.common import ROOT, command, data_root, machine, versions
 
-from apmask_lib.files import atomic_write_text
+from apmask_lib.core.files import atomic_write_text
 
 JSON = ROOT / "results" / "synthesis_sensitivity.json"
 MD = ROOT / "results" / "synthesis_sensitivity.md"
@@ -74,8 +74,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
     from apmask_lib.config import load_params, replace
-    from apmask_lib.finetune import build_finetune_state, make_batches
-    from apmask_lib.finetune_data import attention_maps
+    from apmask_lib.finetune.stage import build_finetune_state, make_batches
+    from apmask_lib.finetune.batches import attention_maps
 
     cfg = load_params(ROOT / "params-paper.yaml", [
         "backbone=dinov2-s14-offline", "device=cpu", f"seed={args.seed}", "finetune.init=dinov2-s14-offline",
