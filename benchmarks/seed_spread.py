@@ -327,6 +327,7 @@ def plot(rows: list[dict], path: Path = PNG) -> None:
                 if s[m]["sd"] is not None:
                     ax.errorbar([i + 0.15], [s[m]["mean"]], yerr=[s[m]["sd"]], fmt="o", color="black", capsize=3, ms=3)
             ax.set_xticks(range(len(ss)), [_name(s) for s in ss], rotation=20, fontsize=7)
+            ax.set_xlim(-0.5, len(ss) - 0.5)
             ax.set_title(f"{ds}, epoch {at} of {ep}, scales {'+'.join(map(str, sc))}: {m.replace('_', ' ')}", fontsize=8)
             ax.set_ylabel("%")
             ax.grid(alpha=0.3)
