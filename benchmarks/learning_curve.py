@@ -221,11 +221,13 @@ def save_curve(args, points, times, iters, cfg) -> None:
 
 
 def peer_lines(peers_json: Path = ROOT / "results" / "peers.json", category: str = "bottle") -> list[dict]:
-    """Measured peers (benchmarks/peers.py) for the horizontal lines: name + the three metrics."""
+    """Measured peers (benchmarks/peers.py) for the horizontal lines: name + the three metrics, of the runs on
+    the whole training set (rows with a ``max_train`` cap are other settings)."""
     if not peers_json.is_file():
         return []
     rows = json.loads(peers_json.read_text()).get("rows", [])
-    return [{"name": r["name"], **{k: r.get(k) for k in METRICS}} for r in rows if r.get("category") == category]
+    return [{"name": r["name"], **{k: r.get(k) for k in METRICS}} for r in rows
+            if r.get("category") == category and r.get("max_train") is None]
 
 
 def report() -> None:

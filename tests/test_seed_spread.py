@@ -96,3 +96,16 @@ def test_spread_lines_quote_the_measured_setting_only(tmp_path):
     assert "epoch 10: 91.0 ± 1.0 / 80.0 ± 0.0 / 70.0 ± 0.0 (n = 3); epoch 20: 91.0 ± 1.0" in line and blank == ""
     assert spread_lines("bottle", 10, 48, path=path) == [] and spread_lines("nih", 20, 48, path=path) == []
     assert spread_lines("bottle", 20, 48, path=tmp_path / "missing.json") == []
+
+
+def test_learning_curve_reference_lines_are_the_full_training_set_peers(tmp_path):
+    import json
+
+    from benchmarks.learning_curve import peer_lines
+
+    rows = [{"name": "A", "category": "bottle", "max_train": None, "image_auroc": 1.0},
+            {"name": "A", "category": "bottle", "max_train": 50, "image_auroc": 2.0},
+            {"name": "B", "category": "grass", "max_train": None, "image_auroc": 3.0}]
+    (tmp_path / "p.json").write_text(json.dumps({"rows": rows}))
+    lines = peer_lines(tmp_path / "p.json", "bottle")
+    assert [(p["name"], p["image_auroc"]) for p in lines] == [("A", 1.0)]
