@@ -200,10 +200,9 @@ def render(rows: list[dict]) -> str:
 
 def plot(rows: list[dict]) -> None:
     """Per data set: pixel AUROC of each probe against the step, one line per reading."""
-    import matplotlib
+    from apmask_lib.viz.figure import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sets = [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
     if not sets:
@@ -225,10 +224,7 @@ def plot(rows: list[dict]) -> None:
                  fontsize=8)
     fig.tight_layout()
     PNG.parent.mkdir(parents=True, exist_ok=True)
-    tmp = PNG.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, PNG)
+    save_figure(fig, PNG)
 
 
 def main(argv=None) -> int:

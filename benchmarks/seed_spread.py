@@ -307,10 +307,9 @@ def render(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path = PNG) -> None:
     """Per data set and budget: every seed's image and pixel AUROC per variant (dots), mean ± SD (bar)."""
-    import matplotlib
+    from apmask_lib.viz.figure import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     summary = summarise(rows)
     panels = sorted({(s["dataset"], s["epochs"], s["at"], tuple(s["scales"])) for s in summary},
@@ -335,10 +334,7 @@ def plot(rows: list[dict], path: Path = PNG) -> None:
     fig.suptitle("Seed spread of the paper method (dots: seeds; black: mean ± SD). " + " / ".join(machines), fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
