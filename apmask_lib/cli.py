@@ -9,7 +9,7 @@ One command per step (``apmask COMMAND --help`` shows an example for each):
   predict   score / threshold / anomalous per image + heatmaps of your images
   export    ONNX or TorchScript file for deployment (multi-scale averaging inside)
 
-Also: data, pretrain, finetune, tables, attention-figure, notebook, collect, demo.
+Also: data, pretrain, finetune, tables, attention-figure, notebook, collect, drop-resume-state, demo.
 """
 from __future__ import annotations
 
@@ -276,9 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--no-verify", action="store_true",
                     help="only index; by default every image and mask is decoded once (cached by size/mtime)")
     sp = sub.add_parser("collect", help="copy a run's metrics/plots to results/ for DVC")
-    sp.add_argument("--run", required=True)
-    sp.add_argument("--name", required=True)
-    sp.add_argument("--results", default="results")
+    sp.add_argument("--run", required=True, help="the run folder (OUT_DIR), e.g. runs/demo/brick/s0")
+    sp.add_argument("--name", required=True, help="the run's name in results/ (e.g. brick_s0)")
+    sp.add_argument("--results", default="results", help="the results folder to copy into (default results)")
     sp.add_argument("--stage", action="append", choices=("pretrain", "finetune", "evaluate"),
                     help="collect only this stage's part (repeatable; default: all)")
     sp.set_defaults(fn=cmd_collect)
@@ -317,25 +317,27 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--model", required=True, help="detector checkpoint or kNN model (model.pt)")
     sp.add_argument("--out", required=True, help="output folder; must be empty or absent unless --force")
     sp.add_argument("--threshold", default=None,
-                    help="a number (on det_mean) or a threshold.json (default: the one apmask evaluate wrote "
-                         "for this model: MODEL_DIR/threshold.json or MODEL_DIR/../evaluate/threshold.json)")
+                    help="a number (on the model's image score) or a threshold.json (default: the one apmask "
+                         "evaluate wrote for this model: MODEL_DIR/threshold.json, else MODEL_DIR/../evaluate/"
+                         "threshold.json for a detector, MODEL_DIR/../evaluate_knn/threshold.json for a kNN model)")
     sp.add_argument("--force", action="store_true", help="replace earlier predictions in --out")
     sp.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 64 000 000)")
     sp.add_argument("--batch-size", type=int, default=None, help="images per batch (default evaluate.batch_size)")
-    sp.add_argument("--scales", type=int, nargs="*", default=None)
-    sp.add_argument("--device", default=None)
+    sp.add_argument("--scales", type=int, nargs="*", default=None,
+                    help="test scales of a detector (default evaluate.scales; a kNN model uses its own sizes)")
+    sp.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the config's device, auto)")
     sp.add_argument("inputs", nargs="+", help="image files and/or folders")
-    sp = add("export", cmd_export, "write the detector as ONNX or TorchScript (images (B,3,H,W) in [0,1] -> "
+    sp = add("export", cmd_export, "write the detector or a kNN model as ONNX or TorchScript (images (B,3,H,W) in [0,1] -> "
              "score (B,), map (B,H,W), probs (B,S)); README 'Your own images' runs it with onnxruntime",
              "apmask export --model runs/widget/finetune/model.pt --format onnx --out widget.onnx")
     sp.add_argument("--model", required=True, help="detector checkpoint or kNN model (model.pt)")
-    sp.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    sp.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format (default onnx)")
     sp.add_argument("--out", required=True, help="output file (a .json description is written beside it)")
     sp.add_argument("--threshold", default=None, help="threshold.json to embed (default: the one apmask evaluate wrote)")
     sp.add_argument("--scales", type=int, nargs="*", default=None, help="default: evaluate.scales")
     sp.add_argument("--force", action="store_true", help="replace an existing output file")
     sp = add("tables", cmd_tables, "Tables 1-4 from finished runs")
-    sp.add_argument("--runs", default="runs")
+    sp.add_argument("--runs", default="runs", help="folder holding the finished runs (default runs)")
     sp.add_argument("--out", default="runs/adhoc/tables", help="output folder (the DVC stage writes results/tables)")
     sp = sub.add_parser("notebook", help="run a numbered notebook with papermill (+ HTML report)")
     sp.add_argument("name", help="e.g. 01_pretrain or notebooks/01_pretrain.ipynb")
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="papermill parameter (YAML value), repeatable")
     sp.add_argument("--out", default="runs/adhoc/notebooks",
                     help="folder of the executed copy + HTML (default runs/adhoc/notebooks; the DVC stages pass results/notebooks)")
-    sp.add_argument("--no-html", action="store_true")
+    sp.add_argument("--no-html", action="store_true", help="skip the HTML report of the executed notebook")
     sp.add_argument("--save-as", default=None, help="file name (no suffix) of the executed copy")
     sp.set_defaults(fn=cmd_notebook, params=None, set=[])
     sp = sub.add_parser("drop-resume-state", help="delete checkpoint.pt of finished pretrain/finetune folders")

@@ -36,3 +36,38 @@ def test_tables(tmp_path, capsys):
     (tmp_path / "runs").mkdir()
     main(["tables", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "tables")])
     assert "—" in (tmp_path / "tables" / "table1.md").read_text()
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(argv)
+    return capsys.readouterr().out
+
+
+def test_every_command_is_named_and_every_option_has_a_help_text(capsys):
+    import argparse
+    import re
+
+    top = _help(["--help"], capsys)
+    commands = re.search(r"\{([a-z,-]+)\}", top).group(1).split(",")
+    for name in commands:
+        assert re.search(rf"\b{re.escape(name)}\b", top.split("positional arguments")[0]), f"{name} not in the overview"
+    # every option of every sub-command carries a help text: capture the parsers main() builds
+    parsers = []
+    orig = argparse.ArgumentParser.parse_args
+
+    def spy(self, *a, **k):
+        parsers.append(self)
+        return orig(self, *a, **k)
+
+    argparse.ArgumentParser.parse_args = spy
+    try:
+        _help(["--help"], capsys)
+    finally:
+        argparse.ArgumentParser.parse_args = orig
+    sub = next(a for a in parsers[0]._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {opt.option_strings or opt.dest}" for name, sp in sub.choices.items() for opt in sp._actions
+               if not isinstance(opt, argparse._HelpAction) and not opt.help]
+    assert not missing, f"options without help: {missing}"
+    assert "evaluate_knn" in _help(["predict", "--help"], capsys)
+    assert "kNN model" in _help(["export", "--help"], capsys)
