@@ -20,6 +20,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 from .config import Config, load_params
 
@@ -136,8 +137,28 @@ def cmd_finetune(args) -> None:
     print(run_finetune(_cfg(args), force=args.force))
 
 
+#: the demo profile's micro settings (params.yaml): fine for the generated demo, too small for real images
+MICRO = {"data.image_size": 224, "finetune.epochs": 20}
+
+
+def micro_schedule_warning(cfg) -> Optional[str]:
+    """A warning when the detector would be trained on data that is not the demo with settings below
+    :data:`MICRO` (the demo's 112 px / 15 epochs, inherited by editing params.yaml); None otherwise."""
+    if cfg.data.dataset == "demo":
+        return None
+    small = [f"{k}={v}" for k, v in (("data.image_size", cfg.data.image_size), ("finetune.epochs", cfg.finetune.epochs))
+             if v < MICRO[k]]
+    if not small:
+        return None
+    return (f"training the detector on {cfg.data.dataset} data with {', '.join(small)}: the demo's micro schedule, "
+            f"too small for real images; start from params-folder.yaml (apmask fit --params params-folder.yaml) "
+            f"or set data.image_size >= {MICRO['data.image_size']} and finetune.epochs >= {MICRO['finetune.epochs']}")
+
+
 def cmd_fit(args) -> None:
     cfg = _cfg(args)
+    if args.method != "knn" and (warning := micro_schedule_warning(cfg)):
+        logging.getLogger("apmask").warning(warning)
     if args.method == "knn":
         from .knn.model import fit_knn_model
 

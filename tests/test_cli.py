@@ -71,3 +71,20 @@ def test_every_command_is_named_and_every_option_has_a_help_text(capsys):
     assert not missing, f"options without help: {missing}"
     assert "evaluate_knn" in _help(["predict", "--help"], capsys)
     assert "kNN model" in _help(["export", "--help"], capsys)
+
+
+def test_fit_warns_about_the_demo_micro_schedule_on_other_data():
+    from apmask_lib.cli import micro_schedule_warning
+    from apmask_lib.config import Config, load_params, replace
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    demo = load_params(root / "params.yaml")
+    assert micro_schedule_warning(demo) is None  # the demo itself
+    inherited = replace(demo, data={"dataset": "folder", "normal_dir": "good"})
+    w = micro_schedule_warning(inherited)
+    assert w and "data.image_size=112" in w and "finetune.epochs=15" in w and "params-folder.yaml" in w
+    own = load_params(root / "params-folder.yaml")  # the own-data starting point: no warning
+    assert own.data.dataset == "folder" and micro_schedule_warning(own) is None
+    assert own.finetune.init == own.backbone and own.evaluate.scales == (224,)
+    assert micro_schedule_warning(replace(Config(), data={"dataset": "mvtec"})) is None  # the paper's defaults
