@@ -59,6 +59,7 @@ NOT_COMMANDS = {
     "apmask data", "apmask pretrain", "apmask finetune", "apmask fit", "apmask evaluate",
     # "Your own images" table: on the user's folder data set; the same commands run end to end on a
     # folder data set built from real bottle images in tests/test_folder.py
+    "apmask fit --params params-folder.yaml",  # needs the user's folder; the file loads and is checked in test_cli.py
     "apmask predict --model runs/widget/finetune/model.pt --out predictions/ new_images/",
     "apmask export --model runs/widget/finetune/model.pt --format onnx --out widget.onnx",
     # the kNN model's rows of that table: fit -> evaluate -> predict -> export through the command line
