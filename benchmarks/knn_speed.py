@@ -472,7 +472,9 @@ def main(argv=None) -> int:
         res["backbone_pinned"] = measure({"method": "backbone", "train": 1, "pinned": True})
         write()
     if args.scaling:
-        cache = str(args.cache / "bottle_scaling.pt")
+        cache_path = (args.cache / "bottle_scaling.pt").resolve()
+        # recorded in the rows: relative to the project root (the child runs there), so no machine path is committed
+        cache = str(cache_path.relative_to(ROOT)) if cache_path.is_relative_to(ROOT) else str(cache_path)
         ext = measure({"method": "extract", "train": max(args.scaling), "test": args.scaling_test, "cache": cache})
         res["scaling_features"] = ext
         per_image = float(np.mean(ext["timings"]["train_s"]))
