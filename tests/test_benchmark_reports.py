@@ -85,3 +85,17 @@ def test_peer_rows_are_kept_per_data_set_category_cap_and_size():
                                                                          "k": 1, "memory_bank_patches": 10})
     table = markdown_table([new, dict(new, max_train=20, settings={**new["settings"], "train_images": 20})])
     assert "| demo/grass | 40 | AD |" in table and "| demo/grass | 20 (first) | AD |" in table
+
+
+def test_no_committed_result_or_doc_carries_a_machine_path():
+    """Results, README, docs and params files name paths relative to the project, never this machine's."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [p for p in (root / "results").rglob("*") if p.suffix in (".json", ".md", ".csv", ".tex", ".ipynb", ".html")]
+    files += [root / "README.md", *root.glob("params*.yaml"), root / "dvc.yaml", *(root / "docs").rglob("*.md")]
+    pattern = re.compile(r"(?<![\w.])/(work|root|home|Users)/[\w.-]+")
+    hits = [f"{p.relative_to(root)}: {m.group(0)}" for p in files if p.is_file()
+            for m in pattern.finditer(p.read_text(errors="ignore"))]
+    assert not hits, hits[:10]
