@@ -137,22 +137,23 @@ def cmd_finetune(args) -> None:
     print(run_finetune(_cfg(args), force=args.force))
 
 
-#: the demo profile's micro settings (params.yaml): fine for the generated demo, too small for real images
-MICRO = {"data.image_size": 224, "finetune.epochs": 20}
+#: the smallest settings that are not the demo's micro schedule (params.yaml: 112 px, 15 epochs), which
+#: suits the generated demo and is too small for real images
+REAL_DATA_MIN = {"data.image_size": 224, "finetune.epochs": 20}
 
 
 def micro_schedule_warning(cfg) -> Optional[str]:
     """A warning when the detector would be trained on data that is not the demo with settings below
-    :data:`MICRO` (the demo's 112 px / 15 epochs, inherited by editing params.yaml); None otherwise."""
+    :data:`REAL_DATA_MIN` (e.g. inherited by editing params.yaml); None otherwise."""
     if cfg.data.dataset == "demo":
         return None
-    small = [f"{k}={v}" for k, v in (("data.image_size", cfg.data.image_size), ("finetune.epochs", cfg.finetune.epochs))
-             if v < MICRO[k]]
+    values = {"data.image_size": cfg.data.image_size, "finetune.epochs": cfg.finetune.epochs}
+    small = [f"{k}={v}" for k, v in values.items() if v < REAL_DATA_MIN[k]]
     if not small:
         return None
     return (f"training the detector on {cfg.data.dataset} data with {', '.join(small)}: the demo's micro schedule, "
             f"too small for real images; start from params-folder.yaml (apmask fit --params params-folder.yaml) "
-            f"or set data.image_size >= {MICRO['data.image_size']} and finetune.epochs >= {MICRO['finetune.epochs']}")
+            f"or set " + " and ".join(f"{k} >= {v}" for k, v in REAL_DATA_MIN.items()))
 
 
 def cmd_fit(args) -> None:

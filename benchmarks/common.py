@@ -72,6 +72,31 @@ def schedule_config(args, dataset: str, category: str, seed: int, out_dir: Path)
                              "warmup_epochs": scaled_warmup("finetune", args.finetune_epochs)})
 
 
+def spread(values: Sequence[float]) -> dict:
+    """n, mean, SD (ddof 1), SE = SD / sqrt(n), min, max of the finite ``values`` (SD/SE None below 2)."""
+    import numpy as np
+
+    x = np.array([float(v) for v in values if v is not None and math.isfinite(float(v))])
+    n = len(x)
+    if not n:
+        return {"n": 0, "mean": None, "sd": None, "se": None, "min": None, "max": None}
+    sd = float(x.std(ddof=1)) if n >= 2 else None
+    return {"n": n, "mean": float(x.mean()), "sd": sd, "se": None if sd is None else sd / math.sqrt(n),
+            "min": float(x.min()), "max": float(x.max())}
+
+
+def relative_change(a: dict, b: dict) -> float:
+    """||a − b|| / ||b|| over every floating tensor of two state dicts (integer entries are left out)."""
+    import torch
+
+    num = den = 0.0
+    for k, v in b.items():
+        if torch.is_floating_point(v):
+            num += float((a[k].double() - v.double()).pow(2).sum())
+            den += float(v.double().pow(2).sum())
+    return math.sqrt(num / den) if den else float("nan")
+
+
 def spread_lines(dataset: str, epochs: int, max_train: int, scales: Sequence[int] = (224,), variant: str = "paper",
                  path: Path | None = None) -> list[str]:
     """Markdown lines quoting the measured seed spread of the paper method (``results/seed_spread.json``,
@@ -88,16 +113,13 @@ def spread_lines(dataset: str, epochs: int, max_train: int, scales: Sequence[int
             == (dataset, variant, "", epochs, max_train, list(scales))]
     if not rows:
         return []
-    import numpy as np
-
     cells = []
     for at in sorted({r["at"] for r in rows}):
-        vals = {m: [r[m] for r in rows if r["at"] == at and r[m] is not None] for m in METRICS}
-        n = min(len(v) for v in vals.values())
+        stats = [spread([r[m] for r in rows if r["at"] == at]) for m in METRICS]
+        n = min(st["n"] for st in stats)
         if n < 2:
             continue
-        cells.append(f"epoch {at}: " + " / ".join(f"{np.mean(v):.1f} ± {np.std(v, ddof=1):.1f}" for v in vals.values())
-                     + f" (n = {n})")
+        cells.append(f"epoch {at}: " + " / ".join(f"{st['mean']:.1f} ± {st['sd']:.1f}" for st in stats) + f" (n = {n})")
     if not cells:
         return []
     return [f"**Seed spread of this setting** (`results/seed_spread.md`: {dataset}, {max_train} training images, "
@@ -132,4 +154,4 @@ def fmt(stat: dict | None, scale: float = 100.0, digits: int = 1) -> str:
 
 
 __all__ = ["ROOT", "DATA_ROOTS", "PAPER_EPOCHS", "METRICS", "DATASETS", "ensure_data", "iters_per_epoch", "data_root", "scaled_warmup", "schedule_config",
-           "command", "spread_lines", "machine", "versions", "fmt"]
+           "command", "spread", "relative_change", "spread_lines", "machine", "versions", "fmt"]

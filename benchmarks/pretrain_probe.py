@@ -34,8 +34,9 @@ import time
 import warnings
 from pathlib import Path
 
-from benchmarks.common import DATASETS, ROOT, command, data_root, ensure_data, machine, versions
+from benchmarks.common import DATASETS, ROOT, command, data_root, ensure_data, machine, relative_change, versions
 
+from apmask_lib.evaluate.probe import METRICS, READOUTS as PROBE_KEYS
 from apmask_lib.pretrain.collapse import STAT_COLUMNS
 from apmask_lib.core.files import atomic_write_text
 
@@ -44,8 +45,6 @@ MD = ROOT / "results" / "pretrain_probe.md"
 PNG = ROOT / "results" / "figures" / "pretrain_probe.png"
 RUNS = ROOT / "runs" / "pretrain_probe"
 READINGS = ("absolute", "linear")
-PROBE_KEYS = ("knn_block7", "knn_last", "attention")
-METRICS = ("image_auroc", "pixel_auroc", "au_pro")
 
 
 def pretrain_config(dataset: str, reading: str, max_steps: int, max_train: int, backbone: str, seed: int = 0):
@@ -68,18 +67,6 @@ def pretrain_config(dataset: str, reading: str, max_steps: int, max_train: int, 
     return replace(cfg, pretrain={"epochs": epochs, "warmup_epochs": max(1, round(epochs * 10 / 300))}), iters
 
 
-def relative_change(a: dict, b: dict) -> float:
-    """||a − b|| / ||b|| over every floating tensor of two state dicts."""
-    import torch
-
-    num = den = 0.0
-    for k, v in b.items():
-        if torch.is_floating_point(v):
-            num += float((a[k].double() - v.double()).pow(2).sum())
-            den += float(v.double().pow(2).sum())
-    return math.sqrt(num / den) if den else float("nan")
-
-
 def diagnostics_at(run: Path, step: int) -> dict:
     """Collapse diagnostics (:data:`~apmask_lib.pretrain.collapse.STAT_COLUMNS`) and loss of the last logged
     step before ``step``, and the learning rate applied there (log.csv)."""
@@ -96,8 +83,10 @@ def diagnostics_at(run: Path, step: int) -> dict:
     return out
 
 
-def run_reading(dataset: str, reading: str, args) -> list[dict]:
-    """One pre-training run, probed at each step of ``args.steps``; the rows."""
+def run_reading(dataset: str, reading: str, args, start_probes: dict | None = None) -> list[dict]:
+    """One pre-training run, probed at each step of ``args.steps``; the rows. ``start_probes``: the
+    step-0 probe per data set (the backbone before pre-training, the same for every reading), filled
+    by the first reading and reused by the others."""
     import torch
 
     from apmask_lib.config import replace
@@ -105,6 +94,7 @@ def run_reading(dataset: str, reading: str, args) -> list[dict]:
     from apmask_lib.evaluate.probe import probe_backbone
     from apmask_lib.weights import build_backbone
 
+    start_probes = {} if start_probes is None else start_probes
     cfg, iters = pretrain_config(dataset, reading, max(args.steps), args.max_train, args.backbone)
     run = Path(cfg.out_dir) / "pretrain"
     with warnings.catch_warnings():
@@ -125,7 +115,12 @@ def run_reading(dataset: str, reading: str, args) -> list[dict]:
             source = f"file:{snap}"
             change = relative_change(torch.load(snap, weights_only=True), start)
         t0 = time.perf_counter()
-        probe = probe_backbone(probe_cfg, source, RUNS / dataset / reading / f"probe_s{step}", size=args.probe_size)
+        if step == 0 and dataset in start_probes:
+            probe = start_probes[dataset]
+        else:
+            probe = probe_backbone(probe_cfg, source, RUNS / dataset / reading / f"probe_s{step}", size=args.probe_size)
+            if step == 0:
+                start_probes[dataset] = probe
         t_probe = time.perf_counter() - t0
         argv = ["--datasets", dataset, "--lr-scaling", reading, "--steps", *map(str, args.steps),
                 "--max-train", str(args.max_train), "--probe-size", str(args.probe_size)]
@@ -242,10 +237,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     if not args.report:
+        start_probes: dict = {}
         for ds in args.datasets:
             ensure_data(ds)
             for reading in args.lr_scaling:
-                run_reading(ds, reading, args)
+                run_reading(ds, reading, args, start_probes)
     rows = json.loads(JSON.read_text())["rows"] if JSON.is_file() else []
     atomic_write_text(MD, render(rows))
     plot(rows)

@@ -37,12 +37,10 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
-
-import numpy as np
+from typing import Iterable, Optional
 
 from benchmarks.common import (DATASETS, METRICS, ROOT, command, data_root, ensure_data, iters_per_epoch, machine,
-                               scaled_warmup, versions)
+                               scaled_warmup, spread, versions)
 
 from apmask_lib.core.files import atomic_write_text
 
@@ -115,16 +113,17 @@ def run_one(dataset: str, variant: str, seed: int, args) -> list[dict]:
     argv = ["--datasets", dataset, "--variants", variant, "--seeds", str(seed), "--epochs", str(args.epochs),
             "--at", *map(str, args.at), "--max-train", str(args.max_train), "--scales", *map(str, args.scales)]
     argv += (["--init", args.init] if args.init else []) + (["--tag", args.tag] if args.tag else [])
-    rows, t_ft = [], 0.0
+    rows, t_ft, info = [], 0.0, None
     for at in sorted(args.at):
         load0 = os.getloadavg()
         t0 = time.perf_counter()
         run_finetune(cfg, max_steps=at * iters, resume=True, progress=args.progress)
         t_ft += time.perf_counter() - t0
+        if info is None:  # the run's facts (training images, steps per epoch), written by its first call
+            info = json.loads((fdir / "config.json").read_text()).get("_run", {})
         t0 = time.perf_counter()
         m = run_evaluate(replace(cfg, out_dir=str(Path(cfg.out_dir) / f"eval_e{at}")), model_path=fdir / "model.pt")
         t_ev = time.perf_counter() - t0
-        info = json.loads((fdir / "config.json").read_text()).get("_run", {})
         rows.append({"dataset": dataset, "variant": variant, "tag": args.tag,
                      "overrides": variant_overrides(variant, args.init), "seed": seed, "epochs": args.epochs, "at": at,
                      "max_train": args.max_train, "scales": list(args.scales), "n_train": info.get("n_train"),
@@ -168,17 +167,6 @@ def save_rows(new: list[dict], path: Path = JSON) -> None:
     rows = merge_rows(load_rows(path), new)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"rows": rows}, indent=1) + "\n")
-
-
-def spread(values: Sequence[float]) -> dict:
-    """n, mean, SD (ddof 1), SE = SD / sqrt(n), min, max of the finite ``values`` (SD/SE None below 2)."""
-    x = np.array([float(v) for v in values if v is not None and math.isfinite(float(v))])
-    n = len(x)
-    if not n:
-        return {"n": 0, "mean": None, "sd": None, "se": None, "min": None, "max": None}
-    sd = float(x.std(ddof=1)) if n >= 2 else None
-    return {"n": n, "mean": float(x.mean()), "sd": sd, "se": None if sd is None else sd / math.sqrt(n),
-            "min": float(x.min()), "max": float(x.max())}
 
 
 def summarise(rows: list[dict]) -> list[dict]:

@@ -44,7 +44,7 @@ def _help(argv, capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_every_command_is_named_and_every_option_has_a_help_text(capsys):
+def test_every_command_is_named_and_every_option_has_a_help_text(capsys, monkeypatch):
     import argparse
     import re
 
@@ -60,11 +60,8 @@ def test_every_command_is_named_and_every_option_has_a_help_text(capsys):
         parsers.append(self)
         return orig(self, *a, **k)
 
-    argparse.ArgumentParser.parse_args = spy
-    try:
-        _help(["--help"], capsys)
-    finally:
-        argparse.ArgumentParser.parse_args = orig
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", spy)
+    _help(["--help"], capsys)
     sub = next(a for a in parsers[0]._actions if isinstance(a, argparse._SubParsersAction))
     missing = [f"{name} {opt.option_strings or opt.dest}" for name, sp in sub.choices.items() for opt in sp._actions
                if not isinstance(opt, argparse._HelpAction) and not opt.help]

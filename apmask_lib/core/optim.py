@@ -82,10 +82,17 @@ def param_groups(model: torch.nn.Module, layer_decay: float = 1.0, backbone_scal
     return list(groups.values())
 
 
+@torch.no_grad()
+def ema_update(average: torch.nn.Module, model: torch.nn.Module, momentum: float) -> None:
+    """average <- m * average + (1 - m) * model, all parameters: the pre-training's EMA teacher and
+    fine-tuning's weight average (``finetune.ema``)."""
+    torch._foreach_lerp_(list(average.parameters()), [p.detach() for p in model.parameters()], 1.0 - momentum)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group's learning rate for this step: ``lr · group["lr_scale"]`` (1 where absent)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
 
 
-__all__ = ["cosine_scheduler", "param_groups", "lr_scale", "backbone_depth", "set_lr"]
+__all__ = ["cosine_scheduler", "param_groups", "lr_scale", "backbone_depth", "ema_update", "set_lr"]

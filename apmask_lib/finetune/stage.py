@@ -59,7 +59,7 @@ from ..models.detector import AnomalyDetector
 from ..training.runfolder import RunFolder, resume_ignored
 from ..training.loop import BAR, TrainLoop, progress_mode
 from ..core.devices import accelerated, autocast_context, resolve_device
-from ..core.optim import cosine_scheduler, param_groups, set_lr
+from ..core.optim import cosine_scheduler, ema_update, param_groups, set_lr
 from ..core.rng import seed_everything, set_rng_state
 from ..weights import build_backbone, save_detector
 from .validation import COLUMNS as VAL_COLUMNS, ValidationSet, holdout_indices, make_validation_set, score_validation
@@ -170,8 +170,7 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
-        avg = list(self.model.parameters())
-        torch._foreach_lerp_(avg, [p.detach() for p in model.parameters()], 1.0 - self.momentum_at(step))
+        ema_update(self.model, model, self.momentum_at(step))
         for b_avg, b in zip(self.model.buffers(), model.buffers()):
             b_avg.copy_(b)
 

@@ -67,7 +67,7 @@ from .sinkhorn import push_queue, sinkhorn, sinkhorn_with_queue, swapped_predict
 from ..training.loop import BAR, TrainLoop, progress_mode
 from ..core.devices import accelerated, autocast_context, resolve_device
 from ..core.files import atomic_torch_save
-from ..core.optim import cosine_scheduler, param_groups
+from ..core.optim import cosine_scheduler, ema_update, param_groups
 from ..core.rng import seed_everything, set_rng_state
 from ..weights import build_backbone
 
@@ -86,14 +86,6 @@ def build_student(cfg: Config) -> SwAVNet:
     backbone = build_backbone(cfg.backbone, seed=cfg.seed)
     return SwAVNet(backbone, SwAVHead(backbone.embed_dim, p.hidden_dim, p.out_dim, p.n_prototypes,
                                       norm=p.head_norm))
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- m * teacher + (1 - m) * student, all parameters (backbone and head)."""
-    t = [p for p in teacher.parameters()]
-    s = [p.detach() for p in student.parameters()]
-    torch._foreach_lerp_(t, s, 1.0 - momentum)
 
 
 # ----------------------------------------------------------------------------- one step
