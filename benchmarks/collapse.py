@@ -31,7 +31,7 @@ the test of the hypothesis that a category's images share a large common [CLS] c
 un-normalised head passes on to the prototype scores; and whether a student view finds its own image among
 the teacher views (``own_image_retrieval``): is there anything for the swapped prediction to learn?
 
-What counts as a fix (README): on EVERY data set the teacher spread grows over the epochs (instead of
+What counts as a fix (docs/experiments.md): on EVERY data set the teacher spread grows over the epochs (instead of
 shrinking) or the agreement of the student's arg-max with the codes rises above chance (1/K).
 
     OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python -m benchmarks.collapse --variants base bn   # runs, then --report

@@ -2,7 +2,7 @@
 # The prepared GPU check for issue #6, for a session lent the device machine (15 minutes in all).
 # Call it through the device tool from the repository root, with nothing carried:
 #     run(command="bash benchmarks/device_check.sh", timeout_s=580)
-# then copy $OUT/benchmarks.json into results/ and re-render (README, "Speed"), and give the machine back.
+# then copy $OUT/benchmarks.json into results/ and re-render (docs/speed.md), and give the machine back.
 # Timing runs on a bottle-sized stand-in (209 training / 84 test images at 512 px, generated there in
 # seconds) and the paper's ViT-S/16 architecture with random weights: step times do not depend on the
 # weights or the image content, and neither the real images nor the offline weights fit the 64 MiB

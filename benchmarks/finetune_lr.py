@@ -1,4 +1,4 @@
-"""Fine-tuning peak LR check on the demo data (README, "Fine-tuning learning rate").
+"""Fine-tuning peak LR check on the demo data (docs/method.md, "Fine-tuning learning rate").
 
 Fine-tunes one demo category from an existing pre-trained backbone with a given peak LR and
 epoch count, evaluates it, and prints image / pixel AUROC, AU-PRO and the loss per epoch.

@@ -12,7 +12,7 @@ Curves (``--curve``):
   Tables 2/3),
 * ``apmask``: from APMask pre-training of ``--pretrain-epochs`` epochs on the same training images.
 
-The backbone ``dinov2-s14-offline`` stands in for DINO ViT-S/16 (offline machine; README,
+The backbone ``dinov2-s14-offline`` stands in for DINO ViT-S/16 (offline machine; docs/data.md,
 "Backbones"). Warm-up epochs are scaled from the paper's (10 of 100 fine-tuning, 10 of 300
 pre-training) and are at least 1 (``quality.scaled_warmup``).
 

@@ -1,4 +1,4 @@
-"""Which environment settings change the numbers of a run? (issue 12; README "Reproducibility")
+"""Which environment settings change the numbers of a run? (docs/reproducibility.md)
 
 Runs STEPS demo pre-training steps (params.yaml, demo brick, offline backbone) in a fresh process
 per variant -- each variant changes one setting of the numerical environment -- and prints the

@@ -5,7 +5,7 @@ branches that otherwise only CUDA takes, so dtype or device mistakes in them sur
 
 Still CUDA-only (torch has no CPU equivalent): CUDA graphs (``compile=reduce-overhead``), pinned memory
 for the fine-tuning loader, NCCL for multi-GPU pre-training; ``non_blocking`` copies run but are
-synchronous on the CPU. Inductor on the CPU is too slow for a test (README, "Speed"); ``aot_eager``
+synchronous on the CPU. Inductor on the CPU is too slow for a test (docs/speed.md); ``aot_eager``
 traces the same graphs through dynamo and AOTAutograd."""
 from __future__ import annotations
 

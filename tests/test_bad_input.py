@@ -1,6 +1,6 @@
 """Bad input and interrupted runs (issue 14): nothing lost, nothing silently wrong.
 
-One section per guarantee listed in README "Reliability"; every test here reproduced a failure
+One section per guarantee listed in docs/reliability.md; every test here reproduced a failure
 before its fix. The runs are tiny (ViT-tiny/16 at 64 px on a generated MVTec-layout folder), so the
 file needs no real data and runs in well under a minute on two CPU cores.
 

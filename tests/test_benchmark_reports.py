@@ -88,13 +88,14 @@ def test_peer_rows_are_kept_per_data_set_category_cap_and_size():
 
 
 def test_no_committed_result_or_doc_carries_a_machine_path():
-    """Results, README, docs and params files name paths relative to the project, never this machine's."""
+    """Results, README, docs, CHANGELOG and params files name paths relative to the project, never this machine's."""
     import re
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     files = [p for p in (root / "results").rglob("*") if p.suffix in (".json", ".md", ".csv", ".tex", ".ipynb", ".html")]
-    files += [root / "README.md", *root.glob("params*.yaml"), root / "dvc.yaml", *(root / "docs").rglob("*.md")]
+    files += [root / "README.md", root / "CHANGELOG.md", *root.glob("params*.yaml"), root / "dvc.yaml",
+              *(root / "docs").rglob("*.md")]
     pattern = re.compile(r"(?<![\w.])/(work|root|home|Users)/[\w.-]+")
     hits = [f"{p.relative_to(root)}: {m.group(0)}" for p in files if p.is_file()
             for m in pattern.finditer(p.read_text(errors="ignore"))]

@@ -2,7 +2,7 @@
 
 Tolerances: exported graph vs the same graph in PyTorch (MultiScaleDetector) 1e-4 absolute on scores,
 per-scale probabilities and maps (float32; measured ~1e-6). Exported graph vs apmask's own inference
-(predict_multiscale, OpenCV resizing of the uint8 image) after the README's recipe (shrink with
+(predict_multiscale, OpenCV resizing of the uint8 image) after the recipe of docs/own-data.md (shrink with
 cv2.INTER_AREA to the largest scale first): 0.005 absolute on scores and 0.005 on the mean absolute map
 difference (measured 1.5e-5 and 5-6e-4 with this model) -- the resize kernels differ, so this is an
 agreement bound, not round-off.

@@ -96,7 +96,7 @@ def test_mvtec_reader_accepts_an_unknown_category_with_a_warning(tmp_path, mvtec
 
 @pytest.mark.slow
 def test_fit_evaluate_predict_export_end_to_end(widget, tmp_path, capsys):
-    """The README's 'Your own images' commands, tiny settings (random tiny ViT, 64 px, 1 + 1 epochs).
+    """The own-data commands (README 'Your own images', docs/own-data.md), tiny settings (random tiny ViT, 64 px, 1 + 1 epochs).
     33-191 s measured on the shared 2-core CPU, depending on its load (no wall-clock assertion)."""
     from apmask_lib.deploy.export import run_onnx
 

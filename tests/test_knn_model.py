@@ -135,7 +135,7 @@ def widget(tmp_path, mvtec_root) -> Path:
 
 @pytest.mark.slow
 def test_fit_knn_evaluate_predict_export_end_to_end(widget, tmp_path, capsys):
-    """The README's commands with ``--method knn`` (tiny random ViT, block 2, sizes 64 + 96)."""
+    """The own-data commands with ``--method knn`` (docs/own-data.md) (tiny random ViT, block 2, sizes 64 + 96)."""
     from apmask_lib.deploy.export import MultiScaleDetector, run_onnx
 
     run = tmp_path / "runs" / "widget"

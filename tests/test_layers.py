@@ -3,6 +3,7 @@ module level and inside functions alike: a circle hidden in a function is still 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,7 @@ def test_models_are_models_only(path):
     assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
-#: README "Code map": the layers, lowest first, one top-level name of ``apmask_lib`` each (a subpackage,
+#: docs/architecture.md "code map": the layers, lowest first, one top-level name of ``apmask_lib`` each (a subpackage,
 #: or a module of the top: config, notebook, cli). A module may import its own layer and lower ones.
 LAYERS = ["config", "core", "metrics", "data", "models", "weights", "training", "pretrain", "finetune", "inference",
           "knn", "viz", "evaluate", "deploy", "report", "notebook", "cli"]
@@ -108,7 +109,7 @@ def _layer_of(module: str) -> int:
     top = module.split(".")[1]
     if top not in LAYERS:
         raise AssertionError(f"{module} is in no layer of tests/test_layers.py LAYERS: place it there and in "
-                             "README 'Code map'")
+                             "docs/architecture.md (the code map)")
     return LAYERS.index(top)
 
 
@@ -127,7 +128,21 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 
 def test_every_module_sits_in_a_layer_and_imports_no_higher_layer():
     ups = upward_imports({m: imports(m) for m in MODULES})
-    assert not ups, f"imports from a higher layer (README 'Code map'): {ups}"
+    assert not ups, f"imports from a higher layer (docs/architecture.md): {ups}"
+
+
+def documented_layers(text: str) -> list[str]:
+    """The first column of the code-map table of docs/architecture.md, as LAYERS names (rows that
+    continue a layer leave it empty)."""
+    table = text.split("\n## ")[0]  # the code map comes before the page's other sections
+    rows = re.findall(r"^\| `([\w.]+?)(?:/|\.py)?` \|", table, re.M)
+    return [r for r in rows if r != "layer"]
+
+
+def test_the_code_map_lists_every_layer_in_order():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    assert documented_layers(text) == LAYERS, "docs/architecture.md's code map and LAYERS differ"
+    assert documented_layers(text.replace("| `knn/` |", "| `knn2/` |")) != LAYERS
 
 
 def test_the_layer_check_can_fail():

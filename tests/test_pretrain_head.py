@@ -1,4 +1,4 @@
-"""Options of the pre-training head against collapse (README "Is pre-training learning?"):
+"""Options of the pre-training head against collapse (docs/experiments.md "Is pre-training learning?"):
 ``pretrain.head_norm`` (batch-normalised projection head, SwAV's) and ``pretrain.freeze_prototypes_iters``
 (SwAV's frozen prototypes in the first steps)."""
 from __future__ import annotations

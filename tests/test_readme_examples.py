@@ -1,10 +1,11 @@
-"""Every `apmask` / `papermill` example of README.md runs as written.
+"""Every `apmask` / `papermill` example of README.md and docs/*.md runs as written.
 
-The README's commands are extracted (fenced ``bash`` blocks and inline code spans); each must be
+The pages' commands are extracted (fenced ``bash`` blocks and inline code spans); each must be
 listed below, either in ``EXAMPLES`` (run in that order, exactly as written, in a sandbox copy of
 the project whose ``params.yaml`` is the demo profile shrunk to micro settings: tiny random ViT,
 64 px, one epoch) or in ``NOT_COMMANDS`` (fragments the prose names, e.g. ``apmask notebook``).
-A README command that is in neither list fails the test, so the two cannot drift apart.
+A command of the README or of a docs page that is in neither list fails the test, so the two cannot
+drift apart.
 """
 from __future__ import annotations
 
@@ -20,15 +21,17 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PREFIXES = ("apmask ", "papermill ")
 
 #: run in this order; value = expected outcome ("ok" or a substring of the error output)
 EXAMPLES: dict[str, str] = {
-    # "Where runs go": an ad-hoc evaluation of a run that does not exist fails clearly, touching nothing
+    "apmask --help": "ok",  # README "Configuration and command line"
+    # docs/pipeline.md "Where runs go": an ad-hoc evaluation of a run that does not exist fails clearly, touching nothing
     "papermill notebooks/03_evaluate.ipynb out.ipynb -p category grass":
         "detector checkpoint not found: runs/adhoc/demo/grass/s0/finetune/model.pt",
     "papermill notebooks/01_pretrain.ipynb out.ipynb -p category grass": "ok",
-    # Command line
+    # docs/cli.md "Examples on the demo data"
     "apmask data -S data.category=grass": "ok",
     "apmask pretrain -S data.category=grass": "ok",
     "apmask finetune -S data.category=grass": "ok",
@@ -39,7 +42,7 @@ EXAMPLES: dict[str, str] = {
     "apmask export --model runs/adhoc/demo/grass/s0/finetune/model.pt --format onnx --out runs/adhoc/grass.onnx": "ok",
     "apmask tables --runs runs/adhoc --out runs/adhoc/tables": "ok",
     "apmask attention-figure": "ok",
-    # Notebooks table
+    # docs/pipeline.md "Notebooks" table
     "apmask notebook 01_pretrain -p category grass -p mask random -p out_dir runs/random-mask/grass/s0": "ok",
     "apmask notebook 02_finetune -p category grass -p anomaly cutpaste -p out_dir runs/random-mask/grass/s0": "ok",
     "apmask notebook 03_evaluate -p category grass -p out_dir runs/random-mask/grass/s0 -p scales '[112, 168]'": "ok",
@@ -47,7 +50,7 @@ EXAMPLES: dict[str, str] = {
     "apmask notebook 05_tables -p runs_dir runs/random-mask": "ok",
     "apmask notebook 06_figures -p category grass": "ok",
 }
-#: README spans that name a command or a form, not a runnable example
+#: spans of the pages that name a command or a form, not a runnable example
 NOT_COMMANDS = {
     "apmask notebook NAME --out results/notebooks -p key value ...",
     "apmask drop-resume-state",
@@ -56,10 +59,14 @@ NOT_COMMANDS = {
     "apmask tables",
     "apmask attention-figure",   # also the last CLI example, run above
     "apmask COMMAND --help",
-    "apmask data", "apmask pretrain", "apmask finetune", "apmask fit", "apmask evaluate",
-    # "Your own images" table: on the user's folder data set; the same commands run end to end on a
-    # folder data set built from real bottle images in tests/test_folder.py
+    "apmask data", "apmask pretrain", "apmask finetune", "apmask fit", "apmask evaluate", "apmask predict",
+    "apmask demo",               # what `make demo` runs: the whole DVC pipeline (tests/test_pipeline.py, make demo)
+    "apmask collect --stage",    # what the DVC training stages call
+    "apmask ... --params params-folder.yaml",  # docs/pipeline.md: the form of the own-data commands
+    # README "Your own images" / docs/own-data.md: on the user's folder data set; the same commands run end to
+    # end on a folder data set built from real bottle images in tests/test_folder.py
     "apmask fit --params params-folder.yaml",  # needs the user's folder; the file loads and is checked in test_cli.py
+    "apmask evaluate --params params-folder.yaml",
     "apmask predict --model runs/widget/finetune/model.pt --out predictions/ new_images/",
     "apmask export --model runs/widget/finetune/model.pt --format onnx --out widget.onnx",
     # the kNN model's rows of that table: fit -> evaluate -> predict -> export through the command line
@@ -67,7 +74,7 @@ NOT_COMMANDS = {
     "apmask fit --method knn", "apmask evaluate --method knn",
     "apmask predict --model runs/widget/knn/model.pt --out predictions/ new_images/",
     "apmask export --model runs/widget/knn/model.pt --format onnx --out widget_knn.onnx",
-    "apmask <command>",  # README "Code map": the form of cli.py's commands
+    "apmask <command>",  # docs/architecture.md: the form of cli.py's commands
 }
 
 MICRO = {
@@ -95,11 +102,11 @@ def readme_commands(text: str) -> list[str]:
 
 
 def test_every_readme_command_is_listed():
-    cmds = set(readme_commands((ROOT / "README.md").read_text()))
+    cmds = {c for p in PAGES for c in readme_commands(p.read_text())}
     unknown = cmds - set(EXAMPLES) - NOT_COMMANDS
-    assert not unknown, f"README commands the example test does not know (add them to EXAMPLES): {sorted(unknown)}"
-    stale = set(EXAMPLES) - cmds
-    assert not stale, f"examples no longer in the README: {sorted(stale)}"
+    assert not unknown, f"README/docs commands the example test does not know (add them to EXAMPLES): {sorted(unknown)}"
+    stale = (set(EXAMPLES) | NOT_COMMANDS) - cmds
+    assert not stale, f"listed commands no longer in the README or docs/: {sorted(stale)}"
 
 
 def _merge(base: dict, upd: dict) -> dict:
