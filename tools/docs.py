@@ -66,7 +66,7 @@ def results_table() -> str:
     s20 = _spread("paper", 20)
     demo = {c: _json(f"metrics/{c}_s0.json") for c in DEMO}
     head = ("| method (image AUROC / pixel AUROC / AU-PRO, %) | MVTec AD bottle | demo brick | demo grass | demo gravel"
-            " | from |\n|---|---|---|---|---|---|---|")
+            " | from |\n|---|---|---|---|---|---|")
     rows = [
         ("APMask, the paper method: demo schedule (5 + 15 epochs, 112 px, 1 seed)", "—",
          *(_cell(demo[c], 100, 1) for c in DEMO), "[results/metrics/](results/metrics/)"),
