@@ -39,6 +39,7 @@ Fusion = Literal["knn", "fused"]                                        # evalua
 KnnAspect = Literal["square", "keep"]                                   # evaluate.knn_aspect
 KnnFeatures = Literal["auto", "fp32", "bf16"]                           # evaluate.knn_features
 KnnSearch = Literal["exact", "bf16"]                                    # evaluate.knn_search
+KnnBankDtype = Literal["fp32", "fp16"]                                  # evaluate.knn_bank_dtype
 LrScaling = Literal["absolute", "linear"]                               # pretrain.lr_scaling
 
 
@@ -96,7 +97,8 @@ CONSTRAINTS: dict[str, Any] = {
     "evaluate.scales": "sizes>0", "evaluate.batch_size": "int>0",
     "evaluate.pro_fpr_limit": "(0,1]", "evaluate.pixel_bins": "int>0", "evaluate.figure_images": "int>=0",
     "evaluate.knn_layer": "int>=0", "evaluate.knn_sizes": "sizes>0",
-    "evaluate.knn_k": "int>0", "evaluate.knn_coreset": "(0,1]", "evaluate.knn_sigma": "num>=0",
+    "evaluate.knn_k": "int>0", "evaluate.knn_coreset": "(0,1]", "evaluate.knn_bank_max": "int>0",
+    "evaluate.knn_sigma": "num>=0",
     "evaluate.knn_holdout": "[0,1)", "evaluate.threshold_quantile": "[0,1]",
     "evaluate.pixel_threshold_quantile": "[0,1]",
 }
@@ -238,6 +240,8 @@ class EvaluateConfig:
     knn_sizes: tuple[int, ...] = (224, 448)  # input sizes of the kNN branch (snapped to the patch size), maps/scores averaged as the paper averages scales; AnomalyDINO alone: (448,)
     knn_k: int = 1                   # neighbours averaged per patch (AnomalyDINO: 1)
     knn_coreset: float = 1.0         # fraction of training patches kept in the bank (greedy coreset); 1.0 = all (AnomalyDINO full-shot)
+    knn_bank_max: Optional[int] = None  # at most this many patches per bank (per input size), kept by the greedy coreset; None = no cap (results/knn_bank.md)
+    knn_bank_dtype: KnnBankDtype = "fp32"  # storage of the banks (memory, model file): fp32 | fp16 (half the size; the search still multiplies in fp32; results/knn_bank.md)
     knn_sigma: float = 4.0           # Gaussian smoothing of kNN maps in pixels (PatchCore/AnomalyDINO: 4), at the resolution knn_sigma_at names
     knn_sigma_at: KnnSigmaAt = "output"  # where knn_sigma applies: output = the image's stored size (AnomalyDINO's dists2map) | input = the network input size (PatchCore/anomalib); results/knn_readout.md
     knn_aspect: KnnAspect = "square"  # kNN input shape: square = every image stretched to size x size (AnomalyDINO/PatchCore) | keep = each image's own aspect ratio at about as many patches (results/knn_aspect.md)

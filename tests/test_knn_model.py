@@ -153,6 +153,9 @@ def test_fit_knn_evaluate_predict_export_end_to_end(widget, tmp_path, capsys):
     assert not (run / "pretrain").exists() and not (run / "finetune").exists()     # no training
     raw = torch.load(model_path, map_location="cpu", weights_only=True)
     assert raw["format"] == KNN_FORMAT and raw["meta"]["bank_images"] == 6 and raw["vit_config"]["depth"] == 3
+    applied = json.loads((run / "knn" / "config.json").read_text())["evaluate"]   # as applied, not as asked
+    assert (applied["knn_layer"], applied["knn_sigma_at"], applied["knn_aspect"], applied["knn_features"],
+            applied["scales"]) == (2, "input", "square", "fp32", [64, 96])
     main(["fit", "--method", "knn", "--params", str(pfile)])                        # same settings: kept
     with pytest.raises(SystemExit):                                                  # other settings: refused
         main(["fit", "--method", "knn", "--params", str(pfile), "-S", "evaluate.knn_sizes=[64]"])
@@ -162,6 +165,9 @@ def test_fit_knn_evaluate_predict_export_end_to_end(widget, tmp_path, capsys):
     metrics = json.loads((run / "evaluate_knn" / "metrics.json").read_text())
     assert metrics["model_kind"] == "knn" and metrics["sizes"] == [64, 96] and metrics["n_images"] == 2 + 4
     assert metrics["knn_model"]["bank_patches"] == [6 * 16, 6 * 36] and metrics["image_auroc"] is not None
+    assert metrics["scales"] == [64, 96]                  # the model's own sizes, not evaluate.scales
+    ev = json.loads((run / "evaluate_knn" / "config.json").read_text())["evaluate"]
+    assert (ev["knn_layer"], ev["knn_sizes"], ev["scales"], ev["knn_sigma_at"]) == (2, [64, 96], [64, 96], "input")
     thr = json.loads((run / "evaluate_knn" / "threshold.json").read_text())
     assert thr["chosen_on"].startswith("validation: 2 images") and thr["model_path"] == str(model_path)
     assert not (run / "evaluate").exists()                      # the detector's folder is not touched

@@ -59,7 +59,7 @@ from ..data.ground_truth import cap_per_defect, pick_figure_samples, pixel_groun
 from ..knn.fusion import KnnExtension
 from ..metrics import (PixelMetrics, finite_or_none, method_metrics, paper_image_score,
                       safe_auroc)
-from ..knn.model import load_model, model_kind, run_sizes
+from ..knn.model import evaluated_config, load_model, model_kind, run_sizes
 from ..inference.multiscale import predict_multiscale
 from ..core.outputs import save_npy, save_npz, write_csv
 from .threshold import EVALUATE_DIRS, normal_pixel_sample, write_threshold
@@ -209,7 +209,7 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     columns = ["path", "defect", "label", "score", "score_det_mean", "score_map_max", "vote", "pixel_gt"] + \
               [f"prob_{sz}" for sz in sizes] + ([f"score_{m}" for m in ext.methods] if ext is not None else [])
     write_csv(out_dir / "scores.csv", rows, columns)
-    write_json(out_dir / "config.json", cfg.to_dict())
+    write_json(out_dir / "config.json", (evaluated_config(cfg, model) if kind == "knn" else cfg).to_dict())
 
     t0 = time.perf_counter()
     figures = write_figures(out_dir, fig_items, rows, labels, pix, feats_arr, defects, cfg.seed,
@@ -221,7 +221,8 @@ def run_evaluate(cfg: Config, model_path: str | Path | None = None,
     metrics.update({
         "n_images": len(rows), "n_normal": int((labels == 0).sum()), "n_anomalous": int(labels.sum()),
         "n_pixel_gt_images": pix.n_maps, "n_excluded_from_pixel_metrics": n_excluded,
-        "au_pro_fpr_limit": ecfg.pro_fpr_limit, "scales": list(ecfg.scales), "sizes": list(sizes),
+        "au_pro_fpr_limit": ecfg.pro_fpr_limit,
+        "scales": list(sizes) if kind == "knn" else list(ecfg.scales), "sizes": list(sizes),
         "dataset": cfg.data.dataset, "category": cfg.data.category, "dataset_name": ds.name,
         "max_test": cfg.data.max_test, "seed": cfg.seed, "backbone": cfg.backbone,
         "finetune_init": cfg.finetune.init, "model_path": str(model_path), "machine": machine_info(device),

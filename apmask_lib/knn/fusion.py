@@ -153,7 +153,8 @@ class KnnExtension:
         for size in ecfg.knn_sizes:
             sc = KnnScorer(backbone, ecfg.knn_layer, size, k=ecfg.knn_k, sigma=ecfg.knn_sigma, sigma_at=ecfg.knn_sigma_at,
                            coreset=ecfg.knn_coreset, seed=cfg.seed, device=device, aspect=ecfg.knn_aspect,
-                           feature_bf16=feature_bf16_of(ecfg.knn_features), search=ecfg.knn_search)
+                           feature_bf16=feature_bf16_of(ecfg.knn_features), search=ecfg.knn_search,
+                           bank_max=ecfg.knn_bank_max, bank_dtype=ecfg.knn_bank_dtype)
             scorers.setdefault(sc.size, sc)  # sizes that snap to the same grid are used once
         self.scorers = list(scorers.values())
         train = training_samples(cfg, dataset)
@@ -168,7 +169,8 @@ class KnnExtension:
             timings["bank_features_s"] += time.perf_counter() - t0
             if held:
                 t0 = time.perf_counter()
-                bank = MemoryBank(ecfg.knn_coreset, seed=cfg.seed, search=ecfg.knn_search).fit(
+                bank = MemoryBank(ecfg.knn_coreset, seed=cfg.seed, search=ecfg.knn_search, max_patches=ecfg.knn_bank_max,
+                                  dtype=ecfg.knn_bank_dtype).fit(
                     [f for i, f in enumerate(feats) if i not in held_set], device=device)
                 outs = []
                 for start in range(0, len(held), bs):
@@ -206,7 +208,7 @@ class KnnExtension:
             "knn_sizes": [sc.size for sc in self.scorers], "knn_grids": [list(sc.grid) for sc in self.scorers],
             "knn_k": ecfg.knn_k, "knn_coreset": ecfg.knn_coreset, "knn_sigma": ecfg.knn_sigma, "knn_sigma_at": ecfg.knn_sigma_at,
             "knn_aspect": ecfg.knn_aspect, "knn_features": "bf16" if self.scorers[0].feature_bf16 else "fp32",
-            "knn_search": ecfg.knn_search,
+            "knn_search": ecfg.knn_search, "knn_bank_max": ecfg.knn_bank_max, "knn_bank_dtype": ecfg.knn_bank_dtype,
             "final_norm": self.scorers[0].final_norm, "top_fraction": self.scorers[0].top_fraction,
             "fusion": ecfg.fusion, "methods": list(self.methods),
             "bank_patches": [len(sc.bank) for sc in self.scorers], "bank_images": len(train),

@@ -39,9 +39,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import Config, from_dict, replace
 from ..data import AnomalyDataset, dataset_from_config
-from .scoring import SEARCHES, KnnScorer, distance_map, feature_bf16_of, knn_distances, patch_features_at, top_fraction_mean
+from .bank import BANK_DTYPES
+from .scoring import SEARCHES, KnnScorer, distance_map, knn_distances, patch_features_at, top_fraction_mean
 from .fusion import bank_features, training_samples
 from ..models import ViTConfig, VisionTransformer
 from ..weights import build_backbone
@@ -61,7 +62,9 @@ DEFAULT_LAYER = 7                  # evaluate.knn_layer unset: AnomalyDINO's blo
 LOGIT_EPS = 1e-6
 # the settings a fitted bank depends on: a re-run with other values must refit (--force)
 FIT_KEYS = ("backbone", "seed", "data", "evaluate.knn_layer", "evaluate.knn_sizes", "evaluate.knn_coreset",
-            "evaluate.knn_features")
+            "evaluate.knn_bank_max", "evaluate.knn_bank_dtype", "evaluate.knn_features")
+# fit keys added later, with the value that reproduces a model fitted before they existed
+FIT_KEYS_SINCE = {"evaluate.knn_bank_max": None, "evaluate.knn_bank_dtype": "fp32"}
 
 
 class KnnDetector(nn.Module):
@@ -72,7 +75,7 @@ class KnnDetector(nn.Module):
 
     def __init__(self, backbone: VisionTransformer, sizes: Sequence[int], banks: Sequence[torch.Tensor], k: int = 1,
                  sigma: float = 4.0, final_norm: bool = True, top_fraction: float = 0.01, features: str = "fp32",
-                 search: str = "exact"):
+                 search: str = "exact", bank_dtype: str = "fp32"):
         super().__init__()
         if len(sizes) != len(banks) or not sizes:
             raise ValueError(f"one bank per size needed, got {len(sizes)} sizes and {len(banks)} banks")
@@ -83,12 +86,14 @@ class KnnDetector(nn.Module):
         if features not in ("fp32", "bf16") or search not in SEARCHES:
             raise ValueError(f"kNN model: features must be fp32 | bf16 and search one of {SEARCHES}, got "
                              f"{features!r}, {search!r}")
-        self.features, self.search = features, search
+        if bank_dtype not in BANK_DTYPES:
+            raise ValueError(f"kNN model: bank_dtype must be one of {tuple(BANK_DTYPES)}, got {bank_dtype!r}")
+        self.features, self.search, self.bank_dtype = features, search, bank_dtype
         for s, b in zip(self.sizes, banks):
             if b.dim() != 2 or b.shape[1] != backbone.embed_dim or not 1 <= self.k <= b.shape[0]:
                 raise ValueError(f"bank for size {s} has shape {tuple(b.shape)}; expected (M >= k={self.k}, "
                                  f"{backbone.embed_dim})")
-            self.register_buffer(f"bank_{s}", b.float().contiguous())
+            self.register_buffer(f"bank_{s}", b.to(BANK_DTYPES[bank_dtype]).contiguous())
 
     def bank(self, size: int) -> torch.Tensor:
         if size not in self.sizes:
@@ -100,7 +105,7 @@ class KnnDetector(nn.Module):
         """What the file stores besides tensors (and what ``metrics.json`` reports)."""
         return {"layer": self.layer, "sizes": list(self.sizes), "k": self.k, "sigma": self.sigma,
                 "sigma_at": "input", "final_norm": self.final_norm, "top_fraction": self.top_fraction,
-                "features": self.features, "search": self.search,
+                "features": self.features, "search": self.search, "bank_dtype": self.bank_dtype,
                 "bank_patches": [int(self.bank(s).shape[0]) for s in self.sizes]}
 
     def patch_distances(self, feats: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -110,7 +115,7 @@ class KnnDetector(nn.Module):
         maths in a form ONNX holds (memory B * N * M)."""
         b, n, c = feats.shape
         if torch.jit.is_tracing():
-            sim = feats.reshape(b * n, c) @ bank.T
+            sim = feats.reshape(b * n, c) @ bank.to(feats.dtype).T
             top = sim.amax(dim=1, keepdim=True) if self.k == 1 else sim.topk(self.k, dim=1).values
             d = (1.0 - top).clamp_min(0.0)
         else:
@@ -217,15 +222,54 @@ def knn_model_path(cfg: Config) -> Path:
     return Path(cfg.out_dir) / KNN_DIR / "model.pt"
 
 
+def applied_config(cfg: Config, device: torch.device, sizes: Optional[Sequence[int]] = None) -> Config:
+    """``cfg`` with the evaluate settings as the kNN model applies them (its ``config.json`` records
+    these): the read-out block (``knn_layer`` None -> :data:`DEFAULT_LAYER`), the feature precision
+    resolved for ``device``, smoothing at the input size, square inputs, the untouched backbone, the kNN
+    read-out alone, and (``sizes`` given) its own sizes as the evaluation scales."""
+    ecfg = cfg.evaluate
+    features = ecfg.knn_features if ecfg.knn_features != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    ev = {"knn_layer": DEFAULT_LAYER if ecfg.knn_layer is None else int(ecfg.knn_layer), "knn_features": features,
+          "knn_sigma_at": "input", "knn_aspect": "square", "knn_backbone": "init", "fusion": "knn"}
+    if sizes is not None:
+        ev["scales"] = [int(s) for s in sizes]
+    return replace(cfg, evaluate=ev)
+
+
+def evaluated_config(cfg: Config, model: KnnDetector) -> Config:
+    """``cfg`` with the read-out settings the fitted ``model`` applies when evaluated (its own block,
+    sizes, k, smoothing, precisions), for the evaluation's ``config.json``; the fit-time settings (bank
+    size, data) are in the model's own ``config.json``."""
+    ev = {"knn_layer": model.layer, "knn_sizes": list(model.sizes), "scales": list(model.sizes), "knn_k": model.k,
+          "knn_sigma": model.sigma, "knn_sigma_at": "input", "knn_aspect": "square", "knn_features": model.features,
+          "knn_search": model.search, "knn_bank_dtype": model.bank_dtype, "knn_backbone": "init", "fusion": "knn"}
+    return replace(cfg, evaluate=ev)
+
+
+def fit_changes(old: dict[str, Any], new: Config, device: torch.device) -> list[str]:
+    """The :data:`FIT_KEYS` in which the configuration ``old`` a model was fitted with (as its file
+    stores it) and ``new`` differ, both as applied (:func:`applied_config`); a key of
+    :data:`FIT_KEYS_SINCE` missing from ``old`` counts as the value that reproduces such a model."""
+    old = {**old, "evaluate": {**{k.split(".", 1)[1]: v for k, v in FIT_KEYS_SINCE.items()},
+                               **dict(old.get("evaluate", {}))}}
+    try:
+        old = applied_config(from_dict(old), device).to_dict()
+    except (TypeError, ValueError, KeyError):  # not a configuration this version reads: compare as stored
+        pass
+    diff = dict_diff(old, applied_config(new, device).to_dict())
+    return [k for k in diff if any(k == f or k.startswith(f + ".") for f in FIT_KEYS)]
+
+
 def fit_knn_model(cfg: Config, dataset: Optional[AnomalyDataset] = None, force: bool = False) -> Path:
     """Fit the memory banks on the training images and write ``OUT_DIR/knn/`` (module docstring).
     A finished fit with the same settings (:data:`FIT_KEYS`) is not redone; different settings need
     ``force``. Returns the model path."""
     ecfg = cfg.evaluate
     path = knn_model_path(cfg)
+    device = resolve_device(cfg.device)
+    applied = applied_config(cfg, device)
     if path.is_file() and not force:
-        old = load_checkpoint(path).get("config", {})
-        diff = [k for k in dict_diff(old, cfg.to_dict()) if any(k == f or k.startswith(f + ".") for f in FIT_KEYS)]
+        diff = fit_changes(load_checkpoint(path).get("config", {}), cfg, device)
         if not diff:
             log.info("kNN model %s is fitted with these settings: kept (--force refits)", path)
             return path
@@ -233,39 +277,41 @@ def fit_knn_model(cfg: Config, dataset: Optional[AnomalyDataset] = None, force: 
                               "it, or choose another out_dir")
     if not ecfg.knn_sizes:
         raise ValueError("evaluate.knn_sizes is empty; give at least one input size, e.g. [224, 448]")
-    if ecfg.knn_aspect != "square":
-        log.warning("kNN model: takes square inputs (each image stretched to size x size); evaluate.knn_aspect=%s "
-                    "applies to the extension beside the detector only (evaluate.knn_layer)", ecfg.knn_aspect)
-    if ecfg.knn_sigma_at != "input":
-        log.info("kNN model: maps are smoothed at the network input size (evaluate.knn_sigma_at=%s applies to the "
-                 "extension beside the detector only)", ecfg.knn_sigma_at)
-    layer = DEFAULT_LAYER if ecfg.knn_layer is None else int(ecfg.knn_layer)
+    for key, value in (("knn_aspect", "square"), ("knn_sigma_at", "input"), ("knn_backbone", "init")):
+        if getattr(ecfg, key) != value:
+            log.warning("kNN model: applies evaluate.%s=%s (its config.json records it); evaluate.%s=%s applies to "
+                        "the extension beside the detector only (evaluate.knn_layer)", key, value, key, getattr(ecfg, key))
+    layer = applied.evaluate.knn_layer
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
     ds = dataset if dataset is not None else dataset_from_config(cfg.data)
     train = training_samples(cfg, ds)
     backbone = truncated_backbone(build_backbone(cfg.backbone, seed=cfg.seed), layer).to(device)
     banks: dict[int, torch.Tensor] = {}
+    fitted: list[int] = []
     for size in ecfg.knn_sizes:
         sc = KnnScorer(backbone, layer, size, k=ecfg.knn_k, sigma=ecfg.knn_sigma, sigma_at="input",
                        coreset=ecfg.knn_coreset, seed=cfg.seed, device=device,
-                       feature_bf16=feature_bf16_of(ecfg.knn_features))
+                       feature_bf16=applied.evaluate.knn_features == "bf16", bank_max=ecfg.knn_bank_max,
+                       bank_dtype=ecfg.knn_bank_dtype)
         if sc.size in banks:   # sizes that snap to the same grid are used once
             continue
         banks[sc.size] = sc.fit(bank_features(sc, ds, train, ecfg.batch_size)).bank.features.cpu()
+        fitted.append(sc.bank.n_fitted)
     model = KnnDetector(backbone.cpu(), list(banks), list(banks.values()), k=ecfg.knn_k, sigma=ecfg.knn_sigma,
-                        features="bf16" if sc.feature_bf16 else "fp32", search=ecfg.knn_search)
+                        features=applied.evaluate.knn_features, search=ecfg.knn_search,
+                        bank_dtype=ecfg.knn_bank_dtype)
     check_finite_weights(model, f"the kNN model fitted on {ds.name}")
+    applied = applied_config(cfg, device, model.sizes)
     meta = {"bank_images": len(train), "dataset_name": ds.name, "backbone_source": cfg.backbone,
-            **model.settings()}
+            "bank_fitted_patches": fitted, **model.settings()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_knn_model(path, model, cfg.to_dict(), meta)
-    write_json(path.parent / "config.json", cfg.to_dict())
-    log.info("kNN model: block %d of %s, banks %s patches at sizes %s from %d images -> %s", layer, cfg.backbone,
-             meta["bank_patches"], meta["sizes"], len(train), path)
+    save_knn_model(path, model, applied.to_dict(), meta)
+    write_json(path.parent / "config.json", applied.to_dict())
+    log.info("kNN model: block %d of %s, banks %s of %s patches (%s) at sizes %s from %d images -> %s", layer,
+             cfg.backbone, meta["bank_patches"], fitted, ecfg.knn_bank_dtype, meta["sizes"], len(train), path)
     return path
 
 
 __all__ = ["KNN_FORMAT", "KNN_DIR", "DEFAULT_LAYER", "KnnDetector", "truncated_backbone", "save_knn_model",
            "load_knn_model", "checkpoint_format", "load_model", "model_kind", "run_sizes", "knn_model_path",
-           "fit_knn_model"]
+           "applied_config", "evaluated_config", "fit_changes", "fit_knn_model", "FIT_KEYS", "FIT_KEYS_SINCE"]

@@ -23,27 +23,21 @@ the maps and image scores of several sizes (:func:`average_outputs`), as the pap
 test-time scales. Smoothing (``sigma_at``): at the image's stored size (AnomalyDINO) or at the
 network input size (PatchCore / anomalib), :func:`distance_map`.
 
-Search (:func:`knn_distances`): EXACT brute force as fp32 BLAS matrix products, one
-(query chunk x bank chunk) similarity block at a time, reused, with a row maximum for k = 1: time
-linear in the bank size, working memory bounded whatever the bank size. ``search="bf16"``
-chooses the neighbours on bf16 products and recomputes their distances in fp32, and
-``KnnScorer(feature_bf16=True)`` computes the features with a bf16 copy of the backbone on the CPU
-(:func:`bf16_copy`; bf16 autocast on CUDA): opt-in approximations, off by default on the CPU
-(``evaluate.knn_search`` / ``evaluate.knn_features``).
+Memory bank (:class:`MemoryBank`, :func:`knn_distances`, :func:`greedy_coreset`, in
+:mod:`apmask_lib.knn.bank`): exact fp32 brute-force search in bounded chunks (bf16 candidate search
+opt-in), an optional greedy (k-center) or random coreset capped by a fraction and a patch count, fp32 or
+fp16 storage. ``KnnScorer(feature_bf16=True)`` computes the features with a bf16 copy of the backbone on
+the CPU (:func:`bf16_copy`; bf16 autocast on CUDA): an opt-in approximation (``evaluate.knn_features``).
 
 Aspect ratio (``KnnScorer(aspect=...)``): ``"square"`` (default, AnomalyDINO / PatchCore) stretches
 every image to size x size; ``"keep"`` feeds each image at its own aspect ratio with about the same
 number of patches (:func:`input_shape`), images of different shapes in separate backbone passes, each
 map read out on its own grid.
 
-Coreset (:func:`greedy_coreset`, :func:`random_coreset`): optional subsampling of the bank to a
-``ratio`` of its patches. ``greedy`` is PatchCore's approximate greedy coreset (iterative
-farthest-point selection on a random projection to 128 dimensions); ``random`` a uniform sample.
-Both are seeded. Ratio 1.0 (default, AnomalyDINO's full-shot setting) keeps every patch.
-
 Why these defaults, and how fast: measured in README "Extension" and results/knn_readout.md,
 results/knn_readout_blocks.md (blocks, sizes, sigma_at), results/knn_speed.md, results/knn_search.md
-(time, memory, search), results/knn_aspect.md (aspect ratio), each with its command.
+(time, memory, search), results/knn_aspect.md (aspect ratio), results/knn_bank.md (coreset, fp16 bank),
+results/knn_scaling.md (time, memory and file size against the training-set size), each with its command.
 
 torch (numpy for image inputs); no files, no loops over data sets (the caller batches images). The
 extension's glue beside the detector and the fusion with it: :mod:`apmask_lib.knn.fusion`.
@@ -61,9 +55,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .bank import (BANK_CHUNK, BANK_DTYPES, CORESET_METHODS, QUERY_CHUNK, SEARCHES, MemoryBank, coreset_size,
+                   greedy_coreset, knn_distances, random_coreset)
+
 log = logging.getLogger(__name__)
 
-CORESET_METHODS = ("greedy", "random")
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,189 +112,8 @@ def patch_features_at(backbone: torch.nn.Module, images01: torch.Tensor, layer: 
 
 
 # --------------------------------------------------------------------------------------------
-# nearest neighbours
+# nearest neighbours, coreset, storage: apmask_lib/knn/bank.py (re-exported here)
 # --------------------------------------------------------------------------------------------
-SEARCHES = ("exact", "bf16")
-#: block sizes of the search: a (1024 x 4096) fp32 similarity block is 16 MB (bf16: 8 MB), small enough
-#: that the row reduction reads it back from cache; with 32768-wide blocks the bf16 search took twice as
-#: long and the exact one 7 % longer on the 2-core Xeon (results/knn_search.md)
-QUERY_CHUNK, BANK_CHUNK = 1024, 4096
-
-
-@torch.no_grad()
-def knn_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, query_chunk: int = QUERY_CHUNK,
-                  bank_chunk: int = BANK_CHUNK, search: str = "exact",
-                  bank16: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Cosine distances 1 - <q, m> of each query to its ``k`` nearest bank rows, ascending.
-
-    queries (Q, C), bank (M, C), both l2-normalised. Returns (Q, k). Brute force as BLAS matrix
-    products, one ``query_chunk x bank_chunk`` similarity block at a time (memory
-    O(query_chunk * bank_chunk) whatever the bank size, time O(Q * M * C)).
-
-    ``search="exact"`` (default): fp32 products; for k = 1 each block is reduced with a row maximum
-    (one pass, no sort), for k > 1 with ``topk`` and a running merge. The result does not depend on
-    the chunk sizes beyond float rounding of the dot products (tests/test_knn.py checks both paths
-    against scikit-learn's brute-force search).
-
-    ``search="bf16"`` (an APPROXIMATION, opt-in): candidate neighbours are CHOSEN on bf16 products
-    (AMX / AVX512-BF16 kernels on CPUs that have them): the best ``k`` rows of every bank chunk (k = 1:
-    the row maximum), of these the ``k + 3`` best (the 3 extra absorb ties of the coarse bf16 values);
-    their similarities are recomputed in fp32 and the best ``k`` kept. Each returned value is thus the
-    fp32 distance to a real bank row; it can only exceed the exact k-th distance where bf16 rounding
-    (about 4e-3 in similarity) left the true neighbour out of the candidates (a tie inside a chunk, or
-    more than k + 3 close chunk winners), and it can depend on the chunk sizes there.
-    ``bank16``: the bank already in bf16 (:class:`MemoryBank` keeps it), else converted here.
-    Quality cost and speed: results/knn_speed.md."""
-    if search not in SEARCHES:
-        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
-    if queries.dim() != 2 or bank.dim() != 2 or queries.shape[1] != bank.shape[1]:
-        raise ValueError(f"queries (Q, C) and bank (M, C) must share C, got {tuple(queries.shape)}, {tuple(bank.shape)}")
-    if not 1 <= k <= bank.shape[0]:
-        raise ValueError(f"k must lie in [1, bank size {bank.shape[0]}], got {k}")
-    bank = bank.to(queries.device, queries.dtype)
-    qc, bc = max(1, int(query_chunk)), max(1, int(bank_chunk))
-    out = torch.empty(queries.shape[0], k, dtype=queries.dtype, device=queries.device)
-    if search == "bf16":
-        bank16 = bank.bfloat16() if bank16 is None else bank16.to(queries.device)
-        n_cand = min(k + 3, bank.shape[0])
-        for qs in range(0, queries.shape[0], qc):
-            q = queries[qs:qs + qc]
-            q16 = q.bfloat16()
-            vals, idxs = [], []  # per bank chunk: its best min(k, chunk) bf16 similarities and bank rows
-            for bs in range(0, bank.shape[0], bc):
-                block = torch.mm(q16, bank16[bs:bs + bc].T)
-                if k == 1:
-                    v, i = block.max(dim=1, keepdim=True)  # one pass, cheaper than topk
-                else:
-                    v, i = block.topk(min(k, block.shape[1]), dim=1)
-                vals.append(v)
-                idxs.append(i + bs)
-            v, i = torch.cat(vals, 1), torch.cat(idxs, 1)
-            if v.shape[1] > n_cand:  # the k + 3 best chunk winners are the candidates
-                v, j = v.topk(n_cand, dim=1)
-                i = i.gather(1, j)
-            exact = torch.einsum("qc,qkc->qk", q, bank[i])  # fp32 similarities of the candidates
-            out[qs:qs + q.shape[0]] = (1.0 - exact.topk(k, dim=1).values).clamp_min_(0.0)
-        return out
-    sim = None  # one preallocated similarity block, reused
-    for qs in range(0, queries.shape[0], qc):
-        q = queries[qs:qs + qc]
-        best = None  # (q, k) largest similarities so far, descending
-        for bs in range(0, bank.shape[0], bc):
-            b = bank[bs:bs + bc]
-            if sim is None or sim.shape[0] < q.shape[0] or sim.shape[1] < b.shape[0]:
-                sim = torch.empty(q.shape[0], max(b.shape[0], min(bc, bank.shape[0])), dtype=queries.dtype,
-                                  device=queries.device)
-            block = sim[:q.shape[0], :b.shape[0]]
-            torch.mm(q, b.T, out=block)
-            if k == 1:
-                top = block.amax(dim=1, keepdim=True)
-                best = top if best is None else torch.maximum(best, top)
-            else:
-                top = block.topk(min(k, block.shape[1]), dim=1).values
-                best = top if best is None else torch.cat([best, top], dim=1).topk(
-                    min(k, best.shape[1] + top.shape[1]), dim=1).values
-        out[qs:qs + q.shape[0]] = (1.0 - best).clamp_min_(0.0)
-    return out
-
-
-def random_coreset(n: int, count: int, seed: int = 0) -> torch.Tensor:
-    """``count`` distinct indices of range(n), uniformly at random (seeded), sorted."""
-    if not 1 <= count <= n:
-        raise ValueError(f"coreset size must lie in [1, {n}], got {count}")
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(n, generator=g)[:count].sort().values
-
-
-@torch.no_grad()
-def greedy_coreset(features: torch.Tensor, count: int, seed: int = 0, proj_dim: Optional[int] = 128,
-                   chunk: int = 65536) -> torch.Tensor:
-    """PatchCore's approximate greedy coreset: ``count`` indices of ``features`` (M, C) chosen by
-    iterative farthest-point selection (each new point maximises its Euclidean distance to the
-    points chosen so far), on a seeded Gaussian random projection to ``proj_dim`` dimensions
-    (None: no projection). Starts from a seeded random point. O(M * count) distance evaluations."""
-    m = features.shape[0]
-    if not 1 <= count <= m:
-        raise ValueError(f"coreset size must lie in [1, {m}], got {count}")
-    g = torch.Generator().manual_seed(int(seed))
-    x = features.float()
-    if proj_dim is not None and proj_dim < x.shape[1]:
-        proj = torch.randn(x.shape[1], proj_dim, generator=g).to(x.device) / math.sqrt(proj_dim)
-        x = x @ proj
-    start = int(torch.randint(m, (1,), generator=g))
-    chosen = torch.empty(count, dtype=torch.long)
-    chosen[0] = start
-    mind = torch.full((m,), float("inf"), device=x.device)
-    last = x[start]
-    for i in range(1, count):
-        for s in range(0, m, chunk):
-            d = (x[s:s + chunk] - last).pow(2).sum(dim=1)
-            torch.minimum(mind[s:s + chunk], d, out=mind[s:s + chunk])
-        nxt = int(mind.argmax())
-        chosen[i] = nxt
-        last = x[nxt]
-    return chosen.sort().values
-
-
-class MemoryBank:
-    """Bank of normal patch features and nearest-neighbour scoring (module docstring).
-
-    coreset: fraction of the fitted patches kept (1.0 = all); coreset_method: "greedy" | "random";
-    seed: for the coreset; query_chunk, bank_chunk: block sizes of the distance computation;
-    search: "exact" (fp32, default) | "bf16" (neighbours chosen on bf16 products, :func:`knn_distances`)."""
-
-    def __init__(self, coreset: float = 1.0, coreset_method: str = "greedy", seed: int = 0,
-                 query_chunk: int = QUERY_CHUNK, bank_chunk: int = BANK_CHUNK, search: str = "exact"):
-        if search not in SEARCHES:
-            raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
-        self.search = search
-        self.features16: Optional[torch.Tensor] = None
-        if not 0.0 < coreset <= 1.0:
-            raise ValueError(f"coreset ratio must lie in (0, 1], got {coreset}")
-        if coreset_method not in CORESET_METHODS:
-            raise ValueError(f"coreset_method must be one of {CORESET_METHODS}, got {coreset_method!r}")
-        self.coreset, self.coreset_method, self.seed = float(coreset), coreset_method, int(seed)
-        self.query_chunk, self.bank_chunk = int(query_chunk), int(bank_chunk)
-        self.features: Optional[torch.Tensor] = None
-        self.n_fitted = 0
-
-    def __len__(self) -> int:
-        return 0 if self.features is None else int(self.features.shape[0])
-
-    @torch.no_grad()
-    def fit(self, features: torch.Tensor | Sequence[torch.Tensor],
-            device: torch.device | str | None = None) -> "MemoryBank":
-        """features: (M, C) (or a list of (M_i, C) / (B, N, C) blocks, concatenated) normal patch
-        features; they are l2-normalised here and subsampled to ``ceil(coreset * M)`` rows. The bank
-        lives on ``device`` (default: that of the features), where :meth:`score` should be called."""
-        if not torch.is_tensor(features):
-            features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
-        features = features.reshape(-1, features.shape[-1])
-        if features.shape[0] == 0:
-            raise ValueError("cannot fit a memory bank on zero patches")
-        if device is not None:
-            features = features.to(device)
-        feats = F.normalize(features.float(), dim=-1)
-        self.n_fitted = feats.shape[0]
-        count = max(1, math.ceil(self.coreset * self.n_fitted))
-        if count < self.n_fitted:
-            idx = (greedy_coreset(feats, count, self.seed) if self.coreset_method == "greedy"
-                   else random_coreset(self.n_fitted, count, self.seed))
-            feats = feats[idx.to(feats.device)]
-        self.features = feats.contiguous()
-        self.features16 = self.features.bfloat16() if self.search == "bf16" else None
-        return self
-
-    def score(self, features: torch.Tensor, k: int = 1) -> torch.Tensor:
-        """features (B, N, C) (or (N, C)) -> (B, N) (or (N,)) mean cosine distance to the ``k``
-        nearest bank patches (k = 1: the nearest)."""
-        if self.features is None:
-            raise RuntimeError("MemoryBank.score() before fit()")
-        shape = features.shape[:-1]
-        q = F.normalize(features.reshape(-1, features.shape[-1]).float(), dim=-1)
-        d = knn_distances(q, self.features, k, self.query_chunk, self.bank_chunk, self.search, self.features16)
-        return d.mean(dim=1).reshape(shape)
-
 
 # --------------------------------------------------------------------------------------------
 # image scores and maps
@@ -430,7 +245,8 @@ class KnnScorer:
     def __init__(self, backbone: torch.nn.Module, layer: int, size: int = 448, k: int = 1, sigma: float = 4.0,
                  final_norm: bool = True, coreset: float = 1.0, coreset_method: str = "greedy", seed: int = 0,
                  top_fraction: float = 0.01, device: torch.device | str = "cpu", sigma_at: str = "output",
-                 feature_bf16: Optional[bool] = None, aspect: str = "square", search: str = "exact"):
+                 feature_bf16: Optional[bool] = None, aspect: str = "square", search: str = "exact",
+                 bank_max: Optional[int] = None, bank_dtype: str = "fp32"):
         from ..inference.multiscale import snap_size
 
         if sigma_at not in SIGMA_AT:
@@ -445,7 +261,7 @@ class KnnScorer:
         self.size = snap_size(int(size), self.patch)
         self.grid = (self.size // self.patch,) * 2  # the square grid (aspect="keep": per image, grid_of)
         self.device = torch.device(device)
-        self.bank = MemoryBank(coreset, coreset_method, seed, search=search)
+        self.bank = MemoryBank(coreset, coreset_method, seed, search=search, max_patches=bank_max, dtype=bank_dtype)
         # bf16 features: default on CUDA only (an APPROXIMATION on the CPU, opt-in; its quality cost and
         # speed: results/knn_speed.md)
         self.feature_bf16 = self.device.type == "cuda" if feature_bf16 is None else bool(feature_bf16)
@@ -538,5 +354,6 @@ def average_outputs(outputs: Sequence[KnnOutput]) -> KnnOutput:
     return KnnOutput(dists=outputs[0].dists, scores=scores, maps=maps)
 
 
-__all__ = ["CORESET_METHODS", "SEARCHES", "patch_features", "bf16_copy", "patch_features_at", "knn_distances", "random_coreset", "greedy_coreset", "MemoryBank",
+__all__ = ["CORESET_METHODS", "SEARCHES", "BANK_DTYPES", "QUERY_CHUNK", "BANK_CHUNK", "patch_features", "bf16_copy",
+           "patch_features_at", "knn_distances", "random_coreset", "greedy_coreset", "coreset_size", "MemoryBank",
            "top_fraction_mean", "gaussian_kernel1d", "gaussian_filter", "SIGMA_AT", "distance_map", "KnnOutput", "ASPECTS", "input_shape", "FEATURE_PRECISIONS", "feature_bf16_of", "KnnScorer", "average_outputs"]
