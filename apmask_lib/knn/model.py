@@ -4,12 +4,16 @@ predict and exported like the fine-tuned detector (NOT part of the paper).
 ``apmask fit --method knn`` (:func:`fit_knn_model`) builds ``cfg.backbone`` as it is (no pre-training,
 no fine-tuning), extracts the block-``evaluate.knn_layer`` patch features of the training images
 (``data.max_train`` of them) at each size of ``evaluate.knn_sizes`` and keeps them as memory banks
-(:class:`~apmask_lib.knn.scoring.MemoryBank`, ``evaluate.knn_coreset``). It writes ``OUT_DIR/knn/``:
+(:class:`~apmask_lib.knn.bank.MemoryBank`: ``evaluate.knn_coreset`` / ``knn_bank_max`` greedy coreset,
+``knn_bank_dtype`` storage). It writes ``OUT_DIR/knn/``:
 
   model.pt      format ``apmask-knn-v1``, read with ``torch.load(weights_only=True)``: the backbone
                 truncated after block ``layer`` (its ViTConfig with depth = layer + 1, and its state
-                dict), one bank (M_s, C) float32 per size, the read-out settings, the run's config.
-  config.json   the configuration used.
+                dict), one bank (M_s, C) per size (float32, or float16 with ``knn_bank_dtype=fp16``), the
+                read-out settings, the run's config as applied (:func:`applied_config`).
+  config.json   the configuration as applied: the read-out block, the feature precision, smoothing at
+                the input size, square inputs and the model's own sizes as ``evaluate.scales``, whatever
+                the file asked for (those settings apply to the extension beside the detector only).
 
 :class:`KnnDetector` is that file as an ``nn.Module`` with the fine-tuned detector's interface
 (:class:`~apmask_lib.models.detector.DetectorOutput`), so evaluation, prediction, the threshold and
@@ -279,7 +283,7 @@ def fit_knn_model(cfg: Config, dataset: Optional[AnomalyDataset] = None, force: 
         raise ValueError("evaluate.knn_sizes is empty; give at least one input size, e.g. [224, 448]")
     for key, value in (("knn_aspect", "square"), ("knn_sigma_at", "input"), ("knn_backbone", "init")):
         if getattr(ecfg, key) != value:
-            log.warning("kNN model: applies evaluate.%s=%s (its config.json records it); evaluate.%s=%s applies to "
+            log.info("kNN model: applies evaluate.%s=%s (its config.json records it); evaluate.%s=%s applies to "
                         "the extension beside the detector only (evaluate.knn_layer)", key, value, key, getattr(ecfg, key))
     layer = applied.evaluate.knn_layer
     seed_everything(cfg.seed)
