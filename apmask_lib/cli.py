@@ -77,7 +77,7 @@ def cmd_drop_resume_state(args) -> None:
     did not finish keeps it (it is what resumes), unless ``--all``, which also removes the folder's
     ``done.json``: the stage then starts afresh (DVC has already removed the declared outputs). A
     finished folder without its resume state is not re-trained by a later run outside DVC without
-    ``--force`` (README, "Reliability")."""
+    ``--force`` (docs/reliability.md)."""
     from .training import runfolder
     from .core.files import load_checkpoint
 
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     sp.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the config's device, auto)")
     sp.add_argument("inputs", nargs="+", help="image files and/or folders")
     sp = add("export", cmd_export, "write the detector or a kNN model as ONNX or TorchScript (images (B,3,H,W) in [0,1] -> "
-             "score (B,), map (B,H,W), probs (B,S)); README 'Your own images' runs it with onnxruntime",
+             "score (B,), map (B,H,W), probs (B,S)); docs/own-data.md runs it with onnxruntime",
              "apmask export --model runs/widget/finetune/model.pt --format onnx --out widget.onnx")
     sp.add_argument("--model", required=True, help="detector checkpoint or kNN model (model.pt)")
     sp.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="file format (default onnx)")

@@ -156,7 +156,7 @@ class PretrainConfig:
                                      # (apmask_lib/pretrain/sinkhorn.py); 0 = no queue. Not checkpointed: a resumed run starts with an empty queue
     lr: float = 5e-4                 # peak LR after warm-up (read as lr_scaling says)
     lr_scaling: LrScaling = "absolute"  # absolute = lr as written | linear = DINO's rule lr * global batch / 256 (the paper's 5e-4 at batch 16
-                                     # -> 3.1e-5); the effective peak is in log.csv's lr column (pretrain.peak_lr, README "Where we differ")
+                                     # -> 3.1e-5); the effective peak is in log.csv's lr column (pretrain.peak_lr, docs/method.md "Where we differ")
     start_lr: float = 1e-5           # warm-up start
     min_lr: float = 1e-6             # cosine floor
     warmup_epochs: int = 10
@@ -166,12 +166,12 @@ class PretrainConfig:
     momentum_teacher: float = 0.996  # EMA momentum, cosine to 1
     freeze_prototypes_iters: int = 0  # SwAV's freeze_prototypes_niters: the prototypes get no update for the first N steps (0 = never frozen)
     head_norm: HeadNorm = "none"     # pre-training projection head: "none" = DINO's GELU MLP without normalisation; "batchnorm" = BatchNorm1d after
-                                     # each hidden Linear, batch statistics in train and eval (SwAV's head; DINO's use_bn), README "Is pre-training learning?"
+                                     # each hidden Linear, batch statistics in train and eval (SwAV's head; DINO's use_bn), docs/experiments.md "Is pre-training learning?"
     num_workers: int = 2
     teacher_view: TeacherView = "second"  # teacher's unmasked global view: "second" = another global crop (DINO/SwAV), "same" = the student's global crop unmasked
     rank_source: RankSource = "view"  # mask=apmask, where the teacher's [CLS] attention that ranks a view's patches is taken: "view" = on that student view
                                      # (one teacher pass per view size); "image" = once on the whole image at global_size, resampled onto each view's
-                                     # crop box (fewer teacher tokens, README "Design choices"); quality at the full schedule not yet compared
+                                     # crop box (fewer teacher tokens, docs/method.md); quality at the full schedule not yet compared
     log_every: int = 20              # steps between loss read-backs (host syncs) / CSV rows flushed; NaN is caught at these points
     compile: CompileMode = "none"    # torch.compile each ViT block: none | default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs | aot_eager (apmask_lib/core/fastpath.py); same maths
 
@@ -192,7 +192,7 @@ class FinetuneConfig:
     anomaly_fraction: float = 0.5    # fraction of each batch made synthetic
     lr: float = 5e-5                 # peak LR. The paper gives none for fine-tuning; its pre-training peak (5e-4)
                                      # collapsed fine-tuning to chance here (loss_det stuck at ln 2 on the demo),
-                                     # 5e-5 did not (README, "Fine-tuning learning rate")
+                                     # 5e-5 did not (docs/experiments.md)
     start_lr: float = 1e-5
     min_lr: float = 1e-6
     warmup_epochs: int = 10
@@ -211,7 +211,7 @@ class FinetuneConfig:
     val_fraction: float = 0.1        # fraction of the normal training images held out of fine-tuning for the label-free validation signal
                                      # (synthetic anomalies on them, scored per epoch: apmask_lib/finetune/validation.py); 0 = none, train on all
     val_max_images: Optional[int] = 32  # cap on the held-out images (each is scored normal + anomalous every epoch); None = no cap
-    # --- stabilisers (not in the paper; README "Run-to-run spread"): the defaults leave the paper's optimisation as it is ---
+    # --- stabilisers (not in the paper; docs/reproducibility.md "Run-to-run spread"): the defaults leave the paper's optimisation as it is ---
     backbone_lr_scale: float = 1.0   # learning-rate multiplier of every backbone parameter (the new heads keep 1); 0 = frozen backbone
     layer_decay: float = 1.0         # layer-wise LR decay (BEiT/MAE fine-tuning): block i of L gets layer_decay^(L - i), embeddings the least; 1 = off
     ema: float = 0.0                 # EMA of the fine-tuned weights (momentum, warmed up as min(ema, (1+t)/(10+t))); model.pt and validation use

@@ -1,6 +1,6 @@
 """The pinned numerical environment that makes CPU runs reproduce bit for bit across machines.
 
-Measured on the 2-core x86 CPU (``benchmarks/repro_check.py``; README, "Reproducibility"): the
+Measured on the 2-core x86 CPU (``benchmarks/repro_check.py``; docs/reproducibility.md): the
 same three demo pre-training steps give bitwise different losses and weights when only
 
 * the number of intra-op threads changes (1 vs 2: ATen splits reductions and MKL splits GEMMs by
@@ -24,8 +24,8 @@ process *before* it imports torch: :func:`pipeline_env` builds it for child proc
 ``MKL_CBWR`` on Intel CPUs only: on an AMD EPYC, ``MKL_VERBOSE=1`` reports ``CNR:AUTO`` for
 ``MKL_CBWR=AVX2`` (and for every other branch but COMPATIBLE), so MKL picks its own GEMM path there
 (``tests/test_reproducibility.py`` checks which branch MKL runs). Runs reproduce bit for bit among Intel
-CPUs and, as far as measured, among AMD CPUs of one kind, not between the two (measured on the demo: README,
-"Reproducibility"). ``APMASK_NUMERICS=compatible`` adds ``MKL_CBWR=COMPATIBLE``, the one branch MKL
+CPUs and, as far as measured, among AMD CPUs of one kind, not between the two (measured on the demo: docs/reproducibility.md,
+"Intel vs AMD"). ``APMASK_NUMERICS=compatible`` adds ``MKL_CBWR=COMPATIBLE``, the one branch MKL
 documents as giving the same results on Intel and non-Intel x86 CPUs and honours on both (about 3x
 slower matrix products on the 2-core EPYC); not the default, and not yet checked on an Intel CPU here.
 """

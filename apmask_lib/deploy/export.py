@@ -15,8 +15,8 @@ Inside, the batch is resized bilinearly (no anti-aliasing: ONNX's exporter has n
 resize) to each scale, passed through the detector, and the maps are resized back to (H, W) and
 averaged -- :func:`apmask_lib.inference.multiscale.predict_multiscale`'s maths, except that apmask resizes the
 uint8 image with OpenCV (area when shrinking, cubic when enlarging). So, to stay close to apmask,
-shrink a large image to about the largest scale with ``cv2.INTER_AREA`` first (README, "Your own
-images"); tests/test_export.py measures both differences on real images.
+shrink a large image to about the largest scale with ``cv2.INTER_AREA`` first (docs/own-data.md,
+"Deploying without apmask"); tests/test_export.py measures both differences on real images.
 
 The kNN model (:mod:`apmask_lib.knn.model`) is exported through the same graph: its memory banks are
 constants of the file, the nearest-neighbour distance one matrix product and a max over the bank;

@@ -19,7 +19,7 @@ detector, and, with ``cfg.evaluate.fusion="fused"``, a fusion of both:
           ``cfg.evaluate.score``); pixel map = squash(z_knn_map + z_seg_map), image score =
           squash(z_knn_score + z_det_score) (:func:`squash`: monotone, into (0, 1) for the
           histogram). No test label or test statistic is used. Not the default (``fusion="knn"``):
-          a weak detector adds noise (README "Extension"; results/quality.md, results/quality_demo_nih.md).
+          a weak detector adds noise (docs/knn.md; results/quality.md, results/quality_demo_nih.md).
 
 :meth:`KnnExtension.predict` turns one test batch into {method: (image scores, maps)}; the
 evaluation scores them like the paper method (``metrics["methods"]``).

@@ -34,7 +34,7 @@ every image to size x size; ``"keep"`` feeds each image at its own aspect ratio 
 number of patches (:func:`input_shape`), images of different shapes in separate backbone passes, each
 map read out on its own grid.
 
-Why these defaults, and how fast: measured in README "Extension" and results/knn_readout.md,
+Why these defaults, and how fast: measured in docs/knn.md and results/knn_readout.md,
 results/knn_readout_blocks.md (blocks, sizes, sigma_at), results/knn_speed.md, results/knn_search.md
 (time, memory, search), results/knn_aspect.md (aspect ratio), results/knn_bank.md (coreset, fp16 bank),
 results/knn_scaling.md (time, memory and file size against the training-set size), each with its command.

