@@ -158,7 +158,7 @@ def _accept_round(mind: torch.Tensor, x: torch.Tensor, sq: torch.Tensor, want: i
 
 @torch.no_grad()
 def greedy_coreset(features: torch.Tensor, count: int, seed: int = 0, proj_dim: Optional[int] = 128,
-                   candidates: int = 256, chunk: int = 65536) -> torch.Tensor:
+                   candidates: int = 1024, chunk: int = 65536) -> torch.Tensor:
     """PatchCore's approximate greedy coreset (k-center greedy): ``count`` indices of ``features``
     (M, C), each new one the point farthest (Euclidean) from those chosen so far, on a seeded Gaussian
     random projection to ``proj_dim`` dimensions (None: no projection), from a seeded random start.
@@ -168,7 +168,9 @@ def greedy_coreset(features: torch.Tensor, count: int, seed: int = 0, proj_dim: 
     kept set with one matrix product per ``chunk`` rows. The picks equal one-at-a-time greedy's but
     for ties and float rounding of the distances; the covering radius is thus within twice the optimal
     k-center radius on the projected points (Gonzalez 1985). Time O(M * count * proj_dim) as matrix
-    products, memory O(M * proj_dim + chunk * candidates). Returns the indices sorted."""
+    products, memory O(M * proj_dim + chunk * candidates + candidates^2). ``candidates`` = 1024: on bottle's
+    block-7 patches a round then keeps about 210 picks (256: 110, 4096: 300), fastest of those tried.
+    Returns the indices sorted."""
     m = features.shape[0]
     if not 1 <= count <= m:
         raise ValueError(f"coreset size must lie in [1, {m}], got {count}")
