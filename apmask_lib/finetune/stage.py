@@ -51,6 +51,7 @@ import torch
 
 from ..config import Config
 from ..data.types import cap_train
+from .anomalies import needs_attention
 from .batches import SyntheticBatches, attention_maps, batch_loader, load_train_images
 from ..core.fastpath import compile_blocks
 from .losses import finetune_loss
@@ -222,7 +223,7 @@ def build_finetune_state(cfg: Config, dataset=None, device: torch.device | str =
         raise ValueError(f"data.image_size={cfg.data.image_size} is not a multiple of the backbone's patch size "
                          f"{backbone.patch_size}")
     backbone = backbone.to(device)
-    if attentions is None and f.anomaly == "attention":
+    if attentions is None and needs_attention(f.anomaly):
         attentions = attention_maps(backbone, images, device, progress=progress)
     n_tr = len(train)
     images, val_images = images[:n_tr], images[n_tr:]
