@@ -293,3 +293,70 @@ def test_poisson_paste_refuses_what_it_cannot_blend(xrays):
     thin = np.zeros(img.shape[:2], bool)
     thin[0:2, :] = True         # nothing left once the 1-px frame is cleared (OpenCV would raise)
     assert poisson_paste(img, np.full_like(img, 255), thin, "normal") is None
+
+
+# ----------------------------------------------------------------------------- the registry of kinds
+def test_the_registry_lists_the_five_kinds_in_config_order():
+    from apmask_lib import config
+    from apmask_lib.finetune.anomalies import REGISTRY, get_kind, needs_attention, needs_source, registered_kinds
+
+    assert registered_kinds() == KINDS == config.ANOMALY_KINDS == ("attention", "cutpaste", "scar", "nsa", "fpi")
+    assert all(get_kind(k) is REGISTRY[k] and REGISTRY[k].name == k for k in KINDS)
+    assert [k for k in KINDS if needs_source(k)] == ["nsa", "fpi"]
+    assert [k for k in KINDS if needs_attention(k)] == ["attention"]
+    assert [k for k in KINDS if get_kind(k).always_poisson] == ["nsa"]
+
+
+def test_an_unknown_kind_names_the_known_ones(bottles):
+    from apmask_lib.finetune.anomalies import get_kind, needs_source
+
+    known = "choose from attention, cutpaste, scar, nsa, fpi"
+    for call in (lambda: make_anomaly(bottles[0], "sticker", np.random.default_rng(0)),
+                 lambda: anomaly_batch(bottles[:2], np.random.default_rng(0), "sticker", 1.0),
+                 lambda: get_kind("sticker"), lambda: needs_source("sticker")):
+        with pytest.raises(ValueError, match=f"unknown anomaly kind 'sticker'; {known}$"):
+            call()
+
+
+@pytest.fixture
+def scratch_registry():
+    """The registry as it was after the test (kinds registered by the test are dropped)."""
+    from apmask_lib.finetune.anomalies import REGISTRY
+
+    before = dict(REGISTRY)
+    yield REGISTRY
+    REGISTRY.clear()
+    REGISTRY.update(before)
+
+
+def test_a_sixth_kind_is_one_registered_class(bottles, scratch_registry):
+    """A new kind defined here alone (no other file changed) serves make_anomaly, anomaly_batch and
+    the training batches by name, under the same visibility rules."""
+    from apmask_lib.finetune.anomalies import AnomalyKind, register
+    from apmask_lib.finetune.batches import SyntheticBatches
+
+    @register("invert")
+    class Invert(AnomalyKind):
+        """An inverted square of 12 px at a uniform place."""
+
+        def propose(self, scene, rng, poisson):
+            (H, W), s = scene.shape, 12
+            y, x = int(rng.integers(H - s)), int(rng.integers(W - s))
+            out = scene.image.copy()
+            out[y:y + s, x:x + s] = 255 - out[y:y + s, x:x + s]
+            foot = np.zeros(scene.shape, bool)
+            foot[y:y + s, x:x + s] = True
+            return out, foot
+
+    assert "invert" in scratch_registry and Invert.name == "invert"
+    out, mask = make_anomaly(bottles[0], "invert", np.random.default_rng(1))
+    _check_exact(bottles[0], out, mask)
+    assert mask.sum() <= 144
+    ims, masks, labels = anomaly_batch(bottles, np.random.default_rng(2), "invert", 0.5)
+    assert sorted(labels.tolist()) == [0, 0, 1, 1] and all(masks[i].any() for i in np.nonzero(labels)[0])
+    batch = SyntheticBatches(np.stack(bottles), None, 4, seed=0, kind="invert")[0]
+    assert batch["labels"].sum() == 2 and batch["masks"].any()
+    with pytest.raises(ValueError, match="already registered"):
+        register("invert")(Invert)
+    with pytest.raises(TypeError, match="AnomalyKind"):
+        register("plain")(object)

@@ -1,4 +1,4 @@
-"""The training shell (apmask_lib/training/loop.py, runfolder.RunFolder): progress lines where stderr is
+"""The training shell (apmask_lib/training/stage.py, loop.py, runfolder.RunFolder): progress lines where stderr is
 not a terminal, no bar text there, the line's way out of a Jupyter kernel, the resume keys."""
 from __future__ import annotations
 
@@ -105,3 +105,82 @@ def test_resume_keys_are_those_that_do_not_change_the_weights():
 def test_cap_train():
     assert cap_train(range(5), None) == [0, 1, 2, 3, 4]
     assert cap_train(range(5), 2) == [0, 1]
+
+
+# ----------------------------------------------------------------------------- the stage shell
+class _Toy:
+    """A stage of a few lines (a linear regression) in the shared shell: only what differs is said."""
+
+    @staticmethod
+    def make(out, nan_at=None):
+        import torch
+
+        from apmask_lib.core.files import atomic_torch_save
+        from apmask_lib.core.optim import optimizer_step
+        from apmask_lib.training.runfolder import RunFolder, resume_ignored
+        from apmask_lib.training.stage import Stage
+
+        class Toy(Stage):
+            csv_columns = ("step", "epoch", "loss", "lr", "step_time", "images_per_s")
+            what = "toy loss"
+            export_every_save = True
+
+            def build(self, dataset, ckpt, show_progress):
+                g = torch.Generator().manual_seed(0)
+                self.model = torch.nn.Linear(3, 1)
+                with torch.no_grad():
+                    self.model.weight.copy_(torch.randn(1, 3, generator=g))
+                    self.model.bias.zero_()
+                self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+                self.x = torch.randn(6, 8, 3, generator=g)
+                self.iters, self.total, self.log_every = 2, 6, 1
+
+            def restore(self, ckpt):
+                self.model.load_state_dict(ckpt["model"])
+                self.opt.load_state_dict(ckpt["optimizer"])
+                return {"loss": ckpt["epoch_losses"]}
+
+            def step(self, step, item):
+                x = self.x[step]
+                loss = ((self.model(x) - x.sum(-1, keepdim=True)) ** 2).mean()
+                if step == nan_at:
+                    loss = loss * float("nan")
+                optimizer_step(self.opt, loss, self.model, clip_grad=10.0)
+                return {"loss": loss.detach()}, len(x), {"lr": 0.05}
+
+            def state(self):
+                return {"model": self.model, "optimizer": self.opt}, {"epoch_losses": list(self.loop.means["loss"])}
+
+            def epoch_record(self, loop, epoch, step, secs):
+                return {"epoch": epoch, "step": step, **loop.epoch_means()}
+
+            def export(self, step):
+                atomic_torch_save(self.run / "weights.pt", self.model.state_dict())
+
+        cfg = replace(Config(), out_dir=str(out))
+        return Toy(cfg, RunFolder(cfg.out_dir, "toy", ("weights.pt",), resume_ignored("toy")))
+
+
+def test_the_stage_shell_resumes_exactly_and_does_not_retrain_a_finished_run(tmp_path):
+    import json
+
+    import torch
+
+    whole = _Toy.make(tmp_path / "whole").train(None, None, True, False, False)
+    for stop in (3, 5, None):  # stopped mid-epoch, at an odd step, then to the end
+        parts = _Toy.make(tmp_path / "parts").train(None, stop, True, False, False)
+    a, b = (torch.load(p / "weights.pt", weights_only=True) for p in (whole, parts))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [(p / "log.jsonl").read_text() for p in (whole, parts)]
+    assert logs[0] == logs[1] and len(logs[0].splitlines()) == 3
+    assert json.loads((parts / "done.json").read_text())["step"] == 6
+    before = (parts / "log.csv").read_text()
+    assert _Toy.make(tmp_path / "parts").train(None, None, True, False, False) == parts  # finished: nothing runs
+    assert (parts / "log.csv").read_text() == before
+
+
+def test_the_stage_shell_stops_on_a_nonfinite_loss(tmp_path):
+    from apmask_lib.core.nonfinite import NonFiniteLoss
+
+    with pytest.raises(NonFiniteLoss, match=r"toy loss is nan at step 3 .*checkpoint.pt \(step 2\), untouched"):
+        _Toy.make(tmp_path, nan_at=3).train(None, None, True, False, False)

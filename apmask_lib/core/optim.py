@@ -2,7 +2,7 @@
 per-iteration schedules (learning rate, weight decay, EMA momentum)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -89,10 +89,24 @@ def ema_update(average: torch.nn.Module, model: torch.nn.Module, momentum: float
     torch._foreach_lerp_(list(average.parameters()), [p.detach() for p in model.parameters()], 1.0 - momentum)
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, model: torch.nn.Module, clip_grad: float = 0.0,
+                   frozen: Sequence[torch.nn.Parameter] = ()) -> None:
+    """One optimisation step on ``loss``: zero the gradients, backward, clip the gradient norm of
+    ``model``'s parameters at ``clip_grad`` (0 or None = no clipping), drop the gradient of the
+    ``frozen`` parameters (the optimiser then leaves them as they are), step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_grad and clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    for prm in frozen:
+        prm.grad = None
+    optimizer.step()
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group's learning rate for this step: ``lr · group["lr_scale"]`` (1 where absent)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
 
 
-__all__ = ["cosine_scheduler", "param_groups", "lr_scale", "backbone_depth", "ema_update", "set_lr"]
+__all__ = ["cosine_scheduler", "param_groups", "lr_scale", "backbone_depth", "ema_update", "optimizer_step", "set_lr"]

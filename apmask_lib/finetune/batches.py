@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .anomalies import anomaly_batch
+from .anomalies import anomaly_batch, needs_attention, needs_source
 from ..models import VisionTransformer
 from ..core.devices import autocast_context
 
@@ -68,8 +68,8 @@ class SyntheticBatches(Dataset):
         self.kwargs = anomaly_kwargs
         self.steps_per_epoch = max(1, self.n // batch_size)  # drop_last; images repeat within a batch when n < B
         self._order: tuple[int, Optional[np.ndarray]] = (-1, None)
-        if kind == "attention" and attentions is None:
-            raise ValueError("kind 'attention' needs the attention maps of the training images")
+        if needs_attention(kind) and attentions is None:
+            raise ValueError(f"kind {kind!r} needs the attention maps of the training images")
 
     def indices(self, step: int) -> np.ndarray:
         """Image indices of batch ``step``: epoch permutation from (seed, epoch), tiled when N < B."""
@@ -87,7 +87,7 @@ class SyntheticBatches(Dataset):
         rng = _seed(self.seed, 104729, step)
         idx = self.indices(step)
         sources = None
-        if self.kind in ("nsa", "fpi") and self.n > 1:
+        if needs_source(self.kind) and self.n > 1:
             other = rng.integers(0, self.n - 1, size=len(idx))
             other = other + (other >= idx)
             sources = [self.images[j].numpy() for j in other]

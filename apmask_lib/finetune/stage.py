@@ -37,7 +37,8 @@ NaN/inf -> clear error, a finished run is not retrained. Outputs in ``<out_dir>/
 checkpoint.pt, model.pt (:func:`~apmask_lib.weights.save_detector`, written where the run
 stops; its ``meta`` holds step, total_steps and done), log.csv, log.jsonl, config.json, and done.json
 written last where the run stops (:mod:`apmask_lib.training.runfolder`: lock, done marker, no overwriting
-without ``force``; the same rules, loop and progress lines as pre-training, :mod:`apmask_lib.training.loop`).
+without ``force``; the same rules, steps, loop and progress lines as pre-training: :mod:`apmask_lib.training.stage`,
+in which :class:`FinetuneStage` says what fine-tuning adds, and :mod:`apmask_lib.training.loop`).
 """
 from __future__ import annotations
 
@@ -51,16 +52,18 @@ import torch
 
 from ..config import Config
 from ..data.types import cap_train
+from .anomalies import needs_attention
 from .batches import SyntheticBatches, attention_maps, batch_loader, load_train_images
 from ..core.fastpath import compile_blocks
 from .losses import finetune_loss
 from ..models import VisionTransformer
 from ..models.detector import AnomalyDetector
 from ..training.runfolder import RunFolder, resume_ignored
-from ..training.loop import BAR, TrainLoop, progress_mode
+from ..training.loop import TrainLoop
+from ..training.stage import Stage
 from ..core.devices import accelerated, autocast_context, resolve_device
-from ..core.optim import cosine_scheduler, ema_update, param_groups, set_lr
-from ..core.rng import seed_everything, set_rng_state
+from ..core.optim import cosine_scheduler, ema_update, optimizer_step, param_groups, set_lr
+from ..core.rng import seed_everything
 from ..weights import build_backbone, save_detector
 from .validation import COLUMNS as VAL_COLUMNS, ValidationSet, holdout_indices, make_validation_set, score_validation
 
@@ -137,11 +140,7 @@ def train_step(model: AnomalyDetector, optimizer: torch.optim.Optimizer, batch: 
     with autocast or contextlib.nullcontext():
         o = model(x)
     loss, l_det, l_seg = finetune_loss(o.logit, o.seg_logits, labels, masks, f.det_weight, f.seg_weight, f.dice)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if f.clip_grad and f.clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
-    optimizer.step()
+    optimizer_step(optimizer, loss, model, f.clip_grad)
     acc = ((o.logit.detach() > 0).float() == labels).float().mean()
     return {"loss": loss.detach(), "loss_det": l_det.detach(), "loss_seg": l_seg.detach(), "acc": acc}
 
@@ -222,7 +221,7 @@ def build_finetune_state(cfg: Config, dataset=None, device: torch.device | str =
         raise ValueError(f"data.image_size={cfg.data.image_size} is not a multiple of the backbone's patch size "
                          f"{backbone.patch_size}")
     backbone = backbone.to(device)
-    if attentions is None and f.anomaly == "attention":
+    if attentions is None and needs_attention(f.anomaly):
         attentions = attention_maps(backbone, images, device, progress=progress)
     n_tr = len(train)
     images, val_images = images[:n_tr], images[n_tr:]
@@ -261,86 +260,92 @@ def run_finetune(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     """
     run = RunFolder(cfg.out_dir, "finetune", ("model.pt",), _RESUME_IGNORED)
     with run.locked():
-        return _run(cfg, run, dataset, max_steps, resume and not force, force, progress)
+        return FinetuneStage(cfg, run).train(dataset, max_steps, resume and not force, force, progress)
 
 
-def _run(cfg: Config, run: RunFolder, dataset, max_steps: Optional[int], resume: bool, force: bool,
-         progress: bool) -> Path:
-    f = cfg.finetune
-    poisson, blend = resolve_poisson(cfg), resolve_blend(cfg)
-    device = resolve_device(cfg.device)
-    ckpt, finished = run.open(cfg, resume, force, max_steps)
-    if finished:
-        return run.path
-    stored = None if ckpt is None or ckpt.get("attention") is None else ckpt["attention"].numpy()
-    st = build_finetune_state(cfg, dataset, device, progress_mode(progress) == BAR, attentions=stored)
-    model, optimizer, iters = st.model, st.optimizer, st.iters
-    stop = st.total if max_steps is None else min(st.total, max_steps)
-    start, means = 0, {}
-    if ckpt is not None:
-        run.check_resume(ckpt, iters)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+class FinetuneStage(Stage):
+    """Fine-tuning in the shared training shell (:class:`~apmask_lib.training.stage.Stage`): the state
+    of :func:`build_finetune_state` (the initial backbone's attention maps come from the checkpoint on
+    resume), one :func:`train_step` a step on a :class:`SyntheticBatches` batch (then the weight
+    average), the validation signal in every epoch record, ``model.pt`` where the call stops."""
+
+    csv_columns = CSV_COLUMNS
+    keys = ("loss", "loss_det", "loss_seg", "acc")
+    terms = ("loss", "loss_det", "loss_seg")
+    what = "fine-tuning loss"
+    epoch_csvs = {"validation.csv": VAL_COLUMNS}
+
+    def __init__(self, cfg: Config, run: RunFolder):
+        super().__init__(cfg, run)
+        self.device = resolve_device(cfg.device)
+
+    def build(self, dataset, ckpt: Optional[dict], show_progress: bool) -> None:
+        stored = None if ckpt is None or ckpt.get("attention") is None else ckpt["attention"].numpy()
+        self.st = st = build_finetune_state(self.cfg, dataset, self.device, show_progress, attentions=stored)
+        self.iters, self.total, self.log_every = st.iters, st.total, self.cfg.finetune.log_every
+        self.evaluated = st.model if st.ema is None else st.ema.model  # what model.pt and the validation signal hold
+        self.att_tensor = None if st.attentions is None else \
+            torch.from_numpy(np.ascontiguousarray(st.attentions, dtype=np.float32))
+
+    def restore(self, ckpt: dict) -> dict:
+        st = self.st
+        st.model.load_state_dict(ckpt["model"])
+        st.optimizer.load_state_dict(ckpt["optimizer"])
         if st.ema is not None:
             if ckpt.get("ema") is None:
-                raise ValueError(f"{run.checkpoint} holds no weight average (finetune.ema={f.ema}): it was written "
-                                 "without one; resume with the same finetune.ema or start afresh (force)")
+                raise ValueError(f"{self.run.checkpoint} holds no weight average (finetune.ema={self.cfg.finetune.ema}): "
+                                 "it was written without one; resume with the same finetune.ema or start afresh (force)")
             st.ema.model.load_state_dict(ckpt["ema"])
-        set_rng_state(ckpt["rng"])
-        start, means = int(ckpt["step"]), ckpt["epoch_acc"]
-    autocast = autocast_context(device)
-    compile_blocks(model.backbone, f.compile)  # in place, after the checkpoint load (apmask_lib/core/fastpath.py)
+        return ckpt["epoch_acc"]
 
-    logs = run.start_logs(CSV_COLUMNS, None if ckpt is None else start, iters, {"validation.csv": VAL_COLUMNS})
-    run.write_config(cfg, {
-        "n_train": len(st.images), "n_val_images": st.n_val_images, "batch_size": st.batches.batch_size,
-        "iters_per_epoch": iters, "total_steps": st.total, "device": str(device), "poisson": poisson, "blend": blend,
-        "hflip": resolve_hflip(cfg), "init": f.init,
-        "attention_grid": None if st.attentions is None else list(st.attentions.shape[1:])})
-    att_tensor = None if st.attentions is None else torch.from_numpy(np.ascontiguousarray(st.attentions, dtype=np.float32))
+    def prepare(self) -> None:
+        self.autocast = autocast_context(self.device)
+        compile_blocks(self.st.model.backbone, self.cfg.finetune.compile)  # in place, after the checkpoint load
 
-    evaluated = model if st.ema is None else st.ema.model  # what model.pt and the validation signal hold
+    def run_info(self) -> dict:
+        st, cfg = self.st, self.cfg
+        return {"n_train": len(st.images), "n_val_images": st.n_val_images, "batch_size": st.batches.batch_size,
+                "iters_per_epoch": st.iters, "total_steps": st.total, "device": str(self.device),
+                "poisson": resolve_poisson(cfg), "blend": resolve_blend(cfg), "hflip": resolve_hflip(cfg),
+                "init": cfg.finetune.init,
+                "attention_grid": None if st.attentions is None else list(st.attentions.shape[1:])}
 
-    def export(step: int) -> None:
-        """model.pt, then done.json (last): where this call stops."""
-        save_detector(run / "model.pt", evaluated, cfg.to_dict(), meta={"step": step, "total_steps": st.total,
-                                                                      "done": step >= st.total})
-        run.mark(step, st.total)
+    def items(self):
+        self.st.model.train()
+        return batch_loader(self.st.batches, self.start, self.stop, self.cfg.finetune.num_workers,
+                            pin_memory=self.device.type == "cuda")
 
-    def save(step: int, done: bool, final: bool) -> None:
-        """Checkpoint (every epoch end and at the stop); model.pt and done.json only where the run stops."""
-        run.save_checkpoint(model=model, optimizer=optimizer, step=step, iters_per_epoch=iters, done=done,
-                            attention=att_tensor, epoch_acc={k: list(v) for k, v in loop.means.items()},
-                            **({} if st.ema is None else {"ema": st.ema.model.state_dict()}))
-        if final:
-            export(step)
+    def step(self, step: int, batch: dict) -> tuple[dict, int, dict]:
+        st = self.st
+        lr = float(st.lrs[step])
+        set_lr(st.optimizer, lr)
+        losses = train_step(st.model, st.optimizer, batch, self.cfg.finetune, self.device, self.autocast)
+        if st.ema is not None:
+            st.ema.update(st.model, step)
+        return losses, len(batch["labels"]), {"lr": lr}
 
-    def epoch_record(loop: TrainLoop, epoch: int, step: int, secs: float) -> dict:
+    def state(self) -> tuple[dict, dict]:
+        st = self.st
+        return ({"model": st.model, "optimizer": st.optimizer},
+                {"attention": self.att_tensor, "epoch_acc": {k: list(v) for k, v in self.loop.means.items()},
+                 **({} if st.ema is None else {"ema": st.ema.model.state_dict()})})
+
+    def epoch_record(self, loop: TrainLoop, epoch: int, step: int, secs: float) -> dict:
+        st = self.st
         record = {"epoch": epoch, "step": step, "lr": loop.last["lr"], "time_s": secs, **loop.epoch_means(),
                   "images_per_s": len(loop.means["loss"]) * st.batches.batch_size / max(secs, 1e-9)}
         if st.val_set is not None:  # label-free validation signal (apmask_lib/finetune/validation.py)
-            record.update(score_validation(evaluated, st.val_set, device, f, autocast=autocast))
-            logs["validation.csv"].write(record)
+            record.update(score_validation(self.evaluated, st.val_set, self.device, self.cfg.finetune,
+                                           autocast=self.autocast))
+            self.logs["validation.csv"].write(record)
         return record
 
-    loop = TrainLoop(run, start=start, stop=stop, total=st.total, iters=iters, keys=("loss", "loss_det", "loss_seg", "acc"),
-                     log=logs["log.csv"], log_every=f.log_every, what="fine-tuning loss", epoch_record=epoch_record,
-                     save=save, progress=progress, means=means, terms=("loss", "loss_det", "loss_seg"))
-    model.train()
-    loader = batch_loader(st.batches, start, stop, f.num_workers, pin_memory=device.type == "cuda")
-    for step, batch in loop.steps(loader):
-        lr = float(st.lrs[step])
-        set_lr(optimizer, lr)
-        losses = train_step(model, optimizer, batch, f, device, autocast)
-        if st.ema is not None:
-            st.ema.update(model, step)
-        loop.record(step, losses, len(batch["labels"]), lr=lr)
-    loop.close()
-    if start >= stop:  # nothing to train: the checkpoint covers this call; re-derive model.pt from it
-        export(start)
-    return run.path
+    def export(self, step: int) -> None:
+        """model.pt: where this call stops (done.json follows, written by the shell)."""
+        save_detector(self.run / "model.pt", self.evaluated, self.cfg.to_dict(),
+                      meta={"step": step, "total_steps": self.st.total, "done": step >= self.st.total})
 
 
 __all__ = ["CSV_COLUMNS", "resolve_poisson", "resolve_blend", "resolve_hflip", "initial_backbone", "build_detector",
            "param_groups", "WeightAverage", "load_train_images", "attention_maps", "SyntheticBatches", "batch_loader", "make_batches",
-           "train_step", "FinetuneState", "build_finetune_state", "run_finetune"]
+           "train_step", "FinetuneState", "build_finetune_state", "FinetuneStage", "run_finetune"]

@@ -71,12 +71,12 @@ def make_validation_set(images: np.ndarray, attentions: Optional[np.ndarray], ki
     synthetic anomaly of ``kind`` (no flip, no jitter; ``anomaly_kwargs`` as in training: poisson,
     blend, temperature). ``attentions`` (M, h, w) for kind "attention"; ``sources`` (other normal
     images, e.g. the training ones) for ``nsa``/``fpi`` — drawn at random from them."""
-    from .anomalies import anomaly_batch
+    from .anomalies import anomaly_batch, needs_source
 
     M = len(images)
     rng = np.random.default_rng(np.random.SeedSequence([seed, M]))
     srcs = None
-    if kind in ("nsa", "fpi") and sources is not None and len(sources):
+    if needs_source(kind) and sources is not None and len(sources):
         srcs = [sources[int(j)] for j in rng.integers(0, len(sources), size=M)]
     atts = None if attentions is None else list(attentions)
     anom, masks, _ = anomaly_batch(list(images), rng, kind, np.ones(M, bool), attentions=atts, sources=srcs,

@@ -36,7 +36,8 @@ global batch, split across ranks; only rank 0 writes files). Outputs in
 ``<out_dir>/pretrain``: checkpoint.pt, backbone.pt (EMA-teacher backbone state dict, loadable with
 ``build_backbone("file:...")``), log.csv (per step), log.jsonl (per epoch), config.json, and done.json
 written last where the run stops (:mod:`apmask_lib.training.runfolder`: lock, done marker, no overwriting
-without ``force``; the loop, logs and progress lines: :mod:`apmask_lib.training.loop`, shared with
+without ``force``; the steps of a run: :mod:`apmask_lib.training.stage` (:class:`PretrainStage` says
+what pre-training adds), the loop, logs and progress lines: :mod:`apmask_lib.training.loop`, all shared with
 fine-tuning). The network is :class:`~apmask_lib.models.swav.SwAVNet`; the teacher pass and token
 selection of steps 2-3 are :func:`~apmask_lib.pretrain.masking.student_views`.
 """
@@ -64,11 +65,12 @@ from ..models.swav import SwAVHead, SwAVNet
 from .multicrop import ImageBank, MultiCrop, cache_short_side, load_image_bank
 from ..training.runfolder import RunFolder, resume_ignored
 from .sinkhorn import push_queue, sinkhorn, sinkhorn_with_queue, swapped_prediction_loss
-from ..training.loop import BAR, TrainLoop, progress_mode
+from ..training.loop import TrainLoop
+from ..training.stage import Stage
 from ..core.devices import accelerated, autocast_context, resolve_device
 from ..core.files import atomic_torch_save
-from ..core.optim import cosine_scheduler, ema_update, param_groups
-from ..core.rng import seed_everything, set_rng_state
+from ..core.optim import cosine_scheduler, ema_update, optimizer_step, param_groups, set_lr
+from ..core.rng import seed_everything
 from ..weights import build_backbone
 
 CSV_COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "step_time", "images_per_s") + STAT_COLUMNS
@@ -129,18 +131,13 @@ def train_step(model: nn.Module, teacher: SwAVNet, optimizer: torch.optim.Optimi
     gradient clipping (``p.clip_grad``), AdamW, prototype re-normalisation, teacher EMA with
     ``momentum``. ``model`` is the student or its DDP wrapper; ``freeze_prototypes`` drops the
     prototypes' gradient and skips their re-normalisation, so they do not move at all (SwAV's
-    ``freeze_prototypes_niters``; :func:`_run` sets it for the first ``pretrain.freeze_prototypes_iters``
+    ``freeze_prototypes_niters``; :meth:`PretrainStage.step` sets it for the first ``pretrain.freeze_prototypes_iters``
     steps; the teacher's copy then stays equal to them through the EMA). Returns the detached loss, still on the device."""
     student = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     with autocast or contextlib.nullcontext():
         loss = pretrain_loss(model, teacher, views, p, generator, stats)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if p.clip_grad and p.clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), p.clip_grad)
-    if freeze_prototypes:
-        student.head.prototypes.weight.grad = None  # AdamW skips a parameter without gradient
-    optimizer.step()
+    # frozen prototypes: their gradient is dropped, and AdamW skips a parameter without gradient
+    optimizer_step(optimizer, loss, student, p.clip_grad, frozen=(student.head.prototypes.weight,) if freeze_prototypes else ())
     if not freeze_prototypes:  # frozen prototypes stay bit-identical (already unit norm)
         student.head.prototypes.normalize_()
     ema_update(teacher, student, momentum)
@@ -284,7 +281,8 @@ def run_pretrain(cfg: Config, dataset=None, max_steps: Optional[int] = None, res
     run = RunFolder(cfg.out_dir, "pretrain", ("backbone.pt",), _RESUME_IGNORED, main=rank == 0)
     try:
         with run.locked():
-            return _run(cfg, run, dataset, max_steps, resume and not force, force, progress, rank, world, device)
+            return PretrainStage(cfg, run, rank, world, device).train(dataset, max_steps, resume and not force, force,
+                                                                      progress)
     finally:
         if created_pg:
             dist.destroy_process_group()
@@ -297,87 +295,96 @@ def _mean_over_ranks(world: int):
     return reduce if world > 1 else None
 
 
-def _run(cfg: Config, run: RunFolder, dataset, max_steps, resume: bool, force: bool, progress: bool, rank: int,
-         world: int, device: torch.device) -> Path:
-    p = cfg.pretrain
-    ckpt, finished = run.open(cfg, resume, force, max_steps)
-    if finished:
-        return run.path
-    if ckpt is not None and ckpt["world_size"] != world:
-        warnings.warn(f"{run.checkpoint} was written with world size {ckpt['world_size']}, resuming with {world}: "
-                      "the augmentation streams differ from an uninterrupted run", stacklevel=3)
-    show = progress_mode(progress and run.main) == BAR
-    st = build_pretrain_state(cfg, dataset, device, world, progress=show)
-    student, teacher, optimizer, iters, gb = st.student, st.teacher, st.optimizer, st.iters, st.global_batch
-    stop = st.total if max_steps is None else min(st.total, max_steps)
-    start, means = 0, {}
-    if ckpt is not None:
-        student.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        start, means = int(ckpt["step"]), {"loss": ckpt["epoch_losses"]}
-        run.check_resume(ckpt, iters)
-    # compile after the teacher copy and the checkpoint load: in place, state-dict keys unchanged
-    compile_blocks(student.backbone, p.compile)
-    compile_blocks(teacher.backbone, p.compile)
-    model = student
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = autocast_context(device)
+class PretrainStage(Stage):
+    """Pre-training in the shared training shell (:class:`~apmask_lib.training.stage.Stage`): the
+    state of :func:`build_pretrain_state`, one :func:`train_step` a step on the step's views, the EMA
+    teacher's backbone exported at every save. ``rank``/``world``/``device``: of this process (DDP)."""
 
-    logs = run.start_logs(CSV_COLUMNS, None if ckpt is None else start, iters)
-    run.write_config(cfg, {"n_train": st.n, "global_batch": gb, "world_size": world, "iters_per_epoch": iters,
-                           "total_steps": st.total, "device": str(device),
-                           "cached_short_side": cache_short_side(p.global_size), "teacher_view": p.teacher_view,
-                           "backbone_source": cfg.backbone})
+    csv_columns = CSV_COLUMNS
+    keys = ("loss",) + STAT_COLUMNS
+    what = "pre-training loss"
+    export_every_save = True
 
-    def export() -> None:
-        """backbone.pt: the EMA teacher's backbone (every save, so it follows the checkpoint)."""
-        if run.main:
-            atomic_torch_save(run / "backbone.pt", teacher.backbone.state_dict())
+    def __init__(self, cfg: Config, run: RunFolder, rank: int, world: int, device: torch.device):
+        super().__init__(cfg, run)
+        self.rank, self.world, self.device = rank, world, device
+        self._perm: tuple[int, Optional[torch.Tensor]] = (-1, None)
 
-    def save(step: int, done: bool, final: bool) -> None:
-        run.save_checkpoint(student=student, teacher=teacher, optimizer=optimizer, step=step, iters_per_epoch=iters,
-                            done=done, epoch_losses=list(loop.means["loss"]), world_size=world)
-        export()
-        if final:
-            run.mark(step, st.total)
+    def build(self, dataset, ckpt: Optional[dict], show_progress: bool) -> None:
+        if ckpt is not None and ckpt["world_size"] != self.world:
+            warnings.warn(f"{self.run.checkpoint} was written with world size {ckpt['world_size']}, resuming with "
+                          f"{self.world}: the augmentation streams differ from an uninterrupted run", stacklevel=4)
+        self.st = build_pretrain_state(self.cfg, dataset, self.device, self.world, progress=show_progress)
+        self.iters, self.total, self.log_every = self.st.iters, self.st.total, self.cfg.pretrain.log_every
 
-    def epoch_record(loop: TrainLoop, epoch: int, step: int, secs: float) -> dict:
+    def restore(self, ckpt: dict) -> dict:
+        self.st.student.load_state_dict(ckpt["student"])
+        self.st.teacher.load_state_dict(ckpt["teacher"])
+        self.st.optimizer.load_state_dict(ckpt["optimizer"])
+        return {"loss": ckpt["epoch_losses"]}
+
+    def prepare(self) -> None:
+        # compile after the teacher copy and the checkpoint load: in place, state-dict keys unchanged
+        st, device = self.st, self.device
+        compile_blocks(st.student.backbone, self.cfg.pretrain.compile)
+        compile_blocks(st.teacher.backbone, self.cfg.pretrain.compile)
+        self.model = st.student
+        if self.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                st.student, device_ids=[device.index] if device.type == "cuda" else None)
+        self.autocast = autocast_context(device)
+
+    def run_info(self) -> dict:
+        st, p = self.st, self.cfg.pretrain
+        return {"n_train": st.n, "global_batch": st.global_batch, "world_size": self.world, "iters_per_epoch": st.iters,
+                "total_steps": st.total, "device": str(self.device), "cached_short_side": cache_short_side(p.global_size),
+                "teacher_view": p.teacher_view, "backbone_source": self.cfg.backbone}
+
+    def reduce(self):
+        return _mean_over_ranks(self.world)
+
+    def _batch(self, step: int) -> torch.Tensor:
+        """This rank's image indices of ``step`` (the epoch's permutation, shared by all ranks)."""
+        st, (epoch, it) = self.st, divmod(step, self.st.iters)
+        if self._perm[0] != epoch:
+            self._perm = (epoch, _epoch_order(self.cfg.seed, epoch, st.n))
+        gb = st.global_batch
+        return self._perm[1][it * gb:(it + 1) * gb][self.rank * st.per_rank:(self.rank + 1) * st.per_rank]
+
+    def step(self, step: int, item) -> tuple[dict, int, dict]:
+        st, p = self.st, self.cfg.pretrain
+        idx = self._batch(step)
+        lr, wd, mom = (float(st.schedules[k][step]) for k in ("lr", "wd", "momentum"))
+        set_lr(st.optimizer, lr)
+        st.optimizer.param_groups[0]["weight_decay"] = wd
+        gen = _step_generator(self.cfg.seed, self.rank, step)
+        views = st.crops(st.bank.images[idx.to(self.device, non_blocking=True)], st.bank.sizes[idx], gen)
+        stats: dict[str, torch.Tensor] = {}
+        loss = train_step(self.model, st.teacher, st.optimizer, views, p, gen, mom, self.autocast,
+                          freeze_prototypes=step < p.freeze_prototypes_iters, stats=stats)
+        return {"loss": loss, **stats}, st.global_batch, {"lr": lr, "wd": wd, "momentum": mom}
+
+    def state(self) -> tuple[dict, dict]:
+        st = self.st
+        return ({"student": st.student, "teacher": st.teacher, "optimizer": st.optimizer},
+                {"epoch_losses": list(self.loop.means["loss"]), "world_size": self.world})
+
+    def epoch_record(self, loop: TrainLoop, epoch: int, step: int, secs: float) -> dict:
         r = loop.last
         return {"epoch": epoch, "step": step, **loop.epoch_means(), "lr": r["lr"], "wd": r["wd"],
-                "momentum": r["momentum"], "time_s": secs, "images_per_s": loop.epoch_steps * gb / max(secs, 1e-9)}
+                "momentum": r["momentum"], "time_s": secs,
+                "images_per_s": loop.epoch_steps * self.st.global_batch / max(secs, 1e-9)}
 
-    loop = TrainLoop(run, start=start, stop=stop, total=st.total, iters=iters, keys=("loss",) + STAT_COLUMNS,
-                     log=logs["log.csv"], log_every=p.log_every, what="pre-training loss", epoch_record=epoch_record,
-                     save=save, progress=progress, means=means, reduce=_mean_over_ranks(world))
-    perm, perm_epoch = None, -1
-    for step, _ in loop.steps():
-        epoch, it = divmod(step, iters)
-        if epoch != perm_epoch:
-            perm, perm_epoch = _epoch_order(cfg.seed, epoch, st.n), epoch
-        idx = perm[it * gb:(it + 1) * gb][rank * st.per_rank:(rank + 1) * st.per_rank]
-        lr, wd, mom = (float(st.schedules[k][step]) for k in ("lr", "wd", "momentum"))
-        for i, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr
-            if i == 0:
-                group["weight_decay"] = wd
-        gen = _step_generator(cfg.seed, rank, step)
-        views = st.crops(st.bank.images[idx.to(device, non_blocking=True)], st.bank.sizes[idx], gen)
-        stats: dict[str, torch.Tensor] = {}
-        loss = train_step(model, teacher, optimizer, views, p, gen, mom, autocast,
-                          freeze_prototypes=step < p.freeze_prototypes_iters, stats=stats)
-        loop.record(step, {"loss": loss, **stats}, gb, lr=lr, wd=wd, momentum=mom)
-    loop.close()
-    if start >= stop:  # nothing to train: the checkpoint covers this call; re-derive its exports
-        export()
-        run.mark(start, st.total)
-    if world > 1:
-        dist.barrier()
-    return run.path
+    def export(self, step: int) -> None:
+        """backbone.pt: the EMA teacher's backbone (every save, so it follows the checkpoint)."""
+        if self.run.main:
+            atomic_torch_save(self.run / "backbone.pt", self.st.teacher.backbone.state_dict())
+
+    def finish(self) -> None:
+        if self.world > 1:
+            dist.barrier()
 
 
 __all__ = ["build_student", "param_groups", "ema_update", "peak_lr", "schedules",
-           "pretrain_loss", "train_step", "schedules", "PretrainState", "build_pretrain_state", "run_pretrain",
+           "pretrain_loss", "train_step", "schedules", "PretrainState", "build_pretrain_state", "PretrainStage", "run_pretrain",
            "CSV_COLUMNS"]

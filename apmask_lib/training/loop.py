@@ -1,8 +1,9 @@
 """The training loop both stages share (pre-training, fine-tuning): step logs, epoch logs, saving,
 progress.
 
-A stage builds its state (models, optimiser, schedules, data: ``build_pretrain_state`` /
-``build_finetune_state``), opens its :class:`~apmask_lib.training.runfolder.RunFolder`, and runs
+The stage shell (:meth:`apmask_lib.training.stage.Stage.train`) builds the stage's state (models,
+optimiser, schedules, data: ``build_pretrain_state`` / ``build_finetune_state``), opens its
+:class:`~apmask_lib.training.runfolder.RunFolder`, and runs
 
 .. code-block:: python
 
