@@ -13,7 +13,8 @@ defaults plus ``--set`` overrides); recorded: wall time, peak resident memory of
 (``ru_maxrss``), model file size, and the evaluation's image AUROC / pixel AUROC / AU-PRO.
 
 Rows go to ``results/knn_scaling.json`` as they finish (a row already there with the same settings is
-skipped: the run resumes); ``--report`` renders ``results/knn_scaling.md``::
+skipped: the run resumes); ``--report`` renders ``results/knn_scaling.md`` and the figure
+``results/figures/knn_scaling.png`` (dashed: the 10-minute and 200 MB targets)::
 
     .venv/bin/python -m benchmarks.knn_scaling --train 50 100 200 400 760
     .venv/bin/python -m benchmarks.knn_scaling --report
@@ -41,6 +42,7 @@ from apmask_lib.data import read_image
 
 JSON = ROOT / "results" / "knn_scaling.json"
 MD = ROOT / "results" / "knn_scaling.md"
+PNG = ROOT / "results" / "figures" / "knn_scaling.png"
 RUNS = ROOT / "runs" / "knn_scaling"
 DATA = RUNS / "data"
 TRAIN_VIEWS = {"": lambda a: a, "_hflip": lambda a: a[:, ::-1], "_vflip": lambda a: a[::-1], "_rot180": lambda a: a[::-1, ::-1]}
@@ -163,7 +165,8 @@ def render(res: dict) -> str:
              "the normal images held out for the threshold), the project's kNN defaults plus the overrides shown. "
              "Each command ran in a fresh process; fit = `apmask fit --method knn`, evaluate = `apmask evaluate "
              "--method knn` (features, search, metrics, figures, outputs), wall time; peak = the process's peak "
-             "resident memory. Image AUROC / pixel AUROC / AU-PRO, %.", "",
+             "resident memory. Image AUROC / pixel AUROC / AU-PRO, %. Figure: "
+             "[figures/knn_scaling.png](figures/knn_scaling.png).", "",
              "| normal images | overrides | bank patches (per size) | fit | evaluate | total | peak fit / evaluate "
              "| model file | metrics | load before → after |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(res["rows"], key=lambda r: (r["overrides"], r["normal"])):
@@ -174,6 +177,34 @@ def render(res: dict) -> str:
                      f"{r['image_auroc']:.2f} / {r['pixel_auroc']:.2f} / {r['au_pro']:.2f} | "
                      f"{r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path = PNG) -> None:
+    """Time (fit, evaluate, total) and model file size against the number of normal images, one line per
+    setting (seaborn: long-form rows, one hue per phase)."""
+    import pandas as pd
+    import seaborn as sns
+
+    from apmask_lib.viz.figure import pyplot, save_figure
+
+    plt = pyplot()
+    long = [{"normal images": r["normal"], "settings": " ".join(r["overrides"]) or "defaults", "phase": phase,
+             "minutes": sec / 60} for r in res["rows"]
+            for phase, sec in (("fit", r["fit"]["s"]), ("evaluate", r["evaluate"]["s"]),
+                               ("fit + evaluate", r["fit"]["s"] + r["evaluate"]["s"]))]
+    files = [{"normal images": r["normal"], "settings": " ".join(r["overrides"]) or "defaults", "MB": r["model_mb"]}
+             for r in res["rows"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    sns.lineplot(pd.DataFrame(long), x="normal images", y="minutes", hue="phase", style="settings", marker="o", ax=a)
+    a.axhline(10, color="grey", lw=0.8, ls="--")
+    a.set_title(f"apmask fit / evaluate --method knn, {res['data']['test']} test images")
+    sns.lineplot(pd.DataFrame(files), x="normal images", y="MB", style="settings", marker="o", ax=b, color="k")
+    b.axhline(200, color="grey", lw=0.8, ls="--")
+    b.set_title("model file")
+    b.set_ylim(bottom=0)
+    fig.suptitle(res["machine"], fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -198,7 +229,8 @@ def main(argv=None) -> int:
             res["rows"] = [r for r in res["rows"] if not (r["normal"] == n and r["overrides"] == args.overrides)] + [row]
             atomic_write_text(JSON, json.dumps(res, indent=1) + "\n")
     atomic_write_text(MD, render(res))
-    print(f"wrote {MD}")
+    plot(res)
+    print(f"wrote {MD}, {PNG}")
     return 0
 
 
