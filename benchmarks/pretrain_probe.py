@@ -95,7 +95,7 @@ def run_reading(dataset: str, reading: str, args, start_probes: dict | None = No
     from apmask_lib.weights import build_backbone
 
     start_probes = {} if start_probes is None else start_probes
-    cfg, iters = pretrain_config(dataset, reading, max(args.steps), args.max_train, args.backbone)
+    cfg, iters = pretrain_config(dataset, reading, args.schedule_steps or max(args.steps), args.max_train, args.backbone)
     run = Path(cfg.out_dir) / "pretrain"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -125,6 +125,7 @@ def run_reading(dataset: str, reading: str, args, start_probes: dict | None = No
         argv = ["--datasets", dataset, "--lr-scaling", reading, "--steps", *map(str, args.steps),
                 "--max-train", str(args.max_train), "--probe-size", str(args.probe_size)]
         argv += ["--max-test", str(args.max_test)] if args.max_test else []
+        argv += ["--schedule-steps", str(args.schedule_steps)] if args.schedule_steps else []
         rows.append({"dataset": dataset, "reading": reading, "step": step, "steps_per_epoch": iters,
                      "epochs": cfg.pretrain.epochs, "warmup_epochs": cfg.pretrain.warmup_epochs,
                      "peak_lr": peak_lr(cfg.pretrain, min(cfg.pretrain.batch_size, args.max_train)),
@@ -227,6 +228,9 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", nargs="+", default=["bottle"], choices=list(DATASETS))
     ap.add_argument("--lr-scaling", nargs="+", default=list(READINGS), choices=READINGS)
     ap.add_argument("--steps", type=int, nargs="+", default=[0, 100, 300, 1000])
+    ap.add_argument("--schedule-steps", type=int, default=None,
+                    help="length of the pre-training schedule (default: the largest --steps); a run stopped "
+                         "early with the same value continues exactly where it stopped")
     ap.add_argument("--max-train", type=int, default=48)
     ap.add_argument("--max-test", type=int, default=None, help="test images per defect type (None = all)")
     ap.add_argument("--probe-size", type=int, default=224)
@@ -234,6 +238,8 @@ def main(argv=None) -> int:
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args(argv)
+    if args.schedule_steps is not None and args.schedule_steps < max(args.steps):
+        ap.error("--schedule-steps must be at least the largest --steps")
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     if not args.report:
