@@ -210,6 +210,29 @@ def compare(summary: list[dict], base: str = BASE) -> list[dict]:
     return out
 
 
+def compare_start(summary: list[dict]) -> list[dict]:
+    """Each setting that starts from a pre-trained backbone (a tag) against the same variant, budget, cap and
+    scales from the untouched backbone: Table 4's question (does pre-training help?) under the seed spread."""
+    by = {s["key"]: s for s in summary}
+    out = []
+    for s in summary:
+        b = by.get(s["key"][:2] + ("",) + s["key"][3:]) if s["tag"] else None
+        if b is None:
+            continue
+        out.append({"dataset": s["dataset"], "variant": s["variant"], "tag": s["tag"], "epochs": s["epochs"], "at": s["at"],
+                    "max_train": s["max_train"], "scales": s["scales"],
+                    **{m: difference(s[m], b[m]) for m in METRICS}})
+    return out
+
+
+def _delta_cells(c: dict) -> list[str]:
+    cells = []
+    for m in METRICS:
+        d = c[m]
+        cells.append("—" if d is None else f"{d['delta']:+.1f} ± {d['se']:.1f}" + (" **beyond**" if d["beyond"] else ""))
+    return cells
+
+
 def meets_goal(s: dict) -> bool:
     """Seed SD within :data:`SD_GOAL` for every metric it names (at least 5 seeds)."""
     return all(s[m]["sd"] is not None and s[m]["n"] >= 5 and s[m]["sd"] <= g for m, g in SD_GOAL.items())
@@ -266,12 +289,18 @@ def render(rows: list[dict]) -> str:
                   "**beyond** = |Δ| > 2 SE: a difference the seed spread does not swallow. Anything else is no finding.", "",
                   "| data set | epoch of schedule | scales | variant | Δ image | Δ pixel | Δ AU-PRO |", "|---|---|---|---|---|---|---|"]
         for c in comps:
-            cells = []
-            for m in METRICS:
-                d = c[m]
-                cells.append("—" if d is None else f"{d['delta']:+.1f} ± {d['se']:.1f}" + (" **beyond**" if d["beyond"] else ""))
             lines.append(f"| {c['dataset']} | {c['at']} of {c['epochs']} | {'+'.join(map(str, c['scales']))} | {_name(c)} | "
-                         + " | ".join(cells) + " |")
+                         + " | ".join(_delta_cells(c)) + " |")
+    starts = compare_start(summary)
+    if starts:
+        lines += ["", "## Pre-trained start against the untouched backbone (same variant; Δ mean ± SE, points)", "",
+                  "`@ TAG` = fine-tuning started from the backbone that TAG names (an APMask pre-training run of "
+                  "`benchmarks/pretrain_probe.py`, e.g. `apmask-linear300` = 300 steps with DINO's linear LR rule) "
+                  "instead of the offline backbone; everything else equal. **beyond** as above.", "",
+                  "| data set | epoch of schedule | scales | variant | Δ image | Δ pixel | Δ AU-PRO |", "|---|---|---|---|---|---|---|"]
+        for c in starts:
+            lines.append(f"| {c['dataset']} | {c['at']} of {c['epochs']} | {'+'.join(map(str, c['scales']))} | {_name(c)} | "
+                         + " | ".join(_delta_cells(c)) + " |")
     lines += ["", "## Per seed", "", "| data set | epoch of schedule | variant | seed | image | pixel | AU-PRO | val AUROC | fine-tune s | "
               "eval s | load start / end |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -60,6 +60,18 @@ def test_differences_inside_the_spread_are_no_finding():
     assert c["au_pro"] is not None and c["au_pro"]["delta"] == 0.0 and not c["au_pro"]["beyond"]
 
 
+def test_a_pretrained_start_is_compared_with_the_same_variant_from_the_untouched_backbone():
+    plain = [row("bb0.1", seed=s, metrics=(90.0 + s, 80.0, 70.0)) for s in range(5)]
+    pre = [row("bb0.1", seed=s, metrics=(90.5 + s, 86.0 + s / 10, 70.0), tag="pre300") for s in range(5)]
+    (c,) = ss.compare_start(ss.summarise(plain + pre + [row(seed=s) for s in range(5)]))
+    assert (c["variant"], c["tag"]) == ("bb0.1", "pre300")
+    assert c["image_auroc"]["delta"] == pytest.approx(0.5) and not c["image_auroc"]["beyond"]
+    assert c["pixel_auroc"]["delta"] == pytest.approx(6.2) and c["pixel_auroc"]["beyond"]
+    assert ss.compare_start(ss.summarise(pre)) == []  # no untouched run of that variant: nothing to compare
+    assert "## Pre-trained start against the untouched backbone" in ss.render(plain + pre)
+    assert "## Pre-trained start" not in ss.render(plain)
+
+
 def test_sd_goal_needs_five_seeds_and_both_metrics():
     tight = [row(seed=s, metrics=(95.0 + 0.1 * s, 90.0 + 0.5 * s, 70.0)) for s in range(5)]
     (s,) = ss.summarise(tight)
