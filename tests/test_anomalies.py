@@ -66,6 +66,7 @@ def test_attention_distribution():
         attention_distribution(np.ones(5), (8, 8))
 
 
+@pytest.mark.slow
 def test_paste_centres_follow_attention():
     """Attention on the top-left quadrant: sampled centres land there with the distribution's
     mass (binomial bound), far more often than the 1/4 of a uniform draw."""
@@ -241,6 +242,7 @@ def test_color_jitter(bottles):
 
 
 # ----------------------------------------------------------------------------- Poisson, X-rays
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["attention", "cutpaste", "scar", "nsa"])
 @pytest.mark.parametrize("blend", ["normal", "mixed"])
 def test_poisson_on_real_xrays(xrays, kind, blend):

@@ -2,6 +2,8 @@
 the backbone table for both numerics settings, and the notes (benchmarks/knn_speed.py)."""
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.knn_speed import render
 
 
@@ -87,6 +89,7 @@ def test_peer_rows_are_kept_per_data_set_category_cap_and_size():
     assert "| demo/grass | 40 | AD |" in table and "| demo/grass | 20 (first) | AD |" in table
 
 
+@pytest.mark.slow
 def test_no_committed_result_or_doc_carries_a_machine_path():
     """Results, README, docs, CHANGELOG and params files name paths relative to the project, never this machine's."""
     import re

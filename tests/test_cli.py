@@ -8,6 +8,7 @@ import pytest
 from apmask_lib.cli import main
 
 
+@pytest.mark.slow
 def test_data_generates_demo_and_writes_an_index(tmp_path, capsys):
     index = tmp_path / "index.json"
     with pytest.raises(SystemExit, match="params file not found"):

@@ -93,6 +93,7 @@ def test_box_masks_and_missing_pixel_gt():
 # ----------------------------------------------------------------------------- MVTec, real bottle
 
 
+@pytest.mark.slow
 def test_real_bottle_counts_and_masks(mvtec_root):
     ds = build_dataset("mvtec", mvtec_root, "bottle")
     assert ds.name == "mvtec/bottle"
@@ -248,6 +249,7 @@ def _names(samples):
     return {s.path.name for s in samples}
 
 
+@pytest.mark.slow
 def test_nih_counts_against_pandas(nih_root, nih_truth, caplog):
     assert len(nih_truth["present"]) == 92
     assert len(set(nih_truth["boxes"]["Image Index"]) & nih_truth["present"]) == 12
@@ -270,6 +272,7 @@ def test_nih_counts_against_pandas(nih_root, nih_truth, caplog):
     assert len(ds.test_pixel_gt) == len(test_normal) + 10
 
 
+@pytest.mark.slow
 def test_nih_split_follows_documented_rule(nih_root, nih_truth):
     """Re-derive the patient split from the full table with pandas + hashlib."""
     t = nih_truth["table"]
@@ -298,6 +301,7 @@ def test_nih_split_follows_documented_rule(nih_root, nih_truth):
     assert _names(s for s in boxed.test if s.label) == nih_truth["boxed"]
 
 
+@pytest.mark.slow
 def test_nih_gender_subsets_partition_all(nih_root, nih_truth):
     all_ = load_nih(nih_root, "all")
     male, female = load_nih(nih_root, "male"), load_nih(nih_root, "female")
@@ -312,6 +316,7 @@ def test_nih_gender_subsets_partition_all(nih_root, nih_truth):
         load_nih(nih_root, "child")
 
 
+@pytest.mark.slow
 def test_nih_boxes_and_rgba_images(nih_root, nih_truth):
     ds = load_nih(nih_root, "all")
     b = nih_truth["boxes"]
@@ -332,6 +337,7 @@ def test_nih_boxes_and_rgba_images(nih_root, nih_truth):
     assert read_image(rgba).shape == (1024, 1024, 3)
 
 
+@pytest.mark.slow
 def test_nih_box_list_with_trailing_unnamed_columns(tmp_path):
     csv = tmp_path / "BBox_List_2017.csv"
     csv.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
@@ -346,6 +352,7 @@ def test_nih_box_list_with_trailing_unnamed_columns(tmp_path):
         read_boxes(tmp_path / "bad.csv")
 
 
+@pytest.mark.slow
 def test_nih_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_nih(tmp_path / "none", "all")
@@ -364,6 +371,7 @@ def demo_default(tmp_path_factory):
     return root, cats, time.perf_counter() - t0
 
 
+@pytest.mark.slow
 def test_demo_default_generation(demo_default):
     root, cats, seconds = demo_default
     assert seconds < 30, f"default demo generation took {seconds:.1f}s"
@@ -439,6 +447,7 @@ def test_demo_refuses_foreign_folders_and_bad_args(tmp_path):
         demo.generate_demo(tmp_path, ["grass"], defect_types=["crack"])
 
 
+@pytest.mark.slow
 def test_build_dataset_demo_generates_on_demand(tmp_path, caplog):
     root = tmp_path / "data" / "demo"
     with caplog.at_level(logging.INFO, logger="apmask"):
@@ -504,6 +513,7 @@ def http_server():
     srv.server_close()
 
 
+@pytest.mark.slow
 def test_download_offline_fails_fast_naming_data_root(tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(download.DownloadError, match=r"data\.root"):
@@ -512,6 +522,7 @@ def test_download_offline_fails_fast_naming_data_root(tmp_path):
     assert not (tmp_path / "m.tar.xz").exists()
 
 
+@pytest.mark.slow
 def test_download_checksum_and_resume(tmp_path, http_server):
     srv, base = http_server
     payload = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
@@ -550,6 +561,7 @@ def test_download_checksum_and_resume(tmp_path, http_server):
         download.download_file(f"{base}/missing", tmp_path / "h.bin", progress=False)
 
 
+@pytest.mark.slow
 def test_download_mvtec_category_end_to_end(tmp_path, http_server, monkeypatch):
     srv, base = http_server
     src = _tiny_mvtec(tmp_path / "src", "bottle")

@@ -117,6 +117,7 @@ def test_run_label_from_run_folder_and_stage_folder(tmp_path, monkeypatch):
         RunLabel.from_run(tmp_path / "nothing")
 
 
+@pytest.mark.slow
 def test_localization_names_run_and_has_colorbar(tmp_path, saved):
     ims = _images()
     maps = [np.linspace(0.2, 0.7, 64 * 64).reshape(64, 64) for _ in ims]

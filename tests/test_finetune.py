@@ -109,6 +109,7 @@ def test_detector_under_bf16_autocast(seg_maps):
     total.backward()
 
 
+@pytest.mark.slow
 def test_heads_map_starts_as_log_mean_attention():
     """Initial 1x1 conv = mean over heads of log(N a): the log-geometric mean of Eq. 2's maps."""
     torch.manual_seed(0)
@@ -124,6 +125,7 @@ def test_heads_map_starts_as_log_mean_attention():
     assert feats.shape == (1, 6, 4, 4)
 
 
+@pytest.mark.slow
 def test_save_load_roundtrip(tmp_path):
     torch.manual_seed(1)
     model = AnomalyDetector(_tiny(), 64, 32, "heads_full", seg_transform="linear").eval()
@@ -264,6 +266,7 @@ def test_missing_pretrained_backbone_is_a_clear_error(tmp_path, bottle):
         run_finetune(_cfg(tmp_path, init="pretrain"), bottle, max_steps=1, progress=False)
 
 
+@pytest.mark.slow
 def test_pretrained_backbone_file_is_used(tmp_path, bottle):
     from apmask_lib.finetune.stage import initial_backbone
 

@@ -107,6 +107,7 @@ def tiny():
         return build_backbone("random:vit_tiny16", seed=0).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["apmask", "random", "block"])
 def test_student_sequence_is_shorter_by_k_and_keeps_cls(tiny, kind):
     x = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))  # 6x6 grid

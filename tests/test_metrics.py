@@ -176,6 +176,7 @@ def oracles(oracle_dir):
     return cases, expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["blur_low_noise", "blur_high_noise", "quantized_ties"])
 def test_matches_official_mvtec_evaluation(oracles, case):
     cases, expected = oracles

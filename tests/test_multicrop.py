@@ -119,6 +119,7 @@ def test_image_bank_resizes_short_side_and_pads():
     assert (boxes[:, 2] <= bank.sizes[:, 1]).all() and (boxes[:, 3] <= bank.sizes[:, 0]).all()
 
 
+@pytest.mark.slow
 def test_image_bank_on_real_bottle(mvtec_root):
     from apmask_lib.data import build_dataset
 
