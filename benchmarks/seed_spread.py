@@ -194,43 +194,41 @@ def difference(a: dict, b: dict) -> Optional[dict]:
     return {"delta": d, "se": se, "beyond": abs(d) > 2 * se}
 
 
-def compare(summary: list[dict], base: str = BASE) -> list[dict]:
-    """Each setting against the ``base`` variant of the same data set, budget, cap and scales."""
+def _against(summary: list[dict], base_key) -> list[dict]:
+    """Each setting against the setting ``base_key(s)`` names (skipped where that is None or not measured)."""
     by = {s["key"]: s for s in summary}
     out = []
     for s in summary:
-        if s["variant"] == base and not s["tag"]:
-            continue
-        b = by.get((s["dataset"], base, "") + s["key"][3:])
+        b = by.get(base_key(s))
         if b is None:
             continue
         out.append({"dataset": s["dataset"], "variant": s["variant"], "tag": s["tag"], "epochs": s["epochs"], "at": s["at"],
                     "max_train": s["max_train"], "scales": s["scales"],
                     **{m: difference(s[m], b[m]) for m in METRICS}})
     return out
+
+
+def compare(summary: list[dict], base: str = BASE) -> list[dict]:
+    """Each setting against the ``base`` variant of the same data set, budget, cap and scales."""
+    return _against(summary, lambda s: None if s["variant"] == base and not s["tag"]
+                    else (s["dataset"], base, "") + s["key"][3:])
 
 
 def compare_start(summary: list[dict]) -> list[dict]:
     """Each setting that starts from a pre-trained backbone (a tag) against the same variant, budget, cap and
     scales from the untouched backbone: Table 4's question (does pre-training help?) under the seed spread."""
-    by = {s["key"]: s for s in summary}
-    out = []
-    for s in summary:
-        b = by.get(s["key"][:2] + ("",) + s["key"][3:]) if s["tag"] else None
-        if b is None:
-            continue
-        out.append({"dataset": s["dataset"], "variant": s["variant"], "tag": s["tag"], "epochs": s["epochs"], "at": s["at"],
-                    "max_train": s["max_train"], "scales": s["scales"],
-                    **{m: difference(s[m], b[m]) for m in METRICS}})
-    return out
+    return _against(summary, lambda s: s["key"][:2] + ("",) + s["key"][3:] if s["tag"] else None)
 
 
-def _delta_cells(c: dict) -> list[str]:
-    cells = []
-    for m in METRICS:
-        d = c[m]
-        cells.append("—" if d is None else f"{d['delta']:+.1f} ± {d['se']:.1f}" + (" **beyond**" if d["beyond"] else ""))
-    return cells
+def _delta_rows(comps: list[dict]) -> list[str]:
+    """Table rows of differences: ``Δ ± SE`` per metric, **beyond** where the spread does not swallow it."""
+    lines = []
+    for c in comps:
+        cells = ["—" if d is None else f"{d['delta']:+.1f} ± {d['se']:.1f}" + (" **beyond**" if d["beyond"] else "")
+                 for d in (c[m] for m in METRICS)]
+        lines.append(f"| {c['dataset']} | {c['at']} of {c['epochs']} | {'+'.join(map(str, c['scales']))} | {_name(c)} | "
+                     + " | ".join(cells) + " |")
+    return lines
 
 
 def meets_goal(s: dict) -> bool:
@@ -288,9 +286,7 @@ def render(rows: list[dict]) -> str:
         lines += ["", f"## Against `{BASE}` in the same setting (Δ mean ± SE of the difference, points)", "",
                   "**beyond** = |Δ| > 2 SE: a difference the seed spread does not swallow. Anything else is no finding.", "",
                   "| data set | epoch of schedule | scales | variant | Δ image | Δ pixel | Δ AU-PRO |", "|---|---|---|---|---|---|---|"]
-        for c in comps:
-            lines.append(f"| {c['dataset']} | {c['at']} of {c['epochs']} | {'+'.join(map(str, c['scales']))} | {_name(c)} | "
-                         + " | ".join(_delta_cells(c)) + " |")
+        lines += _delta_rows(comps)
     starts = compare_start(summary)
     if starts:
         lines += ["", "## Pre-trained start against the untouched backbone (same variant; Δ mean ± SE, points)", "",
@@ -298,9 +294,7 @@ def render(rows: list[dict]) -> str:
                   "`benchmarks/pretrain_probe.py`, e.g. `apmask-linear300` = 300 steps with DINO's linear LR rule) "
                   "instead of the offline backbone; everything else equal. **beyond** as above.", "",
                   "| data set | epoch of schedule | scales | variant | Δ image | Δ pixel | Δ AU-PRO |", "|---|---|---|---|---|---|---|"]
-        for c in starts:
-            lines.append(f"| {c['dataset']} | {c['at']} of {c['epochs']} | {'+'.join(map(str, c['scales']))} | {_name(c)} | "
-                         + " | ".join(_delta_cells(c)) + " |")
+        lines += _delta_rows(starts)
     lines += ["", "## Per seed", "", "| data set | epoch of schedule | variant | seed | image | pixel | AU-PRO | val AUROC | fine-tune s | "
               "eval s | load start / end |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -337,7 +337,6 @@ def test_nih_boxes_and_rgba_images(nih_root, nih_truth):
     assert read_image(rgba).shape == (1024, 1024, 3)
 
 
-@pytest.mark.slow
 def test_nih_box_list_with_trailing_unnamed_columns(tmp_path):
     csv = tmp_path / "BBox_List_2017.csv"
     csv.write_text("Image Index,Finding Label,Bbox [x,y,w,h],,,\n"
@@ -352,7 +351,6 @@ def test_nih_box_list_with_trailing_unnamed_columns(tmp_path):
         read_boxes(tmp_path / "bad.csv")
 
 
-@pytest.mark.slow
 def test_nih_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_nih(tmp_path / "none", "all")
@@ -513,7 +511,6 @@ def http_server():
     srv.server_close()
 
 
-@pytest.mark.slow
 def test_download_offline_fails_fast_naming_data_root(tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(download.DownloadError, match=r"data\.root"):
