@@ -140,9 +140,18 @@ def run_one(dataset: str, variant: str, seed: int, args) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- the result store
+def cpu_of(r: dict) -> str:
+    """The CPU a row ran on, from its machine line (``"AMD EPYC, 2 cores, ..."`` -> ``"AMD EPYC"``).
+
+    Part of a setting: a change of CPU vendor changes the numerics (docs/reproducibility.md, "Intel vs AMD")
+    and acts on fine-tuning like a reseed, so seeds from two CPUs are not pooled and a comparison pairs
+    settings measured on the same CPU."""
+    return r["machine"].split(",")[0].replace("(R)", "").replace(" Processor", "").strip()
+
+
 def row_key(r: dict) -> tuple:
     return (r["dataset"], r["variant"], r.get("tag", ""), r["epochs"], r["at"], r["max_train"], tuple(r["scales"]),
-            r["seed"])
+            cpu_of(r), r["seed"])
 
 
 def group_key(r: dict) -> tuple:
@@ -156,7 +165,7 @@ def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
     order_d, order_v = list(DATASETS), list(VARIANTS)
     return sorted(rows, key=lambda r: (order_d.index(r["dataset"]), r["epochs"], r["max_train"], len(r["scales"]), r["at"],
                                        order_v.index(r["variant"]) if r["variant"] in order_v else len(order_v),
-                                       r.get("tag", ""), r["seed"]))
+                                       r.get("tag", ""), cpu_of(r), r["seed"]))
 
 
 def load_rows(path: Path = JSON) -> list[dict]:
@@ -177,7 +186,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for k, rs in groups.items():
         out.append({"key": k, "dataset": k[0], "variant": k[1], "tag": k[2], "epochs": k[3], "at": k[4], "max_train": k[5],
-                    "scales": list(k[6]),
+                    "scales": list(k[6]), "cpu": k[7],
                     "seeds": [r["seed"] for r in rs], **{m: spread([r[m] for r in rs]) for m in METRICS},
                     "val_auroc": spread([None if r.get("val_auroc") is None else 100 * r["val_auroc"] for r in rs]),
                     "finetune_s": spread([r["finetune_s"] for r in rs])})
@@ -203,20 +212,20 @@ def _against(summary: list[dict], base_key) -> list[dict]:
         if b is None:
             continue
         out.append({"dataset": s["dataset"], "variant": s["variant"], "tag": s["tag"], "epochs": s["epochs"], "at": s["at"],
-                    "max_train": s["max_train"], "scales": s["scales"],
+                    "max_train": s["max_train"], "scales": s["scales"], "cpu": s["cpu"],
                     **{m: difference(s[m], b[m]) for m in METRICS}})
     return out
 
 
 def compare(summary: list[dict], base: str = BASE) -> list[dict]:
-    """Each setting against the ``base`` variant of the same data set, budget, cap and scales."""
+    """Each setting against the ``base`` variant of the same data set, budget, cap, scales and CPU."""
     return _against(summary, lambda s: None if s["variant"] == base and not s["tag"]
                     else (s["dataset"], base, "") + s["key"][3:])
 
 
 def compare_start(summary: list[dict]) -> list[dict]:
     """Each setting that starts from a pre-trained backbone (a tag) against the same variant, budget, cap and
-    scales from the untouched backbone: Table 4's question (does pre-training help?) under the seed spread."""
+    scales on the same CPU from the untouched backbone: Table 4's question (does pre-training help?) under the seed spread."""
     return _against(summary, lambda s: s["key"][:2] + ("",) + s["key"][3:] if s["tag"] else None)
 
 
@@ -227,7 +236,7 @@ def _delta_rows(comps: list[dict]) -> list[str]:
         cells = ["—" if d is None else f"{d['delta']:+.1f} ± {d['se']:.1f}" + (" **beyond**" if d["beyond"] else "")
                  for d in (c[m] for m in METRICS)]
         lines.append(f"| {c['dataset']} | {c['at']} of {c['epochs']} | {'+'.join(map(str, c['scales']))} | {_name(c)} | "
-                     + " | ".join(cells) + " |")
+                     + " | ".join(cells) + f" | {c['cpu']} |")
     return lines
 
 
@@ -269,8 +278,8 @@ def render(rows: list[dict]) -> str:
              + "; ".join(f"`{k}` = {' '.join(v) or 'none (the paper as this project runs it)'}" for k, v in VARIANTS.items()
                          if any(s["variant"] == k for s in summary)) + ".", "",
              "| data set | epoch of schedule (steps/epoch) | train images | scales | variant | seeds | image AUROC | pixel AUROC | AU-PRO | "
-             "image min–max | pixel min–max | val AUROC | SD goal | fine-tune s (mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "image min–max | pixel min–max | val AUROC | SD goal | fine-tune s (mean) | CPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     steps = {group_key(r): r.get("iters_per_epoch") for r in rows}
     ntr = {group_key(r): r.get("n_train") for r in rows}
     for s in summary:
@@ -280,29 +289,32 @@ def render(rows: list[dict]) -> str:
                      f"{'+'.join(map(str, s['scales']))} | {_name(s)} | {len(s['seeds'])} | "
                      + " | ".join(_ms(s[m]) for m in METRICS)
                      + f" | {_f(im['min'])}–{_f(im['max'])} | {_f(px['min'])}–{_f(px['max'])} | {_ms(s['val_auroc'])} | "
-                     f"{'met' if meets_goal(s) else 'not met'} | {_f(s['finetune_s']['mean'], 0)} |")
+                     f"{'met' if meets_goal(s) else 'not met'} | {_f(s['finetune_s']['mean'], 0)} | {s['cpu']} |")
     comps = compare(summary)
     if comps:
         lines += ["", f"## Against `{BASE}` in the same setting (Δ mean ± SE of the difference, points)", "",
-                  "**beyond** = |Δ| > 2 SE: a difference the seed spread does not swallow. Anything else is no finding.", "",
-                  "| data set | epoch of schedule | scales | variant | Δ image | Δ pixel | Δ AU-PRO |", "|---|---|---|---|---|---|---|"]
+                  "**beyond** = |Δ| > 2 SE: a difference the seed spread does not swallow. Anything else is no finding. "
+                  "Both sides ran on the same CPU (seeds from two CPUs are two settings: `cpu_of`).", "",
+                  "| data set | epoch of schedule | scales | variant | Δ image | Δ pixel | Δ AU-PRO | CPU |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += _delta_rows(comps)
     starts = compare_start(summary)
     if starts:
         lines += ["", "## Pre-trained start against the untouched backbone (same variant; Δ mean ± SE, points)", "",
                   "`@ TAG` = fine-tuning started from the backbone that TAG names (an APMask pre-training run of "
                   "`benchmarks/pretrain_probe.py`, e.g. `apmask-linear300` = 300 steps with DINO's linear LR rule) "
-                  "instead of the offline backbone; everything else equal. **beyond** as above.", "",
-                  "| data set | epoch of schedule | scales | variant | Δ image | Δ pixel | Δ AU-PRO |", "|---|---|---|---|---|---|---|"]
+                  "instead of the offline backbone; everything else equal, both sides on the same CPU. **beyond** as above.", "",
+                  "| data set | epoch of schedule | scales | variant | Δ image | Δ pixel | Δ AU-PRO | CPU |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += _delta_rows(starts)
     lines += ["", "## Per seed", "", "| data set | epoch of schedule | variant | seed | image | pixel | AU-PRO | val AUROC | fine-tune s | "
-              "eval s | load start / end |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "eval s | load start / end | CPU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         va = r.get("val_auroc")
         lines.append(f"| {r['dataset']} | {r['at']} of {r['epochs']} | {_name(r)} | {r['seed']} | "
                      + " | ".join(_f(r[m], 2) for m in METRICS)
                      + f" | {_f(None if va is None else 100 * va, 2)} | {r['finetune_s']:.0f} | {r['evaluate_s']:.0f} | "
-                     f"{r['load_start'][0]:.1f} / {r['load_end'][0]:.1f} |")
+                     f"{r['load_start'][0]:.1f} / {r['load_end'][0]:.1f} | {cpu_of(r)} |")
     lines += ["", "## Commands and machines", ""]
     seen = set()
     for r in rows:
@@ -312,7 +324,7 @@ def render(rows: list[dict]) -> str:
             lines.append(f"- {r['machine']}; {r['versions']}")
     lines += ["", "Each row's command (`nice -n 5` in front when run beside other work):", ""]
     lines += [f"- {r['dataset']} / {_name(r)} / seed {r['seed']} ({r['date']}): `{r['command']}`"
-              for r in rows if r["at"] == max(x["at"] for x in rows if row_key(x)[:4] == row_key(r)[:4])]
+              for r in rows if r["at"] == max(x["at"] for x in rows if row_key(x)[:4] + row_key(x)[7:8] == row_key(r)[:4] + row_key(r)[7:8])]
     return "\n".join(lines) + "\n"
 
 
@@ -336,7 +348,9 @@ def plot(rows: list[dict], path: Path = PNG) -> None:
                 ax.scatter([i] * len(vals), vals, s=14, alpha=0.7)
                 if s[m]["sd"] is not None:
                     ax.errorbar([i + 0.15], [s[m]["mean"]], yerr=[s[m]["sd"]], fmt="o", color="black", capsize=3, ms=3)
-            ax.set_xticks(range(len(ss)), [_name(s) for s in ss], rotation=20, fontsize=7)
+            two_cpus = len({s["cpu"] for s in ss}) > 1
+            ax.set_xticks(range(len(ss)), [_name(s) + (f"\n{s['cpu']}" if two_cpus else "") for s in ss],
+                          rotation=20, fontsize=7)
             ax.set_xlim(-0.5, len(ss) - 0.5)
             ax.set_title(f"{ds}, epoch {at} of {ep}, scales {'+'.join(map(str, sc))}: {m.replace('_', ' ')}", fontsize=8)
             ax.set_ylabel("%")
@@ -374,11 +388,12 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     if not args.report:
         done = {row_key(r) for r in load_rows()}
+        here = cpu_of({"machine": machine("cpu")})
         for dataset in args.datasets:
             ensure_data(dataset)
             for variant in args.variants:
                 for seed in args.seeds:
-                    keys = {(dataset, variant, args.tag, args.epochs, at, args.max_train, tuple(args.scales), seed)
+                    keys = {(dataset, variant, args.tag, args.epochs, at, args.max_train, tuple(args.scales), here, seed)
                             for at in args.at}
                     if keys <= done:
                         continue

@@ -72,6 +72,23 @@ def test_a_pretrained_start_is_compared_with_the_same_variant_from_the_untouched
     assert "## Pre-trained start" not in ss.render(plain)
 
 
+def test_seeds_from_two_cpus_are_two_settings_and_comparisons_pair_within_a_cpu():
+    amd = [dict(row("bb0.1", seed=s, metrics=(90.0 + s, 80.0, 70.0)), machine="AMD EPYC, 2 cores") for s in range(5)]
+    intel = [dict(row("bb0.1", seed=s, metrics=(99.0, 88.0 + s, 70.0)), machine="Intel(R) Xeon(R) Processor, 2 cores")
+             for s in range(5)]
+    pre = [dict(row("bb0.1", seed=s, metrics=(99.5, 88.0 + s, 70.0), tag="pre"),
+                machine="Intel(R) Xeon(R) Processor, 2 cores") for s in range(5)]
+    assert len(ss.merge_rows(amd, intel)) == 10  # the same seed on another CPU does not replace the row
+    summary = ss.summarise(amd + intel + pre)
+    assert sorted(s["cpu"] for s in summary) == ["AMD EPYC", "Intel Xeon", "Intel Xeon"]
+    (c,) = ss.compare_start(summary)
+    assert c["cpu"] == "Intel Xeon" and c["image_auroc"]["delta"] == pytest.approx(0.5)
+    assert c["pixel_auroc"]["delta"] == pytest.approx(0.0)
+    assert ss.compare_start(ss.summarise(amd + pre)) == []  # no untouched run on that CPU: nothing to compare
+    text = ss.render(amd + intel + pre)
+    assert "| Intel Xeon |" in text and "| AMD EPYC |" in text
+
+
 def test_sd_goal_needs_five_seeds_and_both_metrics():
     tight = [row(seed=s, metrics=(95.0 + 0.1 * s, 90.0 + 0.5 * s, 70.0)) for s in range(5)]
     (s,) = ss.summarise(tight)

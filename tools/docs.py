@@ -47,9 +47,14 @@ def _paper(category: str) -> dict:
 
 
 def _spread(variant: str, at: int, dataset: str = "bottle") -> dict:
-    """Mean and SD (ddof 1) over seeds of one seed_spread setting at one epoch."""
-    rows = [r for r in _json("seed_spread.json")["rows"]
-            if (r["dataset"], r["variant"], r.get("tag", ""), r["at"]) == (dataset, variant, "", at)]
+    """Mean and SD (ddof 1) over seeds of one seed_spread setting at one epoch, on the CPU that measured the
+    ``paper`` variant (seeds from two CPUs are two settings: ``benchmarks.seed_spread.cpu_of``)."""
+    from benchmarks.seed_spread import cpu_of
+
+    all_rows = _json("seed_spread.json")["rows"]
+    cpu = next(cpu_of(r) for r in all_rows if r["variant"] == "paper" and r["dataset"] == dataset)
+    rows = [r for r in all_rows if (r["dataset"], r["variant"], r.get("tag", ""), r["at"], cpu_of(r))
+            == (dataset, variant, "", at, cpu)]
     return {k: (statistics.mean(r[k] for r in rows), statistics.stdev(r[k] for r in rows)) for k in METRICS} | {
         "n": len(rows), "epochs": rows[0]["epochs"], "n_train": rows[0]["n_train"]}
 
