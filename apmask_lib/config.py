@@ -155,8 +155,9 @@ class PretrainConfig:
     queue_length: int = 0            # SwAV's feature queue for small batches: the last L teacher embeddings join Sinkhorn's equal partition
                                      # (apmask_lib/pretrain/sinkhorn.py); 0 = no queue. Not checkpointed: a resumed run starts with an empty queue
     lr: float = 5e-4                 # peak LR after warm-up (read as lr_scaling says)
-    lr_scaling: LrScaling = "absolute"  # absolute = lr as written | linear = DINO's rule lr * global batch / 256 (the paper's 5e-4 at batch 16
-                                     # -> 3.1e-5); the effective peak is in log.csv's lr column (pretrain.peak_lr, docs/method.md "Where we differ")
+    lr_scaling: LrScaling = "linear"  # linear = DINO's rule lr * global batch / 256 (the paper's 5e-4 at batch 16 -> 3.1e-5; chosen by the
+                                     # probe, docs/reproducibility.md) | absolute = lr as written; the effective peak is in log.csv's lr column
+                                     # (pretrain.peak_lr, docs/method.md "Where we differ")
     start_lr: float = 1e-5           # warm-up start
     min_lr: float = 1e-6             # cosine floor
     warmup_epochs: int = 10

@@ -248,9 +248,10 @@ def test_variants_run(mvtec_root, tmp_path, mask, teacher_view):
 
 # --- the learning-rate reading (pretrain.lr_scaling)
 def test_lr_scaling_absolute_or_dino_linear_rule():
-    p = replace(Config(), pretrain={"lr": 5e-4, "batch_size": 16}).pretrain
-    assert P.peak_lr(p, 16) == 5e-4  # absolute (the default): as written
-    lin = replace(Config(), pretrain={"lr": 5e-4, "batch_size": 16, "lr_scaling": "linear"}).pretrain
+    p = replace(Config(), pretrain={"lr": 5e-4, "batch_size": 16, "lr_scaling": "absolute"}).pretrain
+    assert P.peak_lr(p, 16) == 5e-4  # absolute: as written
+    lin = replace(Config(), pretrain={"lr": 5e-4, "batch_size": 16}).pretrain
+    assert lin.lr_scaling == "linear"  # the default: DINO's rule
     assert P.peak_lr(lin, 16) == pytest.approx(3.125e-5) and P.peak_lr(lin, 256) == pytest.approx(5e-4)
     sched = P.schedules(lin, iters_per_epoch=4, global_batch=16)["lr"]
     assert sched.max() == pytest.approx(3.125e-5) and sched[0] == pytest.approx(lin.start_lr)

@@ -60,4 +60,27 @@ def probe_backbone(cfg: Config, source: str, out_dir: str | Path, dataset=None, 
     return out
 
 
-__all__ = ["READOUTS", "METRICS", "probe_backbone"]
+
+def probe_before_after(cfg: Config, teacher: str | Path, work_dir: str | Path | None = None,
+                       size: Optional[int] = None) -> list[dict[str, object]]:
+    """:func:`probe_backbone` of the backbone pre-training started from (``cfg.backbone``) and of the
+    exported EMA teacher ``teacher`` (``<run>/pretrain/backbone.pt``), on ``cfg.data``'s training images
+    (kNN banks) and test split: one row per read-out and metric with ``before``, ``after`` and
+    ``change`` (points, %). Evaluation folders go to ``work_dir`` (default: a temporary folder, removed
+    afterwards, so a run folder holds only what pre-training wrote)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="apmask-probe-") as tmp:
+        root = Path(work_dir) if work_dir is not None else Path(tmp)
+        before = probe_backbone(cfg, cfg.backbone, root / "before", size=size)
+        after = probe_backbone(cfg, f"file:{teacher}", root / "after", size=size)
+    rows: list[dict[str, object]] = []
+    for name in READOUTS:
+        for metric in METRICS:
+            b, a = before[name][metric], after[name][metric]
+            rows.append({"read-out": name, "metric": metric, "before": b, "after": a,
+                         "change": None if a is None or b is None else a - b})
+    return rows
+
+
+__all__ = ["READOUTS", "METRICS", "probe_backbone", "probe_before_after"]
